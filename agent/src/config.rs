@@ -1,0 +1,67 @@
+//! `/etc/hexabase/agent.toml`. Every key is optional; `HEXA_<KEY>` (and `HEXA_RESERVED_<KEY>`)
+//! override keys from the environment; command-line flags override both.
+//! `packaging/agent.toml` documents each key and a test keeps it in step with this struct.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use hexa_shared::logging::LogFormat;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/hexabase/agent.toml";
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Coordinator QUIC address, `HOST:PORT`.
+    pub coordinator: String,
+    /// Bootstrap token for the first enrollment; ignored once the node holds a certificate.
+    pub token: String,
+    /// Pin of the coordinator CA, `sha256:<hex>`, as `hexa-coordinator` prints it. Needed to enroll.
+    pub ca_hash: String,
+    /// Where the node key (0600), certificate, CA and last applied spec live.
+    pub state_dir: PathBuf,
+    /// Node name to ask for at enrollment; empty means the hostname. The coordinator decides.
+    pub node_name: String,
+    /// Filesystem whose size is reported as ephemeral storage (K3s keeps pods' data here).
+    pub ephemeral_path: PathBuf,
+    /// Maximum pods the node accepts (reported as pod capacity).
+    pub max_pods: u32,
+    /// Memory kept free for the kubelet's hard eviction threshold.
+    pub eviction_memory_bytes: u64,
+    /// Resources kept for the system and Kubernetes daemons, not offered to tenants.
+    pub reserved: Reserved,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Reserved {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub ephemeral_bytes: u64,
+}
+
+impl Default for Reserved {
+    fn default() -> Self {
+        Reserved { cpu_millis: 500, memory_bytes: 1 << 30, ephemeral_bytes: 10 << 30 }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            coordinator: "127.0.0.1:7443".into(),
+            token: String::new(),
+            ca_hash: String::new(),
+            state_dir: PathBuf::from("/var/lib/hexabase/agent"),
+            node_name: String::new(),
+            ephemeral_path: PathBuf::from("/var/lib/rancher"),
+            max_pods: 110,
+            eviction_memory_bytes: 100 << 20,
+            reserved: Reserved::default(),
+            log_format: LogFormat::Text,
+        }
+    }
+}

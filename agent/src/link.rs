@@ -1,0 +1,321 @@
+//! The agent's side of the link: one long-lived mutual-TLS QUIC connection to the coordinator,
+//! re-established with jittered exponential backoff whenever it drops.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use hexa_shared::pki::{self, COORDINATOR_SERVER_NAME};
+use hexa_shared::proto::{
+    AgentMessage, CoordinatorMessage, Hello, PROTOCOL_VERSION, RefusalCode, SystemInfo, close_code,
+};
+use hexa_shared::report::CapacityReport;
+use hexa_shared::spec::{AppliedStatus, ApplyOutcome, NodeSpec};
+use hexa_shared::wire::{self, FrameError};
+
+use crate::AgentError;
+use crate::collector::Collector;
+use crate::enroll::new_key_and_csr;
+use crate::state::StateDir;
+
+/// First reconnect delay; doubles per failed attempt up to [`BACKOFF_MAX`].
+pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// Longest reconnect delay: a coordinator that comes back is found within this (plus handshake).
+pub const BACKOFF_MAX: Duration = Duration::from_secs(4);
+
+/// Delay before reconnect attempt `attempt` (0-based): exponential, capped, with "equal jitter"
+/// (half fixed, half random) so that a fleet that lost its coordinator does not return in lockstep.
+/// `random` is in `[0, 1)`.
+pub fn backoff_delay(attempt: u32, random: f64) -> Duration {
+    let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16)).min(BACKOFF_MAX);
+    ceiling / 2 + ceiling.mul_f64(random.clamp(0.0, 1.0) / 2.0)
+}
+
+/// Fraction of a certificate's lifetime after which the agent asks for a new one.
+const RENEW_AT_FRACTION: f64 = 2.0 / 3.0;
+
+pub fn renewal_due(not_before_unix: i64, not_after_unix: i64, now_unix: i64) -> bool {
+    let lifetime = (not_after_unix - not_before_unix).max(0) as f64;
+    now_unix as f64 >= not_before_unix as f64 + lifetime * RENEW_AT_FRACTION
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn now_unix_ms() -> u64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64
+}
+
+pub fn system_info() -> SystemInfo {
+    SystemInfo {
+        hostname: sysinfo::System::host_name().unwrap_or_default(),
+        os: sysinfo::System::long_os_version().unwrap_or_default(),
+        kernel: sysinfo::System::kernel_version().unwrap_or_default(),
+        arch: std::env::consts::ARCH.to_string(),
+    }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// The connection was up and working; reconnect promptly.
+    Dropped(String),
+    /// Could not get a working session; back off.
+    Failed(String),
+    /// Asked to stop.
+    Shutdown,
+}
+
+#[derive(Debug)]
+pub struct Link {
+    pub endpoint: quinn::Endpoint,
+    pub addr: SocketAddr,
+    pub state: StateDir,
+    pub collector: Collector,
+    pub applied: Option<NodeSpec>,
+    pub seq: u64,
+}
+
+impl Link {
+    /// Keeps the link up until `shutdown` turns true. Only errors no retry can fix end it early.
+    pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+        let mut attempt = 0u32;
+        loop {
+            match self.session(&mut shutdown).await? {
+                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Dropped(reason) => {
+                    warn!(%reason, "link lost; reconnecting");
+                    attempt = 0;
+                }
+                SessionEnd::Failed(reason) => {
+                    warn!(%reason, attempt, "cannot reach the coordinator");
+                }
+            }
+            let delay = backoff_delay(attempt, rand::rng().random::<f64>());
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+
+    async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, AgentError> {
+        let identity = self.state.load_identity()?;
+        let config = pki::link_client_config(&identity.ca, identity.chain.clone(), identity.key_der()?)?;
+        let connecting = match self.endpoint.connect_with(config, self.addr, COORDINATOR_SERVER_NAME) {
+            Ok(c) => c,
+            Err(e) => return Ok(SessionEnd::Failed(e.to_string())),
+        };
+        let conn = tokio::select! {
+            conn = connecting => match conn {
+                Ok(conn) => conn,
+                Err(e) => return Ok(SessionEnd::Failed(e.to_string())),
+            },
+            _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
+        };
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(streams) => streams,
+            Err(e) => return Ok(SessionEnd::Failed(e.to_string())),
+        };
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            node_name: identity.node_name.clone(),
+            applied_generation: self.applied.as_ref().map_or(0, |s| s.generation),
+            system: system_info(),
+        };
+        if let Err(e) = wire::write_frame(&mut send, &hello).await {
+            return Ok(SessionEnd::Failed(e.to_string()));
+        }
+        let welcome = match tokio::time::timeout(Duration::from_secs(10), wire::read_frame(&mut recv)).await {
+            Err(_) => return Ok(SessionEnd::Failed("no welcome within 10s".into())),
+            Ok(Err(e)) => return Ok(SessionEnd::Failed(close_reason(&conn).unwrap_or_else(|| e.to_string()))),
+            Ok(Ok(None)) => return Ok(SessionEnd::Failed(close_reason(&conn).unwrap_or_else(|| "closed".into()))),
+            Ok(Ok(Some(CoordinatorMessage::Welcome(welcome)))) => welcome,
+            Ok(Ok(Some(CoordinatorMessage::Refused(refusal)))) => {
+                return match refusal.code {
+                    // Retrying cannot fix these: the operator must act.
+                    RefusalCode::UnsupportedVersion | RefusalCode::CertificateSuperseded => {
+                        Err(AgentError::Refused(refusal))
+                    }
+                    _ => Ok(SessionEnd::Failed(refusal.to_string())),
+                };
+            }
+            Ok(Ok(Some(other))) => return Ok(SessionEnd::Failed(format!("expected a welcome, got {other:?}"))),
+        };
+        let interval = Duration::from_millis(welcome.report_interval_ms.max(100));
+        info!(node = %welcome.node_name, pool = %welcome.pool, interval_ms = welcome.report_interval_ms, "connected to the coordinator");
+
+        // Frames are read in their own task: a partially read frame must never be dropped by select!.
+        let (msg_tx, mut msg_rx) = mpsc::channel::<Result<CoordinatorMessage, FrameError>>(16);
+        let reader = tokio::spawn(async move {
+            loop {
+                let msg = wire::read_frame::<CoordinatorMessage, _>(&mut recv).await.transpose();
+                let Some(msg) = msg else { break };
+                let failed = msg.is_err();
+                if msg_tx.send(msg).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let end = self.exchange(&conn, &mut send, &mut msg_rx, interval, &identity, shutdown).await;
+        reader.abort();
+        if matches!(end, Ok(SessionEnd::Shutdown)) {
+            conn.close(close_code::DONE.into(), b"agent stopping");
+        }
+        end
+    }
+
+    async fn exchange(
+        &mut self,
+        conn: &quinn::Connection,
+        send: &mut quinn::SendStream,
+        msgs: &mut mpsc::Receiver<Result<CoordinatorMessage, FrameError>>,
+        interval: Duration,
+        identity: &crate::state::Identity,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<SessionEnd, AgentError> {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending_key: Option<rcgen::KeyPair> = None;
+        let (mut not_before, mut not_after) = (identity.not_before_unix, identity.not_after_unix);
+        let mut sent_at: Option<(u64, Instant)> = None;
+        loop {
+            let mut report_now = false;
+            tokio::select! {
+                _ = ticker.tick() => report_now = true,
+                msg = msgs.recv() => match msg {
+                    None => return Ok(SessionEnd::Dropped(close_reason(conn).unwrap_or_else(|| "stream closed".into()))),
+                    Some(Err(e)) => return Ok(SessionEnd::Dropped(close_reason(conn).unwrap_or_else(|| e.to_string()))),
+                    Some(Ok(CoordinatorMessage::Spec(spec))) => {
+                        let status = self.apply(*spec);
+                        if let Err(e) = wire::write_frame(send, &AgentMessage::Applied(status)).await {
+                            return Ok(SessionEnd::Dropped(e.to_string()));
+                        }
+                        // The applied generation changed: report at once rather than at the next tick.
+                        report_now = true;
+                    }
+                    Some(Ok(CoordinatorMessage::ReportAck { seq })) => {
+                        if let Some((sent_seq, at)) = sent_at.take_if(|(s, _)| *s == seq) {
+                            debug!(seq = sent_seq, rtt_us = at.elapsed().as_micros() as u64, "report acknowledged");
+                        }
+                    }
+                    Some(Ok(CoordinatorMessage::CertificateRenewed { cert_chain_der })) => {
+                        if let Some(key) = pending_key.take() {
+                            self.state.save_renewal(&key.serialize_pem(), &cert_chain_der)?;
+                            let renewed = self.state.load_identity()?;
+                            (not_before, not_after) = (renewed.not_before_unix, renewed.not_after_unix);
+                            info!(not_after_unix = not_after, "certificate renewed; used from the next connection");
+                        }
+                    }
+                    Some(Ok(CoordinatorMessage::RenewalRefused(refusal))) => {
+                        pending_key = None;
+                        warn!(reason = %refusal, "certificate renewal refused");
+                    }
+                    Some(Ok(other)) => debug!(?other, "ignoring unexpected message"),
+                },
+                _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
+            }
+            if report_now {
+                if let Some(report) = self.report() {
+                    sent_at = Some((report.seq, Instant::now()));
+                    if let Err(e) = wire::write_frame(send, &AgentMessage::Report(Box::new(report))).await {
+                        return Ok(SessionEnd::Dropped(close_reason(conn).unwrap_or_else(|| e.to_string())));
+                    }
+                }
+                if pending_key.is_none() && renewal_due(not_before, not_after, now_unix()) {
+                    let (key, csr_der) = new_key_and_csr()?;
+                    pending_key = Some(key);
+                    info!(not_after_unix = not_after, "asking for a new certificate");
+                    if let Err(e) = wire::write_frame(send, &AgentMessage::RenewCertificate { csr_der }).await {
+                        return Ok(SessionEnd::Dropped(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a spec: records it as the state this node keeps while the coordinator is away.
+    fn apply(&mut self, spec: NodeSpec) -> AppliedStatus {
+        let generation = spec.generation;
+        if self.applied.as_ref().is_some_and(|current| current.generation > generation) {
+            warn!(generation, "ignoring a spec older than the one applied");
+            return AppliedStatus {
+                generation,
+                outcome: ApplyOutcome::Failed { reason: "older than the applied generation".into() },
+            };
+        }
+        let outcome = match crate::apply::apply(&self.state, &spec) {
+            Ok(()) => {
+                info!(generation, "spec applied");
+                self.applied = Some(spec);
+                ApplyOutcome::Applied
+            }
+            Err(e) => {
+                warn!(generation, error = %e, "cannot apply spec");
+                ApplyOutcome::Failed { reason: e.to_string() }
+            }
+        };
+        AppliedStatus { generation, outcome }
+    }
+
+    /// The next report, or `None` when the node cannot be sampled: a report of made-up figures
+    /// would mislead placement, while a missing one shows up as the node's health.
+    fn report(&mut self) -> Option<CapacityReport> {
+        let sample = match self.collector.sample() {
+            Ok(sample) => sample,
+            Err(e) => {
+                warn!(error = %e, "cannot sample capacity; skipping this report");
+                return None;
+            }
+        };
+        self.seq += 1;
+        Some(CapacityReport {
+            seq: self.seq,
+            node_name: self.applied.as_ref().map(|s| s.node_name.clone()).unwrap_or_default(),
+            collected_at_unix_ms: now_unix_ms(),
+            capacity: sample.capacity,
+            allocatable: sample.allocatable,
+            usage: sample.usage,
+            cgroup_limits: sample.cgroup_limits,
+            applied_generation: self.applied.as_ref().map_or(0, |s| s.generation),
+        })
+    }
+}
+
+/// The reason the coordinator gave when it closed the connection, if it did.
+fn close_reason(conn: &quinn::Connection) -> Option<String> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            Some(format!("coordinator closed the link: {}", String::from_utf8_lossy(&close.reason)))
+        }
+        other => Some(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        assert_eq!(backoff_delay(0, 0.0), BACKOFF_BASE / 2);
+        assert_eq!(backoff_delay(1, 0.0), BACKOFF_BASE);
+        assert!(backoff_delay(0, 0.999) < BACKOFF_BASE);
+        for attempt in [5, 20, u32::MAX] {
+            let d = backoff_delay(attempt, 0.999);
+            assert!(d <= BACKOFF_MAX && d >= BACKOFF_MAX / 2, "{attempt}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn renewal_comes_after_two_thirds_of_the_lifetime() {
+        assert!(!renewal_due(0, 300, 199));
+        assert!(renewal_due(0, 300, 200));
+        assert!(renewal_due(0, 0, 0));
+    }
+}

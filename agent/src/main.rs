@@ -1,0 +1,112 @@
+//! `hexa-agent`: parses flags, loads the configuration and runs the agent until SIGINT/SIGTERM;
+//! `hexa-agent apply --spec FILE` applies one spec and exits.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use hexa_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
+
+/// The Hexabase node agent.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Configuration file [default: /etc/hexabase/agent.toml, if present]
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    /// Coordinator QUIC address (config: coordinator)
+    #[arg(long, value_name = "HOST:PORT")]
+    coordinator: Option<String>,
+    /// Bootstrap token for the first enrollment (config: token)
+    #[arg(long, value_name = "T")]
+    token: Option<String>,
+    /// Coordinator CA pin, sha256:<hex> (config: ca_hash)
+    #[arg(long, value_name = "sha256:<hex>")]
+    ca_hash: Option<String>,
+    /// State directory (config: state_dir)
+    #[arg(long, value_name = "DIR", global = true)]
+    state_dir: Option<PathBuf>,
+    /// Node name to ask for at enrollment (config: node_name)
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// Log format: text or json (config: log_format)
+    #[arg(long, value_name = "FORMAT", global = true)]
+    log_format: Option<hexa_shared::logging::LogFormat>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Apply one NodeSpec (JSON) once and exit
+    Apply {
+        /// The spec, as JSON
+        #[arg(long, value_name = "FILE")]
+        spec: PathBuf,
+        /// Treat DIR as the filesystem root (state goes under DIR/<state_dir>)
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    hexa_shared::install_crypto_provider();
+    let mut config: AgentConfig =
+        hexa_shared::config::load(args.config.as_deref(), DEFAULT_CONFIG_PATH.as_ref(), std::env::vars())?;
+    let set = |target: &mut String, value: Option<String>| {
+        if let Some(v) = value {
+            *target = v;
+        }
+    };
+    set(&mut config.coordinator, args.coordinator);
+    set(&mut config.token, args.token);
+    set(&mut config.ca_hash, args.ca_hash);
+    set(&mut config.node_name, args.node_name);
+    if let Some(dir) = args.state_dir {
+        config.state_dir = dir;
+    }
+    if let Some(format) = args.log_format {
+        config.log_format = format;
+    }
+    hexa_shared::logging::init(config.log_format);
+
+    if let Some(Command::Apply { spec, root }) = args.command {
+        let text = std::fs::read_to_string(&spec).with_context(|| format!("reading {}", spec.display()))?;
+        let spec: hexa_shared::spec::NodeSpec =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a NodeSpec", spec.display()))?;
+        let state_dir = match root {
+            Some(root) => root.join(config.state_dir.strip_prefix("/").unwrap_or(&config.state_dir)),
+            None => config.state_dir.clone(),
+        };
+        let state = hexa_agent::state::StateDir::open(&state_dir)?;
+        hexa_agent::apply::apply(&state, &spec)?;
+        println!("applied generation {}", spec.generation);
+        return Ok(());
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    runtime.block_on(async {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut agent = tokio::spawn(hexa_agent::run(config, hexa_agent::HostRoots::default(), stopped));
+        tokio::select! {
+            result = &mut agent => return result.context("agent task")?.map_err(anyhow::Error::from),
+            signal = wait_for_signal() => signal?,
+        }
+        tracing::info!("stopping");
+        let _ = stop.send(true);
+        // The agent closes its link with a reason before the process ends.
+        agent.await.context("agent task")?.map_err(anyhow::Error::from)
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("SIGINT handler")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

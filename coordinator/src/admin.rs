@@ -1,0 +1,249 @@
+//! The admin HTTP API (`7080/tcp`): bearer-token authenticated JSON, errors as
+//! `{"error": {"code", "message"}}`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use hexa_shared::names::Pool;
+
+use crate::bootstrap::{hashes_equal, sha256_hex};
+use crate::inventory::Inventory;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::tokens::{self, TokenError};
+
+/// Largest request body accepted; every request here is a few hundred bytes.
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Debug)]
+pub struct AdminContext {
+    pub inventory: Arc<Inventory>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    /// sha256 (hex) of the admin bearer token.
+    pub admin_token_sha256: String,
+    pub default_token_ttl: Duration,
+}
+
+/// An error as the API returns it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError::new(e.status(), "bad_request", e.body_text())
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::NotFound(_) => ApiError::not_found(e.to_string()),
+            TokenError::AlreadyUsed { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            TokenError::BadTtl(_) => ApiError::bad_request(e.to_string()),
+            TokenError::Store(e) => {
+                tracing::error!(error = %e, "state database failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the state database failed; see the coordinator log",
+                )
+            }
+        }
+    }
+}
+
+pub fn router(ctx: Arc<AdminContext>) -> Router {
+    let authed = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", get(get_node))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", delete(revoke_token))
+        .route_layer(middleware::from_fn_with_state(ctx.clone(), require_bearer));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/openapi.json", get(openapi))
+        .merge(authed)
+        .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(ctx)
+}
+
+async fn require_bearer(
+    State(ctx): State<Arc<AdminContext>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if hashes_equal(&sha256_hex(token), &ctx.admin_token_sha256) => next.run(request).await,
+        Some(_) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the bearer token is not valid").into_response()
+        }
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing `Authorization: Bearer <token>`; the admin token is in <state-dir>/admin.token",
+        )
+        .into_response(),
+    }
+}
+
+async fn metrics(State(ctx): State<Arc<AdminContext>>) -> impl IntoResponse {
+    let body = ctx.metrics.render(&ctx.inventory.health_counts());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+async fn list_nodes(State(ctx): State<Arc<AdminContext>>) -> impl IntoResponse {
+    Json(ctx.inventory.list())
+}
+
+async fn get_node(
+    State(ctx): State<Arc<AdminContext>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    ctx.inventory.get(&name).map(Json).ok_or_else(|| ApiError::not_found(format!("no node named {name:?}")))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct CreateTokenRequest {
+    /// `server`, `shared` or `dedicated:<tenant>`.
+    pool: String,
+    /// e.g. `1h`, `30m`; the coordinator's `token_ttl` when absent.
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    description: String,
+}
+
+async fn create_token(
+    State(ctx): State<Arc<AdminContext>>,
+    body: Result<Json<CreateTokenRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(req) = body?;
+    let pool: Pool =
+        req.pool.parse().map_err(|e: hexa_shared::names::NameError| ApiError::bad_request(e.to_string()))?;
+    let ttl = match req.ttl.as_deref() {
+        None => ctx.default_token_ttl,
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| ApiError::bad_request(format!("ttl {text:?} is not a duration such as 30m or 1h: {e}")))?,
+    };
+    let created = tokens::create(&ctx.store, pool, ttl, req.description)?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+async fn list_tokens(State(ctx): State<Arc<AdminContext>>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(tokens::list(&ctx.store)?))
+}
+
+async fn revoke_token(
+    State(ctx): State<Arc<AdminContext>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(tokens::revoke(&ctx.store, &id)?))
+}
+
+async fn openapi() -> impl IntoResponse {
+    Json(openapi_document())
+}
+
+/// The OpenAPI description of this API.
+pub fn openapi_document() -> serde_json::Value {
+    let error = json!({"$ref": "#/components/schemas/Error"});
+    let errors = json!({
+        "401": {"description": "missing or wrong bearer token", "content": {"application/json": {"schema": error}}},
+    });
+    let with = |extra: serde_json::Value| {
+        let mut responses = errors.clone();
+        if let (Some(map), Some(extra)) = (responses.as_object_mut(), extra.as_object()) {
+            map.extend(extra.clone());
+        }
+        responses
+    };
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "Hexabase coordinator admin API", "version": env!("CARGO_PKG_VERSION")},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object",
+                    "required": ["code", "message"],
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+                "Node": {"type": "object", "required": ["name", "pool", "health", "connected"], "properties": {
+                    "name": {"type": "string"}, "pool": {"type": "string"},
+                    "health": {"type": "string", "enum": ["Pending", "Ready", "Unreachable", "Lost"]},
+                    "connected": {"type": "boolean"}, "last_report_age_ms": {"type": "integer", "nullable": true},
+                    "capacity": {"type": "object", "nullable": true}, "allocatable": {"type": "object", "nullable": true},
+                    "usage": {"type": "object", "nullable": true}}},
+                "TokenRequest": {"type": "object", "required": ["pool"], "additionalProperties": false, "properties": {
+                    "pool": {"type": "string", "example": "shared"}, "ttl": {"type": "string", "example": "1h"},
+                    "description": {"type": "string"}}},
+                "Token": {"type": "object", "properties": {"id": {"type": "string"}, "pool": {"type": "string"},
+                    "status": {"type": "string", "enum": ["active", "expired", "used", "revoked"]},
+                    "expires_at_unix": {"type": "integer"}}},
+            }
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/healthz": {"get": {"security": [], "responses": {"200": {"description": "alive"}}}},
+            "/metrics": {"get": {"responses": with(json!({"200": {"description": "Prometheus text"}}))}},
+            "/v1/nodes": {"get": {"responses": with(json!({"200": {"description": "all nodes",
+                "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}}}}))}},
+            "/v1/nodes/{name}": {"get": {
+                "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": with(json!({"200": {"description": "the node", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Node"}}}},
+                    "404": {"description": "no such node", "content": {"application/json": {"schema": error}}}}))}},
+            "/v1/tokens": {
+                "get": {"responses": with(json!({"200": {"description": "tokens, without secrets"}}))},
+                "post": {"requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TokenRequest"}}}},
+                    "responses": with(json!({"201": {"description": "the token, shown once"},
+                        "400": {"description": "bad pool or ttl", "content": {"application/json": {"schema": error}}}}))}},
+            "/v1/tokens/{id}": {"delete": {
+                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": with(json!({"200": {"description": "revoked"},
+                    "404": {"description": "no such token", "content": {"application/json": {"schema": error}}},
+                    "409": {"description": "already used", "content": {"application/json": {"schema": error}}}}))}},
+        }
+    })
+}

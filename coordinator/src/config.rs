@@ -1,0 +1,84 @@
+//! `/etc/hexabase/coordinator.toml`. Every key is optional; `HEXA_<KEY>` overrides a key from the
+//! environment; command-line flags override both. `packaging/coordinator.toml` documents each key
+//! and a test keeps it in step with this struct.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use hexa_shared::logging::LogFormat;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/hexabase/coordinator.toml";
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Where the CA, the admin token and the state database live.
+    pub state_dir: PathBuf,
+    /// UDP address agents connect to (QUIC).
+    pub quic_listen: SocketAddr,
+    /// TCP address of the admin HTTP API.
+    pub admin_listen: SocketAddr,
+    /// How often agents report.
+    #[serde(with = "humantime_serde")]
+    pub report_interval: Duration,
+    /// A node with no report for this long is Unreachable.
+    #[serde(with = "humantime_serde")]
+    pub unreachable_after: Duration,
+    /// A node with no report for this long is Lost.
+    #[serde(with = "humantime_serde")]
+    pub lost_after: Duration,
+    /// Lifetime of node certificates; agents renew after two thirds of it.
+    #[serde(with = "humantime_serde")]
+    pub node_cert_validity: Duration,
+    /// Lifetime of a bootstrap token when `token create` gives none.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            state_dir: PathBuf::from("/var/lib/hexabase/coordinator"),
+            quic_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            report_interval: Duration::from_secs(1),
+            unreachable_after: Duration::from_secs(3),
+            lost_after: Duration::from_secs(30),
+            node_cert_validity: Duration::from_secs(30 * 24 * 3600),
+            token_ttl: Duration::from_secs(3600),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Checks the relations between keys that serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.report_interval.is_zero() {
+            return Err("report_interval must be greater than zero".into());
+        }
+        if self.unreachable_after <= self.report_interval {
+            return Err(format!(
+                "unreachable_after ({}) must be longer than report_interval ({})",
+                humantime::format_duration(self.unreachable_after),
+                humantime::format_duration(self.report_interval)
+            ));
+        }
+        if self.lost_after <= self.unreachable_after {
+            return Err(format!(
+                "lost_after ({}) must be longer than unreachable_after ({})",
+                humantime::format_duration(self.lost_after),
+                humantime::format_duration(self.unreachable_after)
+            ));
+        }
+        if self.node_cert_validity < Duration::from_secs(60) {
+            return Err("node_cert_validity must be at least 1m".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,179 @@
+//! The Hexabase coordinator: enrolls node agents, keeps the node inventory and serves the admin API.
+//!
+//! [`start`] brings up everything a `hexa-coordinator` process runs and returns a handle; the
+//! binary and the tests both go through it.
+
+pub mod admin;
+pub mod bootstrap;
+pub mod config;
+pub mod ctl;
+pub mod inventory;
+pub mod link;
+pub mod metrics;
+pub mod store;
+pub mod tokens;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use hexa_shared::fsutil;
+use hexa_shared::pki::{self, CaHash};
+
+use crate::bootstrap::{ADMIN_TOKEN_FILE, CertificateAuthority};
+use crate::config::CoordinatorConfig;
+use crate::inventory::{HealthThresholds, Inventory};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Fs(#[from] fsutil::FsError),
+    #[error(transparent)]
+    Bootstrap(#[from] bootstrap::BootstrapError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Listen { what: &'static str, addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running coordinator.
+#[derive(Debug)]
+pub struct Running {
+    pub quic_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub ca_hash: CaHash,
+    /// True when this start created the CA (first start on this state dir).
+    pub created_ca: bool,
+    pub admin_token_path: PathBuf,
+    pub inventory: Arc<Inventory>,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, closes every link with a reason, and waits for the tasks to end.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+/// Reads the admin token file, creating it (0600) when missing, and returns the token's hash.
+fn admin_token_hash(config: &CoordinatorConfig, store: &Store) -> Result<String, StartError> {
+    let path = config.state_dir.join(ADMIN_TOKEN_FILE);
+    let hash = match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => bootstrap::sha256_hex(text.trim()),
+        _ => {
+            let hash = bootstrap::create_admin_token(&config.state_dir)?;
+            tracing::info!(path = %path.display(), "admin token created");
+            hash
+        }
+    };
+    store.set_meta("admin_token_sha256", &hash)?;
+    Ok(hash)
+}
+
+pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
+    config.validate().map_err(StartError::Config)?;
+    fsutil::ensure_private_dir(&config.state_dir)?;
+    let (ca, created_ca) = CertificateAuthority::load_or_create(&config.state_dir)?;
+    if created_ca {
+        tracing::info!(ca_hash = %ca.hash(), "certificate authority created");
+    }
+    let ca = Arc::new(ca);
+    let store = Store::open(&config.state_dir.join("state.redb"))?;
+    let admin_token_sha256 = admin_token_hash(&config, &store)?;
+    let metrics = Arc::new(Metrics::default());
+    let thresholds = HealthThresholds { unreachable_after: config.unreachable_after, lost_after: config.lost_after };
+    let inventory =
+        Arc::new(Inventory::load(store.clone(), ca.clone(), thresholds, config.node_cert_validity, metrics.clone())?);
+
+    let (chain, key) = ca.issue_server_cert()?;
+    let server_config = pki::server_config(ca.cert_der(), chain, key)?;
+    let endpoint = quinn::Endpoint::server(server_config, config.quic_listen).map_err(|source| StartError::Listen {
+        what: "QUIC",
+        addr: config.quic_listen,
+        source,
+    })?;
+    let quic_addr = endpoint.local_addr().map_err(|source| StartError::Listen {
+        what: "QUIC",
+        addr: config.quic_listen,
+        source,
+    })?;
+    let listener = tokio::net::TcpListener::bind(config.admin_listen).await.map_err(|source| StartError::Listen {
+        what: "admin HTTP",
+        addr: config.admin_listen,
+        source,
+    })?;
+    let admin_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        what: "admin HTTP",
+        addr: config.admin_listen,
+        source,
+    })?;
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let link_ctx = Arc::new(link::LinkContext {
+        inventory: inventory.clone(),
+        metrics: metrics.clone(),
+        report_interval: config.report_interval,
+    });
+    tasks.push(tokio::spawn(link::serve(endpoint, link_ctx, shutdown_rx.clone())));
+
+    let admin_ctx = Arc::new(admin::AdminContext {
+        inventory: inventory.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        admin_token_sha256,
+        default_token_ttl: config.token_ttl,
+    });
+    let mut admin_shutdown = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let serve = axum::serve(listener, admin::router(admin_ctx)).with_graceful_shutdown(async move {
+            let _ = admin_shutdown.changed().await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    }));
+
+    let tick_every = (config.report_interval / 4).min(Duration::from_millis(250));
+    let ticker_inventory = inventory.clone();
+    let mut ticker_shutdown = shutdown_rx;
+    tasks.push(tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick_every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => ticker_inventory.tick(std::time::Instant::now()),
+                _ = ticker_shutdown.changed() => break,
+            }
+        }
+    }));
+
+    tracing::info!(%quic_addr, %admin_addr, ca_hash = %ca.hash(), "coordinator started");
+    Ok(Running {
+        quic_addr,
+        admin_addr,
+        ca_hash: ca.hash(),
+        created_ca,
+        admin_token_path: config.state_dir.join(ADMIN_TOKEN_FILE),
+        inventory,
+        metrics,
+        shutdown,
+        tasks,
+    })
+}

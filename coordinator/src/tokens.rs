@@ -1,0 +1,168 @@
+//! Bootstrap tokens: minted by an operator, listed without their secrets, revoked, and consumed by
+//! exactly one enrollment (see [`crate::inventory::Inventory::enroll`]).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use hexa_shared::names::Pool;
+
+use crate::bootstrap::{MintedToken, sha256_hex};
+use crate::store::{Store, StoreError, TokenRecord, TokenState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("no bootstrap token with id {0:?}")]
+    NotFound(String),
+    #[error("bootstrap token {id} was already used by node {node}; a used token cannot be revoked")]
+    AlreadyUsed { id: String, node: String },
+    #[error("ttl must be between 1s and 365d, got {0}")]
+    BadTtl(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What `token create` returns: the only time the whole token is shown.
+#[derive(Serialize, Debug, Clone)]
+pub struct CreatedToken {
+    pub id: String,
+    pub token: String,
+    pub pool: Pool,
+    pub description: String,
+    pub expires_at_unix: i64,
+}
+
+/// A token as listings show it: never with its secret or hash.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct TokenView {
+    pub id: String,
+    pub pool: Pool,
+    pub description: String,
+    pub created_at_unix: i64,
+    pub expires_at_unix: i64,
+    /// active, expired, used or revoked
+    pub status: &'static str,
+    pub used_by: Option<String>,
+}
+
+pub fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+pub fn create(store: &Store, pool: Pool, ttl: Duration, description: String) -> Result<CreatedToken, TokenError> {
+    if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(365 * 24 * 3600) {
+        return Err(TokenError::BadTtl(humantime::format_duration(ttl).to_string()));
+    }
+    let now = now_unix();
+    let expires_at_unix = now + ttl.as_secs() as i64;
+    let minted = store.write(|tx| {
+        // Ids are short; on the rare collision draw again rather than overwrite.
+        loop {
+            let minted = MintedToken::generate();
+            if tx.token(&minted.id)?.is_none() {
+                tx.put_token(&TokenRecord {
+                    id: minted.id.clone(),
+                    secret_sha256: sha256_hex(&minted.secret),
+                    pool: pool.clone(),
+                    description: description.clone(),
+                    created_at_unix: now,
+                    expires_at_unix,
+                    state: TokenState::Active,
+                })?;
+                return Ok::<_, StoreError>(minted);
+            }
+        }
+    })?;
+    tracing::info!(token_id = %minted.id, %pool, expires_at_unix, "bootstrap token created");
+    Ok(CreatedToken { id: minted.id.clone(), token: minted.text(), pool, description, expires_at_unix })
+}
+
+pub fn view(record: &TokenRecord, now: i64) -> TokenView {
+    let (status, used_by) = match &record.state {
+        TokenState::Used { node, .. } => ("used", Some(node.clone())),
+        TokenState::Revoked { .. } => ("revoked", None),
+        TokenState::Active if record.expires_at_unix <= now => ("expired", None),
+        TokenState::Active => ("active", None),
+    };
+    TokenView {
+        id: record.id.clone(),
+        pool: record.pool.clone(),
+        description: record.description.clone(),
+        created_at_unix: record.created_at_unix,
+        expires_at_unix: record.expires_at_unix,
+        status,
+        used_by,
+    }
+}
+
+pub fn list(store: &Store) -> Result<Vec<TokenView>, TokenError> {
+    let now = now_unix();
+    Ok(store.tokens()?.values().map(|r| view(r, now)).collect())
+}
+
+pub fn revoke(store: &Store, id: &str) -> Result<TokenView, TokenError> {
+    let record = store.write(|tx| {
+        let mut record = tx.token(id)?.ok_or_else(|| TokenError::NotFound(id.to_string()))?;
+        match &record.state {
+            TokenState::Used { node, .. } => {
+                return Err(TokenError::AlreadyUsed { id: id.to_string(), node: node.clone() });
+            }
+            TokenState::Revoked { .. } => {}
+            TokenState::Active => {
+                record.state = TokenState::Revoked { at_unix: now_unix() };
+                tx.put_token(&record)?;
+            }
+        }
+        Ok(record)
+    })?;
+    tracing::info!(token_id = %id, "bootstrap token revoked");
+    Ok(view(&record, now_unix()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_stored_hashed_and_listed_without_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let created = create(&store, Pool::Shared, Duration::from_secs(60), "rack 3".into()).unwrap();
+        let stored = store.tokens().unwrap();
+        let record = &stored[&created.id];
+        let secret = created.token.split_once('.').unwrap().1;
+        assert_ne!(record.secret_sha256, secret);
+        assert_eq!(record.secret_sha256, sha256_hex(secret));
+        let bytes = std::fs::read(dir.path().join("s.redb")).unwrap();
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "secret found on disk");
+        let listed = list(&store).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].status, "active");
+        assert!(!serde_json::to_string(&listed).unwrap().contains(secret));
+    }
+
+    #[test]
+    fn revoke_and_its_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let created = create(&store, Pool::Server, Duration::from_secs(60), String::new()).unwrap();
+        assert_eq!(revoke(&store, &created.id).unwrap().status, "revoked");
+        assert!(matches!(revoke(&store, "zzzzzz"), Err(TokenError::NotFound(_))));
+        assert!(matches!(create(&store, Pool::Shared, Duration::ZERO, String::new()), Err(TokenError::BadTtl(_))));
+    }
+
+    #[test]
+    fn expired_tokens_list_as_expired() {
+        let record = TokenRecord {
+            id: "abcdef".into(),
+            secret_sha256: String::new(),
+            pool: Pool::Shared,
+            description: String::new(),
+            created_at_unix: 0,
+            expires_at_unix: 10,
+            state: TokenState::Active,
+        };
+        assert_eq!(view(&record, 10).status, "expired");
+        assert_eq!(view(&record, 9).status, "active");
+    }
+}

@@ -1,0 +1,198 @@
+//! Configuration files: TOML, every key optional (defaults come from the type's `Default`), unknown
+//! keys refused, and every key overridable from the environment as `HEXA_<KEY>` (upper case; keys
+//! of a `[section]` as `HEXA_<SECTION>_<KEY>`). Command-line flags, applied by the caller, win over
+//! both.
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}={value:?}: {message}")]
+    Env { var: String, value: String, message: String },
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// Loads `T` from `path` (or `default_path` when none is given; a missing default file means all
+/// defaults), then applies `HEXA_*` overrides from `env`.
+pub fn load<T>(
+    path: Option<&Path>,
+    default_path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError>
+where
+    T: Serialize + DeserializeOwned + Default,
+{
+    let defaults = toml::Table::try_from(T::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let (file_path, must_exist) = match path {
+        Some(p) => (p, true),
+        None => (default_path, false),
+    };
+    let display = file_path.display().to_string();
+    let mut table = match std::fs::read_to_string(file_path) {
+        Ok(text) => text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Parse { path: display.clone(), message: e.to_string() })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => toml::Table::new(),
+        Err(source) => return Err(ConfigError::Read { path: display, source }),
+    };
+    let overrides: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("HEXA_")).collect();
+    apply_env(&defaults, &mut table, &[], &overrides)?;
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Parse { path: display, message: e.to_string() })
+}
+
+fn apply_env(
+    defaults: &toml::Table,
+    table: &mut toml::Table,
+    prefix: &[&str],
+    env: &[(String, String)],
+) -> Result<(), ConfigError> {
+    for (key, default) in defaults {
+        let mut path = prefix.to_vec();
+        path.push(key);
+        if let toml::Value::Table(section) = default {
+            let entry = table.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(sub) = entry {
+                apply_env(section, sub, &path, env)?;
+            }
+            continue;
+        }
+        let var = format!("HEXA_{}", path.join("_").to_ascii_uppercase());
+        let Some((_, raw)) = env.iter().find(|(k, _)| *k == var) else { continue };
+        let err = |message: &str| ConfigError::Env { var: var.clone(), value: raw.clone(), message: message.into() };
+        let value = match default {
+            toml::Value::Integer(_) => {
+                toml::Value::Integer(raw.trim().parse().map_err(|_| err("expected an integer"))?)
+            }
+            toml::Value::Float(_) => toml::Value::Float(raw.trim().parse().map_err(|_| err("expected a number"))?),
+            toml::Value::Boolean(_) => {
+                toml::Value::Boolean(raw.trim().parse().map_err(|_| err("expected true or false"))?)
+            }
+            toml::Value::Array(_) => toml::Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.into()))
+                    .collect(),
+            ),
+            _ => toml::Value::String(raw.clone()),
+        };
+        table.insert(key.clone(), value);
+    }
+    Ok(())
+}
+
+/// Renders `T::default()` as a commented TOML document: the packaged default config files are
+/// checked against this so that they never drift from the code.
+pub fn default_toml<T: Serialize + Default>() -> String {
+    toml::to_string(&T::default()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use std::time::Duration;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Sample {
+        name: String,
+        port: u16,
+        #[serde(with = "humantime_serde")]
+        interval: Duration,
+        enabled: bool,
+        names: Vec<String>,
+        limits: Limits,
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Limits {
+        memory: u64,
+    }
+
+    impl Default for Limits {
+        fn default() -> Self {
+            Limits { memory: 5 }
+        }
+    }
+
+    impl Default for Sample {
+        fn default() -> Self {
+            Sample {
+                name: "a".into(),
+                port: 1,
+                interval: Duration::from_secs(1),
+                enabled: false,
+                names: vec![],
+                limits: Limits::default(),
+            }
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_then_file_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "port = 7\ninterval = \"2s\"\n[limits]\nmemory = 9\n").unwrap();
+        let loaded: Sample = load(Some(&file), Path::new("/none"), env(&[])).unwrap();
+        assert_eq!(
+            (loaded.port, loaded.interval, loaded.limits.memory, loaded.name.as_str()),
+            (7, Duration::from_secs(2), 9, "a")
+        );
+
+        let loaded: Sample = load(
+            Some(&file),
+            Path::new("/none"),
+            env(&[
+                ("HEXA_PORT", "8"),
+                ("HEXA_INTERVAL", "5s"),
+                ("HEXA_ENABLED", "true"),
+                ("HEXA_NAMES", "x, y"),
+                ("HEXA_LIMITS_MEMORY", "11"),
+                ("OTHER", "1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(loaded.port, 8);
+        assert_eq!(loaded.interval, Duration::from_secs(5));
+        assert!(loaded.enabled);
+        assert_eq!(loaded.names, vec!["x", "y"]);
+        assert_eq!(loaded.limits.memory, 11);
+    }
+
+    #[test]
+    fn a_missing_default_file_means_defaults_but_a_named_one_is_an_error() {
+        let loaded: Sample = load(None, Path::new("/nonexistent/c.toml"), env(&[])).unwrap();
+        assert_eq!(loaded, Sample::default());
+        let err = load::<Sample>(Some(Path::new("/nonexistent/c.toml")), Path::new("/x"), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/c.toml"), "{err}");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "prot = 7\n").unwrap();
+        let err = load::<Sample>(Some(&file), Path::new("/x"), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("prot"), "{err}");
+        let err = load::<Sample>(None, Path::new("/x"), env(&[("HEXA_PORT", "seven")])).unwrap_err().to_string();
+        assert!(err.contains("HEXA_PORT") && err.contains("integer"), "{err}");
+        let err = load::<Sample>(None, Path::new("/x"), env(&[("HEXA_INTERVAL", "soon")])).unwrap_err().to_string();
+        assert!(err.contains("interval"), "{err}");
+    }
+}

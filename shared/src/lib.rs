@@ -1,0 +1,27 @@
+//! Types and protocols shared by the Hexabase node agent and the coordinator.
+//!
+//! - [`wire`]: length-prefixed bincode framing with a hard size cap.
+//! - [`proto`]: the enrollment and link messages, protocol version and ALPN identifiers.
+//! - [`report`]: the capacity report an agent sends every interval.
+//! - [`spec`]: the desired state (`NodeSpec`) the coordinator pushes to each node.
+//! - [`pki`]: CA pinning, certificate identities and the TLS configurations of both ends.
+//! - [`names`]: node pools and the name rules both sides enforce.
+//! - [`config`]: TOML configuration files with `HEXA_*` environment overrides.
+
+pub mod config;
+pub mod fsutil;
+pub mod logging;
+pub mod names;
+pub mod pki;
+pub mod proto;
+pub mod quantity;
+pub mod report;
+pub mod spec;
+pub mod wire;
+
+/// Installs the ring rustls crypto provider for the process. Every binary and test helper calls this
+/// first: with both ring and aws-lc-rs compiled in, rustls refuses to pick one on its own.
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed, which is exactly the state we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

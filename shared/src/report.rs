@@ -1,0 +1,132 @@
+//! The capacity report an agent sends every interval, and at once when its state changes.
+
+use serde::{Deserialize, Serialize};
+
+/// Countable resources of a node, in the units Kubernetes uses.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resources {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub ephemeral_bytes: u64,
+    pub pods: u32,
+}
+
+/// Pressure stall averages (percent of wall time) for one resource, from `/proc/pressure/*`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
+pub struct PressureAverages {
+    pub some_avg10: f32,
+    pub some_avg60: f32,
+    pub some_avg300: f32,
+    /// Absent for CPU on kernels that do not report "full" for it.
+    pub full_avg10: Option<f32>,
+    pub full_avg60: Option<f32>,
+    pub full_avg300: Option<f32>,
+}
+
+/// PSI for each resource; `None` where the kernel has no pressure accounting.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
+pub struct Pressure {
+    pub cpu: Option<PressureAverages>,
+    pub memory: Option<PressureAverages>,
+    pub io: Option<PressureAverages>,
+}
+
+/// Live usage at collection time.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
+pub struct Usage {
+    /// CPU busy since the previous sample, in millicores (of `capacity.cpu_millis`).
+    pub cpu_used_millis: u64,
+    /// `MemAvailable`, or the room left under the agent's cgroup memory limit when that is smaller.
+    pub memory_available_bytes: u64,
+    /// Free space for unprivileged users on the ephemeral-storage filesystem.
+    pub ephemeral_available_bytes: u64,
+    pub load1: f32,
+    pub load5: f32,
+    pub load15: f32,
+    pub pressure: Pressure,
+}
+
+/// A limit that applies to the agent's own cgroup, which caps what it may report as capacity.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CgroupLimits {
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct CapacityReport {
+    /// Increases by one per report on a connection; echoed in the coordinator's ack.
+    pub seq: u64,
+    /// The name the agent believes it has. Ignored by the coordinator: identity is the certificate.
+    pub node_name: String,
+    pub collected_at_unix_ms: u64,
+    /// What the node has (after any cgroup limit on the agent itself).
+    pub capacity: Resources,
+    /// What tenants may be given: capacity less system and kube reservations and eviction margin.
+    pub allocatable: Resources,
+    pub usage: Usage,
+    pub cgroup_limits: CgroupLimits,
+    /// Generation of the last spec the agent applied (0 when none).
+    pub applied_generation: u64,
+}
+
+#[cfg(test)]
+pub(crate) mod strategies {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn resources() -> impl Strategy<Value = Resources> {
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
+            |(cpu_millis, memory_bytes, ephemeral_bytes, pods)| Resources {
+                cpu_millis,
+                memory_bytes,
+                ephemeral_bytes,
+                pods,
+            },
+        )
+    }
+
+    fn averages() -> impl Strategy<Value = PressureAverages> {
+        (0f32..100.0, 0f32..100.0, proptest::option::of(0f32..100.0)).prop_map(|(a, b, full)| PressureAverages {
+            some_avg10: a,
+            some_avg60: b,
+            some_avg300: b,
+            full_avg10: full,
+            full_avg60: full,
+            full_avg300: full,
+        })
+    }
+
+    pub fn capacity_report() -> impl Strategy<Value = CapacityReport> {
+        (
+            any::<u64>(),
+            "[a-z0-9-]{1,20}",
+            resources(),
+            resources(),
+            (any::<u64>(), any::<u64>(), 0f32..64.0),
+            proptest::option::of(averages()),
+            proptest::option::of(any::<u64>()),
+            any::<u64>(),
+        )
+            .prop_map(|(seq, node_name, capacity, allocatable, (cpu, mem, load), psi, limit, generation)| {
+                CapacityReport {
+                    seq,
+                    node_name,
+                    collected_at_unix_ms: seq / 3,
+                    capacity,
+                    allocatable,
+                    usage: Usage {
+                        cpu_used_millis: cpu,
+                        memory_available_bytes: mem,
+                        ephemeral_available_bytes: mem / 2,
+                        load1: load,
+                        load5: load,
+                        load15: load,
+                        pressure: Pressure { cpu: psi, memory: psi, io: None },
+                    },
+                    cgroup_limits: CgroupLimits { cpu_millis: limit, memory_bytes: limit },
+                    applied_generation: generation,
+                }
+            })
+    }
+}

@@ -1,0 +1,123 @@
+//! Desired state: what the coordinator wants a node to be. Each change gets a higher generation;
+//! the agent applies a spec idempotently, keeps the last one on disk and reports the generation.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::Pool;
+
+/// Label every node carries with its pool.
+pub const POOL_LABEL: &str = "hexabase.ai/pool";
+/// Taint key that keeps everyone but the owning tenant off a dedicated node.
+pub const DEDICATED_TAINT: &str = "hexabase.ai/dedicated";
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// Strictly increasing per node; 0 is never sent.
+    pub generation: u64,
+    pub node_name: String,
+    pub pool: Pool,
+    /// Kubernetes node labels the node must carry.
+    pub labels: BTreeMap<String, String>,
+    pub taints: Vec<Taint>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Taint {
+    pub key: String,
+    pub value: String,
+    pub effect: TaintEffect,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TaintEffect {
+    NoSchedule,
+    PreferNoSchedule,
+    NoExecute,
+}
+
+impl std::fmt::Display for Taint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}:{:?}", self.key, self.value, self.effect)
+    }
+}
+
+impl NodeSpec {
+    /// The labels and taints a node of `pool` carries before any tenant is placed on it.
+    pub fn for_pool(node_name: &str, pool: &Pool, generation: u64) -> NodeSpec {
+        let mut labels = BTreeMap::new();
+        let pool_kind = match pool {
+            Pool::Server => "server",
+            Pool::Shared => "shared",
+            Pool::Dedicated { .. } => "dedicated",
+        };
+        labels.insert(POOL_LABEL.to_string(), pool_kind.to_string());
+        let mut taints = Vec::new();
+        if let Pool::Dedicated { tenant } = pool {
+            labels.insert(format!("tenant.hexabase.ai/{tenant}"), "true".to_string());
+            taints.push(Taint {
+                key: DEDICATED_TAINT.to_string(),
+                value: tenant.clone(),
+                effect: TaintEffect::NoSchedule,
+            });
+        }
+        NodeSpec { generation, node_name: node_name.to_string(), pool: pool.clone(), labels, taints }
+    }
+
+    /// True when `other` asks for the same state, whatever its generation.
+    pub fn same_content(&self, other: &NodeSpec) -> bool {
+        NodeSpec { generation: other.generation, ..self.clone() } == *other
+    }
+}
+
+/// The agent's answer to a spec.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AppliedStatus {
+    pub generation: u64,
+    pub outcome: ApplyOutcome,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    Applied,
+    Failed { reason: String },
+}
+
+#[cfg(test)]
+pub(crate) mod strategies {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub fn node_spec() -> impl Strategy<Value = NodeSpec> {
+        (1u64.., "[a-z0-9-]{1,20}", crate::names::strategies::pool())
+            .prop_map(|(generation, name, pool)| NodeSpec::for_pool(&name, &pool, generation))
+    }
+
+    pub fn applied_status() -> impl Strategy<Value = AppliedStatus> {
+        (any::<u64>(), proptest::option::of(".*")).prop_map(|(generation, failure)| AppliedStatus {
+            generation,
+            outcome: match failure {
+                None => ApplyOutcome::Applied,
+                Some(reason) => ApplyOutcome::Failed { reason },
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedicated_nodes_carry_their_tenant_label_and_taint() {
+        let spec = NodeSpec::for_pool("n1", &Pool::Dedicated { tenant: "acme".into() }, 3);
+        assert_eq!(spec.labels.get(POOL_LABEL).map(String::as_str), Some("dedicated"));
+        assert_eq!(spec.labels.get("tenant.hexabase.ai/acme").map(String::as_str), Some("true"));
+        assert_eq!(spec.taints[0].to_string(), "hexabase.ai/dedicated=acme:NoSchedule");
+        let shared = NodeSpec::for_pool("n1", &Pool::Shared, 1);
+        assert!(shared.taints.is_empty());
+        assert!(spec.same_content(&NodeSpec { generation: 9, ..spec.clone() }));
+        assert!(!spec.same_content(&shared));
+    }
+}
