@@ -34,6 +34,12 @@ pub fn backoff_delay(attempt: u32, random: f64) -> Duration {
     ceiling / 2 + ceiling.mul_f64(random.clamp(0.0, 1.0) / 2.0)
 }
 
+/// The coordinator acknowledges every report; after this many silent intervals (and at least
+/// [`MIN_SILENCE`]) the link is presumed dead. QUIC's idle timeout alone would take longer, and a
+/// coordinator restarted on the same address cannot reset connections it no longer knows.
+const SILENT_INTERVALS: u32 = 3;
+const MIN_SILENCE: Duration = Duration::from_secs(3);
+
 /// Fraction of a certificate's lifetime after which the agent asks for a new one.
 const RENEW_AT_FRACTION: f64 = 2.0 / 3.0;
 
@@ -184,14 +190,24 @@ impl Link {
         let mut pending_key: Option<rcgen::KeyPair> = None;
         let (mut not_before, mut not_after) = (identity.not_before_unix, identity.not_after_unix);
         let mut sent_at: Option<(u64, Instant)> = None;
+        let silence_limit = (interval * SILENT_INTERVALS).max(MIN_SILENCE);
+        let mut last_heard = Instant::now();
         loop {
             let mut report_now = false;
             tokio::select! {
-                _ = ticker.tick() => report_now = true,
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        return Ok(SessionEnd::Dropped(format!(
+                            "no answer from the coordinator for {}ms", last_heard.elapsed().as_millis()
+                        )));
+                    }
+                    report_now = true;
+                }
                 msg = msgs.recv() => match msg {
                     None => return Ok(SessionEnd::Dropped(close_reason(conn).unwrap_or_else(|| "stream closed".into()))),
                     Some(Err(e)) => return Ok(SessionEnd::Dropped(close_reason(conn).unwrap_or_else(|| e.to_string()))),
                     Some(Ok(CoordinatorMessage::Spec(spec))) => {
+                        last_heard = Instant::now();
                         let status = self.apply(*spec);
                         if let Err(e) = wire::write_frame(send, &AgentMessage::Applied(status)).await {
                             return Ok(SessionEnd::Dropped(e.to_string()));
@@ -200,6 +216,7 @@ impl Link {
                         report_now = true;
                     }
                     Some(Ok(CoordinatorMessage::ReportAck { seq })) => {
+                        last_heard = Instant::now();
                         if let Some((sent_seq, at)) = sent_at.take_if(|(s, _)| *s == seq) {
                             debug!(seq = sent_seq, rtt_us = at.elapsed().as_micros() as u64, "report acknowledged");
                         }

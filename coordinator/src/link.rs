@@ -75,6 +75,23 @@ fn refuse(conn: &quinn::Connection, metrics: &Metrics, code: u32, reason: &str, 
     conn.close(code.into(), reason.as_bytes());
 }
 
+/// Refuses after a refusal frame was written on `send`: closing at once could overtake the frame,
+/// so the peer gets a moment to read it and close first.
+async fn refuse_after_answer(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    metrics: &Metrics,
+    code: u32,
+    reason: &str,
+    label: &str,
+) {
+    metrics.refused(label);
+    warn!(reason, "refused");
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    conn.close(code.into(), reason.as_bytes());
+}
+
 /// Reads the first message of a stream, which must open with our protocol version.
 async fn read_opening<T: serde::de::DeserializeOwned>(
     recv: &mut quinn::RecvStream,
@@ -122,9 +139,7 @@ async fn serve_enrollment(conn: quinn::Connection, ctx: &LinkContext) {
         Ok(req) => req,
         Err((code, refusal, label)) => {
             let _ = wire::write_frame(&mut send, &EnrollResponse::Refused(refusal.clone())).await;
-            let _ = send.finish();
-            refuse(&conn, &ctx.metrics, code, &refusal.message, label);
-            return;
+            return refuse_after_answer(&conn, send, &ctx.metrics, code, &refusal.message, label).await;
         }
     };
     let token_id = req.token.split('.').next().unwrap_or_default().to_string();
@@ -198,10 +213,7 @@ async fn run_link(
         Ok(hello) => hello,
         Err((code, refusal, label)) => {
             let _ = wire::write_frame(&mut send, &CoordinatorMessage::Refused(refusal.clone())).await;
-            let _ = send.finish();
-            // Let the refusal frame arrive before the close does.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return refuse(conn, metrics, code, &refusal.message, label);
+            return refuse_after_answer(conn, send, metrics, code, &refusal.message, label).await;
         }
     };
     if hello.node_name != node {

@@ -1,1 +1,60 @@
+//! Test doubles and harnesses for the node plane's end-to-end tests and benchmarks.
+//!
+//! - [`procs`]: the real binaries as child processes (killable with SIGKILL), with logs in files.
+//! - [`inproc`]: coordinator and agents inside the test process, on loopback.
+//! - [`raw`]: hand-driven QUIC peers that misbehave on purpose.
+//! - [`admin`]: a small client for the admin API.
 
+pub mod admin;
+pub mod inproc;
+pub mod procs;
+pub mod raw;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Installs the ring provider; every test calls this first.
+pub fn init() {
+    hexa_shared::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// Path of one of the workspace's binaries, built beside the test executables.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(|deps| deps.parent()).map(PathBuf::from).unwrap_or_default();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` until it returns `Some` or `within` runs out.
+pub async fn eventually<T>(within: Duration, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free loopback port (UDP and TCP both free at the time of asking).
+pub fn free_port() -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port on loopback");
+        let port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}

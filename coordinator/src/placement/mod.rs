@@ -241,7 +241,7 @@ pub enum PlacementError {
     )]
     NoSharedNodes { tenant: String, needed: u32 },
     #[error(
-        "tenant {tenant} needs {needed} distinct Ready schedulable shared nodes (spread {needed}) and only {available} {} : lower spread to {available} or add shared nodes",
+        "tenant {tenant} needs {needed} distinct Ready schedulable shared nodes (spread {needed}) and only {available} {}: lower spread to {available} or add shared nodes",
         if *available == 1 { "exists" } else { "exist" }
     )]
     TooFewNodes { tenant: String, needed: u32, available: usize },

@@ -154,12 +154,11 @@ impl PlacementState {
             }
             state.tenants.insert(tenant.name.clone(), tenant);
         }
-        let names: Vec<String> = state.tenants.keys().cloned().collect();
-        for name in names {
-            if let Some(tenant) = state.tenants.get(&name).cloned() {
-                state.account(&tenant, None, &mut BTreeSet::new());
-            }
+        let tenants = std::mem::take(&mut state.tenants);
+        for tenant in tenants.values() {
+            state.account(tenant, None, &mut BTreeSet::new());
         }
+        state.tenants = tenants;
         for id in 0..state.nodes.len() {
             state.index(node_id(id));
         }
@@ -871,7 +870,7 @@ impl PlacementState {
     }
 }
 
-fn node_id(index: usize) -> NodeId {
+pub(super) fn node_id(index: usize) -> NodeId {
     // The inventory holds far fewer than 2^32 nodes; saturating keeps this total.
     NodeId::try_from(index).unwrap_or(NodeId::MAX)
 }

@@ -1,0 +1,84 @@
+//! Baseline node choices the benchmark compares ours with: first fit (first-fit-decreasing when the
+//! tenants come largest first) and Kubernetes' NodeResourcesFit scoring strategies.
+//!
+//! kube-scheduler scores each feasible node 0..=100 per resource and averages with the resource
+//! weights (cpu and memory, weight 1 each, by default), with `requested` including the pod being
+//! scheduled and integer arithmetic throughout:
+//! - `LeastAllocated`: `(capacity - requested) * 100 / capacity` (0 when over capacity);
+//! - `MostAllocated`: `min(requested, capacity) * 100 / capacity`.
+//!
+//! The highest score wins; kube-scheduler breaks ties at random, these break them by node name so
+//! runs are reproducible. They score every feasible node (kube-scheduler's
+//! `percentageOfNodesToScore` sampling is not modelled), against the same room and the same rules
+//! (overcommit, headroom, live memory, distinct nodes) as ours.
+
+use std::cmp::Reverse;
+
+use super::room::Room;
+use super::state::{NodeId, Overlay, PlacementState, node_id};
+use super::Strategy;
+
+const MAX_NODE_SCORE: u64 = 100;
+
+pub(super) fn choose(
+    state: &PlacementState,
+    strategy: Strategy,
+    need: &Room,
+    exclude: &[NodeId],
+    overlay: &Overlay,
+) -> Option<NodeId> {
+    let mut feasible = (0..state.nodes.len())
+        .map(node_id)
+        .filter(|id| state.takes_shares(*id) && !exclude.contains(id) && state.free(*id, overlay).fits(need));
+    let requested = |id: NodeId| state.reserved_with(id, overlay).saturating_add(need);
+    match strategy {
+        Strategy::FirstFit | Strategy::DominantBestFit => feasible.next(),
+        Strategy::LeastAllocated => {
+            feasible.max_by_key(|id| (least_allocated_score(&state.slot(*id).cap, &requested(*id)), Reverse(*id)))
+        }
+        Strategy::MostAllocated => {
+            feasible.max_by_key(|id| (most_allocated_score(&state.slot(*id).cap, &requested(*id)), Reverse(*id)))
+        }
+    }
+}
+
+/// kube-scheduler's `leastRequestedScore`, averaged over CPU and memory with weight 1 each.
+pub fn least_allocated_score(capacity: &Room, requested: &Room) -> u64 {
+    let score = |requested: u64, capacity: u64| {
+        if capacity == 0 || requested > capacity { 0 } else { (capacity - requested) * MAX_NODE_SCORE / capacity }
+    };
+    (score(requested.cpu_millis, capacity.cpu_millis) + score(requested.memory_bytes, capacity.memory_bytes)) / 2
+}
+
+/// kube-scheduler's `mostRequestedScore`, averaged over CPU and memory with weight 1 each.
+pub fn most_allocated_score(capacity: &Room, requested: &Room) -> u64 {
+    let score = |requested: u64, capacity: u64| {
+        if capacity == 0 { 0 } else { requested.min(capacity) * MAX_NODE_SCORE / capacity }
+    };
+    (score(requested.cpu_millis, capacity.cpu_millis) + score(requested.memory_bytes, capacity.memory_bytes)) / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn scores_follow_kube_scheduler() {
+        let capacity = Room { cpu_millis: 4000, memory_bytes: 8 * GIB, pods: 110 };
+        let table: &[(Room, u64, u64)] = &[
+            // requested, least, most
+            (Room { cpu_millis: 0, memory_bytes: 0, pods: 0 }, 100, 0),
+            (Room { cpu_millis: 1000, memory_bytes: 4 * GIB, pods: 1 }, (75 + 50) / 2, (25 + 50) / 2),
+            (Room { cpu_millis: 4000, memory_bytes: 8 * GIB, pods: 1 }, 0, 100),
+            (Room { cpu_millis: 5000, memory_bytes: 2 * GIB, pods: 1 }, 75 / 2, (100 + 25) / 2),
+        ];
+        for (requested, least, most) in table {
+            assert_eq!(least_allocated_score(&capacity, requested), *least, "{requested:?}");
+            assert_eq!(most_allocated_score(&capacity, requested), *most, "{requested:?}");
+        }
+        assert_eq!(least_allocated_score(&Room::default(), &Room::default()), 0);
+        assert_eq!(most_allocated_score(&Room::default(), &Room::default()), 0);
+    }
+}
