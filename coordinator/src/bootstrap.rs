@@ -121,7 +121,10 @@ impl CertificateAuthority {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - CLOCK_SKEW;
+        // Back-dating stays a small part of the lifetime, so that renewal at two thirds of it
+        // still means two thirds of the validity the operator configured.
+        let validity = time::Duration::try_from(validity).unwrap_or(CA_VALIDITY);
+        params.not_before = now - CLOCK_SKEW.min(validity / 10);
         params.not_after = now + validity;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;

@@ -76,8 +76,8 @@ impl CoordinatorConfig {
                 humantime::format_duration(self.unreachable_after)
             ));
         }
-        if self.node_cert_validity < Duration::from_secs(60) {
-            return Err("node_cert_validity must be at least 1m".into());
+        if self.node_cert_validity < Duration::from_secs(10) {
+            return Err("node_cert_validity must be at least 10s".into());
         }
         Ok(())
     }

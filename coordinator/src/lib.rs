@@ -130,6 +130,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         inventory: inventory.clone(),
         metrics: metrics.clone(),
         report_interval: config.report_interval,
+        silence_limit: config.unreachable_after,
     });
     tasks.push(tokio::spawn(link::serve(endpoint, link_ctx, shutdown_rx.clone())));
 

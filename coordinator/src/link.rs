@@ -28,6 +28,9 @@ pub struct LinkContext {
     pub inventory: Arc<Inventory>,
     pub metrics: Arc<Metrics>,
     pub report_interval: Duration,
+    /// A link with nothing received for this long is closed: the node is Unreachable by then, and
+    /// a peer that was killed never says goodbye.
+    pub silence_limit: Duration,
 }
 
 /// Accepts connections until `shutdown` turns true.
@@ -247,6 +250,8 @@ async fn run_link(
         }
     });
 
+    let mut last_heard = tokio::time::Instant::now();
+    let mut watchdog = tokio::time::interval(ctx.silence_limit / 4);
     loop {
         let spec = spec_rx.borrow_and_update().clone();
         if spec.generation > sent_generation {
@@ -267,6 +272,7 @@ async fn run_link(
                     break;
                 }
                 Some(Ok(msg)) => {
+                    last_heard = tokio::time::Instant::now();
                     let reply = handle(ctx, node, msg);
                     if let Some(reply) = reply {
                         if wire::write_frame(&mut send, &reply).await.is_err() {
@@ -276,6 +282,12 @@ async fn run_link(
                 }
             },
             changed = spec_rx.changed() => if changed.is_err() { break },
+            _ = watchdog.tick() => if last_heard.elapsed() >= ctx.silence_limit {
+                let reason = format!("nothing received for {}ms", last_heard.elapsed().as_millis());
+                warn!(%reason, "closing silent link");
+                conn.close(close_code::PROTOCOL.into(), reason.as_bytes());
+                break;
+            },
             _ = shutdown.changed() => {
                 conn.close(close_code::SHUTDOWN.into(), b"coordinator shutting down");
                 break;

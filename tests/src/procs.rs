@@ -103,3 +103,23 @@ impl CoordinatorProc {
         CoordinatorProc { proc, quic_addr: ([127, 0, 0, 1], quic_port).into(), ca_hash, admin }
     }
 }
+
+/// Starts `hexa-agent` as a process that enrolls with `token` (if not enrolled yet).
+pub fn spawn_agent(dir: &Path, name: &str, coordinator: std::net::SocketAddr, token: &str, ca: &str) -> Proc {
+    Proc::spawn(
+        &crate::bin("hexa-agent"),
+        &[
+            "--coordinator".into(),
+            coordinator.to_string(),
+            "--token".into(),
+            token.into(),
+            "--ca-hash".into(),
+            ca.into(),
+            "--state-dir".into(),
+            dir.join(name).display().to_string(),
+            "--node-name".into(),
+            name.into(),
+        ],
+        dir.join(format!("{name}.log")),
+    )
+}
