@@ -65,3 +65,40 @@ impl Default for AgentConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_file_documents_every_key_with_its_default() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agent.toml");
+        let loaded: AgentConfig = hexa_shared::config::load(Some(&path), "/x".as_ref(), []).unwrap();
+        assert_eq!(loaded, AgentConfig::default());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let documented = |key: &str| {
+            lines
+                .iter()
+                .position(|l| l.starts_with(&format!("{key} =")))
+                .is_some_and(|i| lines[..i].iter().rev().take_while(|l| !l.is_empty()).any(|l| l.starts_with('#')))
+        };
+        let keys = toml::Table::try_from(AgentConfig::default()).unwrap();
+        for (key, value) in &keys {
+            match value {
+                toml::Value::Table(section) => {
+                    assert!(text.contains(&format!("[{key}]")), "[{key}] missing");
+                    section.keys().for_each(|k| assert!(documented(k), "{key}.{k}"));
+                }
+                _ => assert!(documented(key), "{key}"),
+            }
+        }
+    }
+
+    #[test]
+    fn environment_overrides_reach_nested_keys() {
+        let env = [("HEXA_RESERVED_CPU_MILLIS".to_string(), "750".to_string()), ("HEXA_TOKEN".into(), "t".into())];
+        let loaded: AgentConfig = hexa_shared::config::load(None, "/nonexistent".as_ref(), env).unwrap();
+        assert_eq!((loaded.reserved.cpu_millis, loaded.token.as_str()), (750, "t"));
+    }
+}

@@ -82,3 +82,36 @@ impl CoordinatorConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packaged() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/coordinator.toml")
+    }
+
+    #[test]
+    fn the_packaged_file_documents_every_key_with_its_default() {
+        let loaded: CoordinatorConfig = hexa_shared::config::load(Some(&packaged()), "/x".as_ref(), []).unwrap();
+        assert_eq!(loaded, CoordinatorConfig::default());
+        let text = std::fs::read_to_string(packaged()).unwrap();
+        let keys = toml::Table::try_from(CoordinatorConfig::default()).unwrap();
+        for key in keys.keys() {
+            let line = text
+                .lines()
+                .position(|l| l.starts_with(&format!("{key} =")))
+                .unwrap_or_else(|| panic!("{key} missing"));
+            let lines: Vec<&str> = text.lines().collect();
+            assert!(line > 0 && lines[line - 1].starts_with('#'), "{key} has no comment above it");
+        }
+        assert!(CoordinatorConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn inconsistent_thresholds_are_explained() {
+        let config = CoordinatorConfig { lost_after: Duration::from_secs(2), ..Default::default() };
+        let err = config.validate().unwrap_err();
+        assert!(err.contains("lost_after (2s) must be longer than unreachable_after (3s)"), "{err}");
+    }
+}

@@ -255,7 +255,6 @@ pub enum PlacementError {
         "tenant {tenant} needs {needed} {} with {} free each; only {fitting} Ready schedulable shared {} that room: free capacity, lower spread or shrink the quota",
         nodes_word(*needed),
         describe_short(share),
-        nodes_word(u32::try_from(*fitting).unwrap_or(u32::MAX)),
         if *fitting == 1 { "node has" } else { "nodes have" }
     )]
     NoRoom { tenant: String, needed: u32, share: ShareSize, fitting: usize },

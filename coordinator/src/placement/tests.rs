@@ -7,7 +7,10 @@ use proptest::prelude::*;
 use hexa_shared::report::Resources;
 use hexa_shared::tenant::{DedicatedPlan, Placement, Plan, SharedPlan};
 
-use super::*;
+use super::{
+    Decision, NodePool, NodeView, PlacementConfig, PlacementError, PlacementState, ProvisionRequest, Request, Room,
+    TenantState, decide,
+};
 
 const GIB: u64 = 1 << 30;
 
