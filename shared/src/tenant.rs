@@ -161,7 +161,9 @@ impl SharedPlan {
         if self.spread > MAX_SPREAD {
             return Err(TenantError::SpreadTooLarge {
                 spread: self.spread,
-                why: format!("the most nodes a tenant may be spread over is {MAX_SPREAD}; use spread {MAX_SPREAD} or less"),
+                why: format!(
+                    "the most nodes a tenant may be spread over is {MAX_SPREAD}; use spread {MAX_SPREAD} or less"
+                ),
             });
         }
         let spread = u64::from(self.spread);
@@ -229,9 +231,8 @@ pub struct DedicatedPlan {
 impl DedicatedPlan {
     /// Checks the plan and returns its node class.
     pub fn validate<'a>(&self, classes: &'a [NodeClass]) -> Result<&'a NodeClass, TenantError> {
-        let class = classes.iter().find(|c| c.name == self.node_class).ok_or_else(|| TenantError::UnknownNodeClass {
-            class: self.node_class.clone(),
-            known: known_classes(classes),
+        let class = classes.iter().find(|c| c.name == self.node_class).ok_or_else(|| {
+            TenantError::UnknownNodeClass { class: self.node_class.clone(), known: known_classes(classes) }
         })?;
         if self.count == 0 {
             return Err(TenantError::DedicatedCount {
@@ -383,7 +384,13 @@ impl Tenant {
     /// A new tenant, validated, in phase `Pending` with no placement.
     pub fn new(name: &str, plan: Plan, classes: &[NodeClass]) -> Result<Tenant, TenantError> {
         validate_tenant(name, &plan, classes)?;
-        Ok(Tenant { name: name.to_string(), plan, phase: Phase::Pending, conditions: Vec::new(), placement: Placement::default() })
+        Ok(Tenant {
+            name: name.to_string(),
+            plan,
+            phase: Phase::Pending,
+            conditions: Vec::new(),
+            placement: Placement::default(),
+        })
     }
 
     pub fn condition(&self, kind: ConditionType) -> Option<&Condition> {
@@ -392,7 +399,14 @@ impl Tenant {
 
     /// Sets a condition. `last_transition_unix_ms` only moves when the status flips. Returns true
     /// when anything changed.
-    pub fn set_condition(&mut self, kind: ConditionType, status: bool, reason: &str, message: &str, now_unix_ms: u64) -> bool {
+    pub fn set_condition(
+        &mut self,
+        kind: ConditionType,
+        status: bool,
+        reason: &str,
+        message: &str,
+        now_unix_ms: u64,
+    ) -> bool {
         match self.conditions.iter_mut().find(|c| c.kind == kind) {
             Some(existing) => {
                 if existing.status == status && existing.reason == reason && existing.message == message {
@@ -483,9 +497,17 @@ mod tests {
             ("acme", shared(1000, GIB, 10, 2, 2), "replicas 2 is not supported: use 1 (single control plane) or 3"),
             ("acme", shared(1000, GIB, 10, 1, 0), "spread 0 is not allowed"),
             ("acme", shared(4000, 8 * GIB, 30, 3, 1), "spread 1 is smaller than replicas 3"),
-            ("acme", shared(300, 8 * GIB, 30, 1, 5), "spread 5 is larger than this quota allows: each share needs at least 100m CPU and 300m CPU split 5 ways is 60m; use spread 3 or less"),
+            (
+                "acme",
+                shared(300, 8 * GIB, 30, 1, 5),
+                "spread 5 is larger than this quota allows: each share needs at least 100m CPU and 300m CPU split 5 ways is 60m; use spread 3 or less",
+            ),
             ("acme", shared(8000, 512 * MIB, 30, 1, 5), "512.0 MiB split 5 ways is 102.4 MiB; use spread 4 or less"),
-            ("acme", shared(8000, 8 * GIB, 3, 1, 5), "each share needs at least one pod and the quota has 3 pods; use spread 3 or less"),
+            (
+                "acme",
+                shared(8000, 8 * GIB, 3, 1, 5),
+                "each share needs at least one pod and the quota has 3 pods; use spread 3 or less",
+            ),
             ("acme", shared(64_000, 64 * GIB, 1000, 3, 65), "the most nodes a tenant may be spread over is 64"),
             ("acme", dedicated("XL", 1), "unknown node class XL: known classes are S, M and L"),
             ("acme", dedicated("M", 0), "dedicated count 0 is not allowed: a dedicated tenant needs at least one node"),
@@ -531,7 +553,9 @@ mod tests {
             let share = plan.share_size();
             assert_eq!(share, *expected, "{plan:?}");
             let spread = u64::from(plan.spread);
-            assert!(share.cpu_millis * spread >= plan.cpu_millis && share.cpu_millis * spread < plan.cpu_millis + spread);
+            assert!(
+                share.cpu_millis * spread >= plan.cpu_millis && share.cpu_millis * spread < plan.cpu_millis + spread
+            );
             assert!(share.memory_bytes * spread >= plan.memory_bytes);
             assert!(share.memory_bytes * spread < plan.memory_bytes + spread * MIB);
         }

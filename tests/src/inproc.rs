@@ -38,6 +38,14 @@ impl Coordinator {
         Self::start_with(fast_config(dir.path().join("coordinator")), dir).await
     }
 
+    /// Starts with the fast config after `tune` has adjusted it.
+    pub async fn start_tuned(tune: impl FnOnce(&mut CoordinatorConfig)) -> Coordinator {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = fast_config(dir.path().join("coordinator"));
+        tune(&mut config);
+        Self::start_with(config, dir).await
+    }
+
     pub async fn start_with(config: CoordinatorConfig, dir: tempfile::TempDir) -> Coordinator {
         crate::init();
         let running = hexa_coordinator::start(config).await.expect("coordinator starts");

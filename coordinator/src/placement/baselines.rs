@@ -1,6 +1,9 @@
 //! Baseline node choices the benchmark compares ours with: first fit (first-fit-decreasing when the
 //! tenants come largest first) and Kubernetes' NodeResourcesFit scoring strategies.
 //!
+//! First fit tries nodes largest first (usable memory, then CPU, then name), the strong variant for
+//! a fleet of mixed node sizes: in name order it opens small nodes as readily as large ones.
+//!
 //! kube-scheduler scores each feasible node 0..=100 per resource and averages with the resource
 //! weights (cpu and memory, weight 1 each, by default), with `requested` including the pod being
 //! scheduled and integer arithmetic throughout:
@@ -14,9 +17,9 @@
 
 use std::cmp::Reverse;
 
+use super::Strategy;
 use super::room::Room;
 use super::state::{NodeId, Overlay, PlacementState, node_id};
-use super::Strategy;
 
 const MAX_NODE_SCORE: u64 = 100;
 
@@ -27,9 +30,11 @@ pub(super) fn choose(
     exclude: &[NodeId],
     overlay: &Overlay,
 ) -> Option<NodeId> {
-    let mut feasible = (0..state.nodes.len())
-        .map(node_id)
-        .filter(|id| state.takes_shares(*id) && !exclude.contains(id) && state.free(*id, overlay).fits(need));
+    let fits = |id: &NodeId| state.takes_shares(*id) && !exclude.contains(id) && state.free(*id, overlay).fits(need);
+    if matches!(strategy, Strategy::FirstFit | Strategy::DominantBestFit) {
+        return state.largest_first.iter().copied().find(fits);
+    }
+    let mut feasible = (0..state.nodes.len()).map(node_id).filter(fits);
     let requested = |id: NodeId| state.reserved_with(id, overlay).saturating_add(need);
     match strategy {
         Strategy::FirstFit | Strategy::DominantBestFit => feasible.next(),
@@ -52,9 +57,8 @@ pub fn least_allocated_score(capacity: &Room, requested: &Room) -> u64 {
 
 /// kube-scheduler's `mostRequestedScore`, averaged over CPU and memory with weight 1 each.
 pub fn most_allocated_score(capacity: &Room, requested: &Room) -> u64 {
-    let score = |requested: u64, capacity: u64| {
-        if capacity == 0 { 0 } else { requested.min(capacity) * MAX_NODE_SCORE / capacity }
-    };
+    let score =
+        |requested: u64, capacity: u64| (requested.min(capacity) * MAX_NODE_SCORE).checked_div(capacity).unwrap_or(0);
     (score(requested.cpu_millis, capacity.cpu_millis) + score(requested.memory_bytes, capacity.memory_bytes)) / 2
 }
 

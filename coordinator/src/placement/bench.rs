@@ -60,7 +60,7 @@ pub struct SyntheticFleet {
 /// A fleet of `nodes` shared nodes of four shapes and `tenants` shared tenants with a skewed size
 /// mix, the same for the same seed.
 ///
-/// Nodes (vCPU / GiB / max pods): 25% 8/32/250, 40% 16/64/500, 20% 32/128/500 and 15%
+/// Nodes (vCPU / GiB / max pods): 25% 8/32/250, 40% 16/64/500, 20% 32/128/1000 and 15%
 /// memory-optimised 8/64/250, in random name order; allocatable is capacity less 250m CPU and 6%
 /// memory, `MemAvailable` 97% of memory.
 /// Tenants: 70% small (250m to 1 CPU, spread 1 or 2, one replica), 25% medium (1 to 4 CPU, spread 1
@@ -75,7 +75,7 @@ pub fn synthetic_fleet(nodes: usize, tenants: usize, seed: u64) -> SyntheticFlee
             let (cpus, mem_gib, pods) = match roll {
                 0..25 => (8, 32, 250),
                 25..65 => (16, 64, 500),
-                65..85 => (32, 128, 500),
+                65..85 => (32, 128, 1000),
                 _ => (8, 64, 250),
             };
             let memory = mem_gib * GIB;
@@ -116,7 +116,13 @@ pub fn synthetic_fleet(nodes: usize, tenants: usize, seed: u64) -> SyntheticFlee
                 }
             };
             let memory_bytes = cpu_millis * gib_per_cpu * GIB / 1000;
-            let plan = SharedPlan { cpu_millis, memory_bytes: memory_bytes.max(128 * MIB), pods, replicas, spread: spread as u32 };
+            let plan = SharedPlan {
+                cpu_millis,
+                memory_bytes: memory_bytes.max(128 * MIB),
+                pods,
+                replicas,
+                spread: spread as u32,
+            };
             (format!("t{i:06}"), plan)
         })
         .collect();
@@ -196,8 +202,12 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    pub const ALL: [Algorithm; 4] =
-        [Algorithm::DominantBestFit, Algorithm::FirstFitDecreasing, Algorithm::LeastAllocated, Algorithm::MostAllocated];
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::DominantBestFit,
+        Algorithm::FirstFitDecreasing,
+        Algorithm::LeastAllocated,
+        Algorithm::MostAllocated,
+    ];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -260,13 +270,15 @@ pub fn run_case(algorithm: Algorithm, nodes: usize, tenants: usize, seed: u64) -
     let config = PlacementConfig { strategy: algorithm.strategy(), ..PlacementConfig::default() };
     let lower_bound = lower_bound(&config, &fleet.nodes, fleet.tenants.iter().map(|(_, plan)| plan));
     let mut state = PlacementState::new(config, fleet.nodes, Vec::new())?;
-    let fleet_room = state.nodes().filter_map(|n| state.capacity(&n.name)).fold(Room::default(), |a, b| a.saturating_add(&b));
+    let fleet_room =
+        state.nodes().filter_map(|n| state.capacity(&n.name)).fold(Room::default(), |a, b| a.saturating_add(&b));
     let weight = |plan: &SharedPlan| {
         let share = Room::of(&plan.share_size());
         (u128::from(share.cpu_millis) * u128::from(fleet_room.memory_bytes))
             .max(u128::from(share.memory_bytes) * u128::from(fleet_room.cpu_millis))
     };
-    let smallest = fleet.tenants.iter().map(|(_, plan)| plan).min_by_key(|plan| weight(plan)).map(|p| Room::of(&p.share_size()));
+    let smallest =
+        fleet.tenants.iter().map(|(_, plan)| plan).min_by_key(|plan| weight(plan)).map(|p| Room::of(&p.share_size()));
 
     let started = Instant::now();
     let mut order: Vec<&(String, SharedPlan)> = fleet.tenants.iter().collect();
@@ -351,10 +363,16 @@ mod tests {
             pool: NodePool::Shared,
             ready: true,
             schedulable: true,
-            allocatable: Resources { cpu_millis: cpus * 1000, memory_bytes: mem_gib * GIB, ephemeral_bytes: 0, pods: 100 },
+            allocatable: Resources {
+                cpu_millis: cpus * 1000,
+                memory_bytes: mem_gib * GIB,
+                ephemeral_bytes: 0,
+                pods: 100,
+            },
             memory_available_bytes: mem_gib * GIB,
         };
-        let config = PlacementConfig { cpu_overcommit: 1.0, memory_overcommit: 1.0, headroom: 0.0, ..Default::default() };
+        let config =
+            PlacementConfig { cpu_overcommit: 1.0, memory_overcommit: 1.0, headroom: 0.0, ..Default::default() };
         let nodes = vec![node("a", 4, 16), node("b", 16, 16), node("c", 8, 64)];
         let plan = |cpu: u64, mem_gib: u64, spread: u32| SharedPlan {
             cpu_millis: cpu * 1000,

@@ -36,7 +36,7 @@
 //! a plan change (resize, or shared <-> dedicated) keeps every share that still fits where it is;
 //! deleting a tenant frees all it held.
 
-mod baselines;
+pub mod baselines;
 pub mod bench;
 mod room;
 mod state;
@@ -58,8 +58,8 @@ pub enum Strategy {
     /// Best fit on the share's dominant resource among used nodes; otherwise the largest empty node.
     #[default]
     DominantBestFit,
-    /// The first node, in name order, with room (first fit; first-fit-decreasing when the caller
-    /// sorts tenants largest first).
+    /// The first node with room, trying nodes largest first (memory, then CPU, then name): first
+    /// fit, or first-fit-decreasing when the caller sorts tenants largest first.
     FirstFit,
     /// Kubernetes' NodeResourcesFit `LeastAllocated` score: spreads.
     LeastAllocated,
@@ -246,15 +246,13 @@ pub enum PlacementError {
     )]
     TooFewNodes { tenant: String, needed: u32, available: usize },
     #[error(
-        "tenant {tenant}: each share needs {}, more than the largest Ready schedulable shared node can ever hold ({}); {hint}",
-        describe(share),
+        "tenant {tenant}: each share needs {share}, more than the largest Ready schedulable shared node can ever hold ({}); {hint}",
         describe_room(largest)
     )]
     ShareTooLarge { tenant: String, share: ShareSize, largest: Room, hint: String },
     #[error(
-        "tenant {tenant} needs {needed} {} with {} free each; only {fitting} Ready schedulable shared {} that room: free capacity, lower spread or shrink the quota",
+        "tenant {tenant} needs {needed} {} with {share} free each; only {fitting} Ready schedulable shared {} that room: free capacity, lower spread or shrink the quota",
         nodes_word(*needed),
-        describe_short(share),
         if *fitting == 1 { "node has" } else { "nodes have" }
     )]
     NoRoom { tenant: String, needed: u32, share: ShareSize, fitting: usize },
@@ -262,15 +260,6 @@ pub enum PlacementError {
 
 fn nodes_word(n: u32) -> &'static str {
     if n == 1 { "node" } else { "nodes" }
-}
-
-fn describe(share: &ShareSize) -> String {
-    share.to_string()
-}
-
-/// "2 CPU and 4.0 GiB" plus pods only when pods are the point.
-fn describe_short(share: &ShareSize) -> String {
-    format!("{} CPU, {} memory and {} pods", format_cpu_millis(share.cpu_millis), format_bytes(share.memory_bytes), share.pods)
 }
 
 fn describe_room(room: &Room) -> String {

@@ -100,7 +100,8 @@ mod tests {
 
     #[test]
     fn usable_capacity_applies_overcommit_then_headroom() {
-        let config = PlacementConfig { cpu_overcommit: 2.0, memory_overcommit: 1.0, headroom: 0.1, ..Default::default() };
+        let config =
+            PlacementConfig { cpu_overcommit: 2.0, memory_overcommit: 1.0, headroom: 0.1, ..Default::default() };
         let alloc = Resources { cpu_millis: 8000, memory_bytes: 32 * GIB, ephemeral_bytes: 0, pods: 110 };
         let cap = usable_capacity(&alloc, &config);
         assert_eq!(cap.cpu_millis, 16_000 - 800);

@@ -3,9 +3,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
-use hexa_shared::tenant::{
-    DedicatedPlan, MAX_SPREAD, Placement, Plan, Share, SharedPlan, validate_tenant,
-};
+use hexa_shared::tenant::{DedicatedPlan, MAX_SPREAD, Placement, Plan, Share, SharedPlan, validate_tenant};
 
 use super::room::{Dim, Room, live_memory, usable_capacity};
 use super::{
@@ -98,8 +96,9 @@ impl Overlay {
 struct FreeIndex {
     used_cpu: BTreeSet<(u64, NodeId)>,
     used_memory: BTreeSet<(u64, NodeId)>,
-    empty_cpu: BTreeSet<(u64, Reverse<NodeId>)>,
-    empty_memory: BTreeSet<(u64, Reverse<NodeId>)>,
+    /// Empty nodes by room on one resource, then on the other, largest last; equal nodes by name.
+    empty_cpu: BTreeSet<(u64, u64, Reverse<NodeId>)>,
+    empty_memory: BTreeSet<(u64, u64, Reverse<NodeId>)>,
 }
 
 /// Nodes and tenants with indexes for fast placement. Build it from the inventory and the stored
@@ -111,6 +110,8 @@ pub struct PlacementState {
     pub(super) nodes: Vec<Slot>,
     by_name: BTreeMap<String, NodeId>,
     dedicated: Vec<NodeId>,
+    /// Nodes largest first (memory, then CPU, then name): the order first fit tries them in.
+    pub(super) largest_first: Vec<NodeId>,
     tenants: BTreeMap<String, TenantState>,
     index: FreeIndex,
     /// Total usable capacity of the nodes shares may go to; the scale for "dominant resource".
@@ -134,6 +135,7 @@ impl PlacementState {
             nodes: Vec::with_capacity(nodes.len()),
             by_name: BTreeMap::new(),
             dedicated: Vec::new(),
+            largest_first: Vec::new(),
             tenants: BTreeMap::new(),
             index: FreeIndex::default(),
             fleet: Room::default(),
@@ -162,6 +164,7 @@ impl PlacementState {
         for id in 0..state.nodes.len() {
             state.index(node_id(id));
         }
+        state.sort_largest_first();
         Ok(state)
     }
 
@@ -181,6 +184,15 @@ impl PlacementState {
             bound_to: None,
             indexed: None,
         }
+    }
+
+    fn sort_largest_first(&mut self) {
+        let mut order: Vec<NodeId> = (0..self.nodes.len()).map(node_id).collect();
+        order.sort_by_key(|id| {
+            let cap = self.slot(*id).cap;
+            (Reverse(cap.memory_bytes), Reverse(cap.cpu_millis), *id)
+        });
+        self.largest_first = order;
     }
 
     pub fn config(&self) -> &PlacementConfig {
@@ -285,8 +297,8 @@ impl PlacementState {
             self.index.used_cpu.insert((free.cpu_millis, id));
             self.index.used_memory.insert((free.memory_bytes, id));
         } else {
-            self.index.empty_cpu.insert((free.cpu_millis, Reverse(id)));
-            self.index.empty_memory.insert((free.memory_bytes, Reverse(id)));
+            self.index.empty_cpu.insert((free.cpu_millis, free.memory_bytes, Reverse(id)));
+            self.index.empty_memory.insert((free.memory_bytes, free.cpu_millis, Reverse(id)));
         }
         self.fleet = self.fleet.saturating_add(&cap);
         self.nodes[id as usize].indexed = Some(Indexed { free, used });
@@ -300,8 +312,8 @@ impl PlacementState {
             self.index.used_cpu.remove(&(free.cpu_millis, id));
             self.index.used_memory.remove(&(free.memory_bytes, id));
         } else {
-            self.index.empty_cpu.remove(&(free.cpu_millis, Reverse(id)));
-            self.index.empty_memory.remove(&(free.memory_bytes, Reverse(id)));
+            self.index.empty_cpu.remove(&(free.cpu_millis, free.memory_bytes, Reverse(id)));
+            self.index.empty_memory.remove(&(free.memory_bytes, free.cpu_millis, Reverse(id)));
         }
         self.fleet = self.fleet.saturating_sub(&cap);
     }
@@ -309,7 +321,12 @@ impl PlacementState {
     /// Adds a tenant's placement to the nodes' accounting. With `charge`, the memory each share
     /// grew by (over what the tenant held on that node before) is taken from the node's live memory;
     /// without it (building from stored state) the reports are assumed to show existing tenants.
-    fn account(&mut self, tenant: &TenantState, charge: Option<&BTreeMap<NodeId, u64>>, touched: &mut BTreeSet<NodeId>) {
+    fn account(
+        &mut self,
+        tenant: &TenantState,
+        charge: Option<&BTreeMap<NodeId, u64>>,
+        touched: &mut BTreeSet<NodeId>,
+    ) {
         for share in &tenant.placement.shares {
             let Some(id) = self.id(&share.node) else { continue };
             let room = Room::of(&share.size);
@@ -410,16 +427,21 @@ impl PlacementState {
             return self.rebuild(nodes);
         };
         if self.slot(id).view.pool != view.pool {
-            let nodes: Vec<NodeView> = self.nodes().map(|n| if n.name == view.name { view.clone() } else { n.clone() }).collect();
+            let nodes: Vec<NodeView> =
+                self.nodes().map(|n| if n.name == view.name { view.clone() } else { n.clone() }).collect();
             return self.rebuild(nodes);
         }
         self.unindex(id);
         let fresh = self.slot_for(view);
         let slot = &mut self.nodes[id as usize];
+        let resized = slot.cap != fresh.cap;
         slot.cap = fresh.cap;
         slot.live_memory = fresh.live_memory;
         slot.view = fresh.view;
         self.index(id);
+        if resized {
+            self.sort_largest_first();
+        }
         Ok(())
     }
 
@@ -447,18 +469,18 @@ impl PlacementState {
                 }
                 self.validate(tenant, plan)?;
                 let current = TenantState { name: tenant.clone(), plan: plan.clone(), placement: Placement::default() };
-                let placement = self.plan_tenant(&current, plan, None, &mut decision)?;
+                let placement = self.plan_tenant(&current, plan, &mut decision)?;
                 decision.tenants.push(TenantState { placement, ..current });
             }
             Request::ChangePlan { tenant, plan } => {
                 let current = self.existing(tenant)?;
                 self.validate(tenant, plan)?;
-                let placement = self.plan_tenant(current, plan, None, &mut decision)?;
+                let placement = self.plan_tenant(current, plan, &mut decision)?;
                 self.record(current, plan, placement, &mut decision);
             }
             Request::Reconcile { tenant } => {
                 let current = self.existing(tenant)?;
-                let placement = self.plan_tenant(current, &current.plan, None, &mut decision)?;
+                let placement = self.plan_tenant(current, &current.plan, &mut decision)?;
                 self.record(current, &current.plan, placement, &mut decision);
             }
             Request::DrainNode { node } | Request::NodeLost { node } => {
@@ -501,19 +523,17 @@ impl PlacementState {
         }
     }
 
-    /// The placement of `current` under `plan`, keeping what can stay. `avoid` is a node being
-    /// drained or lost.
+    /// The placement of `current` under `plan`, keeping what can stay.
     fn plan_tenant(
         &self,
         current: &TenantState,
         plan: &Plan,
-        avoid: Option<NodeId>,
         decision: &mut Decision,
     ) -> Result<Placement, PlacementError> {
         match plan {
             Plan::Shared(shared) => {
                 let mut overlay = Overlay::default();
-                let shares = self.place_shared(&current.name, shared, &current.placement.shares, avoid, &mut overlay)?;
+                let shares = self.place_shared(&current.name, shared, &current.placement.shares, None, &mut overlay)?;
                 // Leaving the dedicated plan: its nodes are released, its outstanding VMs cancelled.
                 decision.released.extend(current.placement.dedicated_nodes.iter().cloned());
                 if let Plan::Dedicated(old) = &current.plan
@@ -527,7 +547,7 @@ impl PlacementState {
                 }
                 Ok(Placement { shares, dedicated_nodes: Vec::new(), awaiting_nodes: 0 })
             }
-            Plan::Dedicated(dedicated) => Ok(self.plan_dedicated(current, dedicated, avoid, decision)),
+            Plan::Dedicated(dedicated) => Ok(self.plan_dedicated(current, dedicated, None, decision)),
         }
     }
 
@@ -606,15 +626,15 @@ impl PlacementState {
         let class = plan.node_class.as_str();
         let count = plan.count as usize;
         let usable_for_tenant = |slot: &Slot| match slot.dedicated() {
-            Some((enrolled_for, Some(node_class))) => {
-                node_class == class && enrolled_for.is_none_or(|t| t == tenant)
-            }
+            Some((enrolled_for, Some(node_class))) => node_class == class && enrolled_for.is_none_or(|t| t == tenant),
             _ => false,
         };
         let mut kept: Vec<NodeId> = Vec::new();
         for node in &current.placement.dedicated_nodes {
             match self.id(node) {
-                Some(id) if Some(id) != avoid && usable_for_tenant(self.slot(id)) && !kept.contains(&id) => kept.push(id),
+                Some(id) if Some(id) != avoid && usable_for_tenant(self.slot(id)) && !kept.contains(&id) => {
+                    kept.push(id)
+                }
                 _ => decision.released.push(node.clone()),
             }
         }
@@ -802,8 +822,8 @@ impl PlacementState {
         if let Some((_, id)) = best {
             return Some(id);
         }
-        // Open the empty node with the most room on the dominant resource.
-        for &(free, Reverse(id)) in empty.iter().rev() {
+        // Open the empty node with the most room on the dominant resource, then on the other one.
+        for &(free, _, Reverse(id)) in empty.iter().rev() {
             if free < wanted {
                 break;
             }

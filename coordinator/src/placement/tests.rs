@@ -38,7 +38,13 @@ fn plain() -> PlacementConfig {
 }
 
 fn shared(cpus: u64, mem_gib: u64, replicas: u8, spread: u32) -> Plan {
-    Plan::Shared(SharedPlan { cpu_millis: cpus * 1000, memory_bytes: mem_gib * GIB, pods: 10 * spread, replicas, spread })
+    Plan::Shared(SharedPlan {
+        cpu_millis: cpus * 1000,
+        memory_bytes: mem_gib * GIB,
+        pods: 10 * spread,
+        replicas,
+        spread,
+    })
 }
 
 fn dedicated(class: &str, count: u32) -> Plan {
@@ -105,9 +111,12 @@ fn refusals_say_what_does_not_fit_and_what_to_change() {
         (fresh(vec![node("a", 4, 8)], shared(8, 1, 1, 1)), "; shrink the quota or add larger shared nodes"),
         (
             full("acme"),
-            "tenant acme needs 3 nodes with 2 CPU, 4.0 GiB memory and 30 pods free each; only 2 Ready schedulable shared nodes have that room: free capacity, lower spread or shrink the quota",
+            "tenant acme needs 3 nodes with 2 CPU, 4.0 GiB memory and 10 pods free each; only 2 Ready schedulable shared nodes have that room: free capacity, lower spread or shrink the quota",
         ),
-        (fresh(vec![node("a", 4, 8)], dedicated("XL", 1)), "tenant acme: unknown node class XL: known classes are S, M and L"),
+        (
+            fresh(vec![node("a", 4, 8)], dedicated("XL", 1)),
+            "tenant acme: unknown node class XL: known classes are S, M and L",
+        ),
         (fresh(vec![node("a", 4, 8)], shared(4, 4, 3, 1)), "tenant acme: spread 1 is smaller than replicas 3"),
     ];
     for (got, expected) in table {
@@ -117,7 +126,10 @@ fn refusals_say_what_does_not_fit_and_what_to_change() {
     let mut s = state(vec![node("a", 4, 8)]);
     place(&mut s, "acme", shared(1, 1, 1, 1));
     let errors = [
-        (Request::Place { tenant: "acme".into(), plan: shared(1, 1, 1, 1) }, "tenant acme already exists: change its plan instead"),
+        (
+            Request::Place { tenant: "acme".into(), plan: shared(1, 1, 1, 1) },
+            "tenant acme already exists: change its plan instead",
+        ),
         (Request::ChangePlan { tenant: "nope".into(), plan: shared(1, 1, 1, 1) }, "tenant nope does not exist"),
         (Request::Delete { tenant: "nope".into() }, "tenant nope does not exist"),
         (Request::DrainNode { node: "zz".into() }, "node zz is not in the inventory"),
@@ -130,7 +142,12 @@ fn refusals_say_what_does_not_fit_and_what_to_change() {
     let twice = PlacementState::new(plain(), vec![node("a", 4, 8), node("a", 4, 8)], Vec::new()).unwrap_err();
     assert_eq!(twice.to_string(), "node a is listed twice in the inventory view: each node name must be unique");
     let bad = PlacementConfig { headroom: 0.7, ..plain() };
-    assert!(PlacementState::new(bad, Vec::new(), Vec::new()).unwrap_err().to_string().contains("headroom 0.7 is out of range"));
+    assert!(
+        PlacementState::new(bad, Vec::new(), Vec::new())
+            .unwrap_err()
+            .to_string()
+            .contains("headroom 0.7 is out of range")
+    );
 }
 
 #[test]
@@ -313,6 +330,7 @@ fn a_lost_dedicated_node_is_replaced() {
     let decision = run(&mut s, Request::NodeLost { node: "d1".into() });
     assert_eq!(decision.released, ["d1"]);
     assert_eq!(decision.tenants[0].placement.dedicated_nodes, ["d2"]);
+    s.update_node(not_ready(dedicated_node("d1", "S", None))).unwrap();
     let decision = run(&mut s, Request::NodeLost { node: "d2".into() });
     assert_eq!(decision.tenants[0].placement.awaiting_nodes, 1, "no free S node left: a VM is asked for");
     assert_eq!(decision.provision[0].count, 1);
@@ -408,8 +426,8 @@ enum Op {
 const TENANTS: [&str; 6] = ["t0", "t1", "t2", "t3", "t4", "t5"];
 
 fn node_view() -> impl Strategy<Value = NodeView> {
-    (0u8..10, 1u64..=16, 1u64..=64, 0u64..=100, any::<bool>(), any::<bool>(), 0usize..3, 0usize..=TENANTS.len()).prop_map(
-        |(kind, cpus, mem_gib, live_pct, ready, schedulable, class, enrolled)| {
+    (0u8..10, 1u64..=16, 1u64..=64, 20u64..=100, any::<bool>(), any::<bool>(), 0usize..3, 0usize..=TENANTS.len())
+        .prop_map(|(kind, cpus, mem_gib, live_pct, ready, schedulable, class, enrolled)| {
             let pool = match kind {
                 0 => NodePool::Server,
                 1..=3 => NodePool::Dedicated {
@@ -422,17 +440,16 @@ fn node_view() -> impl Strategy<Value = NodeView> {
             NodeView {
                 name: String::new(),
                 pool,
-                ready: ready || kind > 6,
-                schedulable: schedulable || kind > 7,
+                ready: ready || kind > 5,
+                schedulable: schedulable || kind > 6,
                 allocatable: Resources { cpu_millis: cpus * 1000, memory_bytes: memory, ephemeral_bytes: 0, pods: 110 },
                 memory_available_bytes: memory / 100 * live_pct,
             }
-        },
-    )
+        })
 }
 
 fn fleet() -> impl Strategy<Value = Vec<NodeView>> {
-    prop::collection::vec(node_view(), 1..14).prop_map(|mut nodes| {
+    prop::collection::vec(node_view(), 1..16).prop_map(|mut nodes| {
         for (i, node) in nodes.iter_mut().enumerate() {
             node.name = format!("n{i:02}");
         }
@@ -442,7 +459,7 @@ fn fleet() -> impl Strategy<Value = Vec<NodeView>> {
 
 fn plan() -> impl Strategy<Value = Plan> {
     prop_oneof![
-        4 => (100u64..12_000, 128u64..24_576, 1u32..60, prop::sample::select(vec![1u8, 3]), 1u32..6).prop_map(
+        4 => (100u64..6_000, 128u64..12_288, 1u32..60, prop::sample::select(vec![1u8, 3]), 1u32..5).prop_map(
             |(cpu_millis, mem_mib, pods, replicas, spread)| Plan::Shared(SharedPlan {
                 cpu_millis,
                 memory_bytes: mem_mib << 20,
@@ -477,7 +494,7 @@ fn scenario() -> impl Strategy<Value = (Vec<NodeView>, Vec<Op>, PlacementConfig)
     });
     (fleet(), config).prop_flat_map(|(nodes, config)| {
         let len = nodes.len();
-        (Just(nodes), prop::collection::vec(op(len), 1..24), Just(config))
+        (Just(nodes), prop::collection::vec(op(len), 1..40), Just(config))
     })
 }
 
@@ -558,7 +575,8 @@ fn check_step(before: &PlacementState, after: &PlacementState, decision: &Decisi
     for view in after.nodes() {
         let mut expected = share_holders.remove(&view.name).unwrap_or_default();
         expected.sort();
-        let got: Vec<(String, u32)> = after.shares_on(&view.name).into_iter().map(|(t, i)| (t.to_string(), i)).collect();
+        let got: Vec<(String, u32)> =
+            after.shares_on(&view.name).into_iter().map(|(t, i)| (t.to_string(), i)).collect();
         prop_assert_eq!(got, expected, "shares on {}", view.name);
     }
     Ok(())

@@ -1,0 +1,328 @@
+//! `hexa-bench`: benchmarks that print one JSON line per measurement and compare the product with
+//! a baseline measured in the same run, so that ratios hold on a noisy machine.
+//!
+//! - `agent-footprint [--seconds N]`: resident memory and CPU share of a `hexa-agent` process at a
+//!   1 s report interval, against a bare QUIC client that sends a fixed report every second (the
+//!   floor any agent on this transport pays).
+//! - `link-latency [--nodes N] [--reports N]`: enrollment latency and report round trip on
+//!   loopback, against a plain QUIC request/echo of the same size on the same machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use hexa_shared::proto::{AgentMessage, CoordinatorMessage, PROTOCOL_VERSION};
+use hexa_shared::report::CapacityReport;
+use hexa_shared::wire;
+use hexa_tests::inproc::Coordinator;
+use hexa_tests::raw;
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    AgentFootprint {
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Directory holding the hexa-agent binary to measure (default: beside this one)
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
+    LinkLatency {
+        #[arg(long, default_value_t = 50)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2000)]
+        reports: usize,
+    },
+    /// Internal: the baseline process of agent-footprint.
+    QuicFloor {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        pin: String,
+        #[arg(long)]
+        token: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    hexa_shared::install_crypto_provider();
+    let args = Args::parse();
+    match args.command {
+        Command::QuicFloor { addr, pin, token } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(quic_floor(addr, pin.parse()?, token))
+        }
+        command => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+            rt.block_on(async move {
+                match command {
+                    Command::AgentFootprint { seconds, bin_dir } => agent_footprint(seconds, bin_dir).await,
+                    Command::LinkLatency { nodes, reports } => link_latency(nodes, reports).await,
+                    Command::QuicFloor { .. } => unreachable!("handled above"),
+                }
+            })
+        }
+    }
+}
+
+fn sample_report(seq: u64) -> AgentMessage {
+    AgentMessage::Report(Box::new(CapacityReport {
+        seq,
+        node_name: "bench".into(),
+        collected_at_unix_ms: 0,
+        capacity: Default::default(),
+        allocatable: Default::default(),
+        usage: Default::default(),
+        cgroup_limits: Default::default(),
+        applied_generation: 1,
+    }))
+}
+
+/// The baseline agent: enrolls, then sends the same report every second and reads the acks.
+async fn quic_floor(addr: SocketAddr, pin: hexa_shared::pki::CaHash, token: String) -> anyhow::Result<()> {
+    let creds = raw::enroll_node(addr, pin, &token, "floor").await;
+    let mut link = raw::open_link(addr, creds.link_config()).await.map_err(anyhow::Error::msg)?;
+    link.send(&raw::hello("floor", PROTOCOL_VERSION)).await;
+    let _welcome: Option<CoordinatorMessage> = link.recv().await;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut seq = 0;
+    let mut recv = link.recv;
+    tokio::spawn(async move { while let Ok(Some(_)) = wire::read_payload(&mut recv).await {} });
+    loop {
+        ticker.tick().await;
+        seq += 1;
+        let frame = wire::encode_frame(&sample_report(seq))?;
+        link.send.write_all(&frame).await?;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ProcSample {
+    cpu_ns: u64,
+    rss_kib: u64,
+}
+
+fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
+    // CPU time in nanoseconds, summed over the process's threads (the first field of schedstat):
+    // clock ticks are too coarse for a process that works a few milliseconds a second.
+    let mut cpu_ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let schedstat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
+        cpu_ns += schedstat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(ProcSample { cpu_ns, rss_kib })
+}
+
+async fn agent_footprint(seconds: u64, bin_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let coordinator = Coordinator::start_tuned(|config| {
+        // Production thresholds: reports every second.
+        let defaults = hexa_coordinator::config::CoordinatorConfig::default();
+        config.report_interval = defaults.report_interval;
+        config.unreachable_after = defaults.unreachable_after;
+        config.lost_after = defaults.lost_after;
+    })
+    .await;
+    let dir = coordinator.dir.path().to_path_buf();
+    let agent_bin = bin_dir
+        .map(|d| d.join("hexa-agent"))
+        .unwrap_or_else(|| std::env::current_exe().unwrap_or_default().with_file_name("hexa-agent"));
+    let token = coordinator.admin.token("shared", "10m").await;
+    let ca = coordinator.running.ca_hash.to_string();
+    let addr = coordinator.running.quic_addr;
+    let empty = dir.join("empty.toml");
+    std::fs::write(&empty, "")?;
+    let agent = std::process::Command::new(&agent_bin)
+        .args(["--config", &empty.display().to_string(), "--coordinator", &addr.to_string(), "--token", &token])
+        .args(["--ca-hash", &ca, "--state-dir", &dir.join("agent").display().to_string(), "--node-name", "bench"])
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let floor_token = coordinator.admin.token("shared", "10m").await;
+    let floor = std::process::Command::new(std::env::current_exe()?)
+        .args(["quic-floor", "--addr", &addr.to_string(), "--pin", &ca, "--token", &floor_token])
+        .spawn()?;
+    // Let both enroll and settle before measuring.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let start = [proc_sample(agent.id())?, proc_sample(floor.id())?];
+    let mut peak = [0u64; 2];
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(seconds) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (i, pid) in [agent.id(), floor.id()].into_iter().enumerate() {
+            peak[i] = peak[i].max(proc_sample(pid)?.rss_kib);
+        }
+    }
+    let wall = began.elapsed().as_secs_f64();
+    let end = [proc_sample(agent.id())?, proc_sample(floor.id())?];
+    let reports = coordinator.admin.node("bench").await.and_then(|n| n.last_report_seq).unwrap_or(0);
+    let mut figures = Vec::new();
+    for (i, subject) in ["hexa-agent", "quic-floor"].into_iter().enumerate() {
+        let cpu_pct = end[i].cpu_ns.saturating_sub(start[i].cpu_ns) as f64 / 1e9 / wall * 100.0;
+        figures.push((cpu_pct, peak[i]));
+        println!(
+            "{}",
+            json!({"bench": "agent_footprint", "subject": subject, "interval_s": 1, "seconds": wall.round(),
+                   "rss_peak_mib": (peak[i] as f64 / 1024.0 * 100.0).round() / 100.0,
+                   "cpu_pct_of_one_core": (cpu_pct * 1000.0).round() / 1000.0})
+        );
+    }
+    println!(
+        "{}",
+        json!({"bench": "agent_footprint", "subject": "ratio agent/floor",
+               "rss": (figures[0].1 as f64 / figures[1].1 as f64 * 100.0).round() / 100.0,
+               "cpu": ((figures[0].0 / figures[1].0.max(0.0001)) * 100.0).round() / 100.0,
+               "agent_reports_sent": reports})
+    );
+    for mut child in [agent, floor] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    coordinator.running.shutdown().await;
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(idx).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+}
+
+fn summary(bench: &str, subject: &str, mut samples: Vec<Duration>) -> (f64, serde_json::Value) {
+    samples.sort();
+    let p50 = percentile(&samples, 0.5);
+    let line = json!({"bench": bench, "subject": subject, "n": samples.len(),
+        "p50_us": p50.round(), "p99_us": percentile(&samples, 0.99).round(), "max_us": percentile(&samples, 1.0).round()});
+    (p50, line)
+}
+
+/// A plain QUIC echo server: the baseline for one request/answer on this machine.
+async fn echo_server(
+    ca_dir: &std::path::Path,
+) -> anyhow::Result<(SocketAddr, rustls::pki_types::CertificateDer<'static>)> {
+    let (ca, _) = hexa_coordinator::bootstrap::CertificateAuthority::load_or_create(ca_dir)?;
+    let (chain, key) = ca.issue_server_cert()?;
+    let endpoint =
+        quinn::Endpoint::server(hexa_shared::pki::server_config(ca.cert_der(), chain, key)?, "127.0.0.1:0".parse()?)?;
+    let addr = endpoint.local_addr()?;
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    while let Ok(Some(payload)) = wire::read_payload(&mut recv).await {
+                        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+                        frame.extend_from_slice(&payload);
+                        if send.write_all(&frame).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok((addr, ca.cert_der().clone()))
+}
+
+async fn link_latency(nodes: usize, reports: usize) -> anyhow::Result<()> {
+    let coordinator = Coordinator::start_tuned(|config| {
+        // Production thresholds: reports every second.
+        let defaults = hexa_coordinator::config::CoordinatorConfig::default();
+        config.report_interval = defaults.report_interval;
+        config.unreachable_after = defaults.unreachable_after;
+        config.lost_after = defaults.lost_after;
+    })
+    .await;
+    let (addr, pin) = (coordinator.running.quic_addr, coordinator.running.ca_hash);
+    let echo_dir = tempfile::tempdir()?;
+    let (echo_addr, echo_ca) = echo_server(echo_dir.path()).await?;
+
+    // Enrollment: key generation, handshake with the CA pin, token check, durable commit, signing.
+    let mut tokens = Vec::new();
+    for _ in 0..nodes {
+        tokens.push(coordinator.admin.token("shared", "10m").await);
+    }
+    let mut enroll_times = Vec::new();
+    let mut creds = None;
+    for (i, token) in tokens.iter().enumerate() {
+        let began = Instant::now();
+        let (key, req) = raw::enroll_request(token, &format!("n{i}"));
+        let answer = raw::enroll(addr, pin, &req).await.map_err(anyhow::Error::msg)?;
+        enroll_times.push(began.elapsed());
+        if let hexa_shared::proto::EnrollResponse::Accepted(e) = answer {
+            creds = Some(raw::NodeCreds::from_enrollment(&key, e));
+        }
+    }
+    // Baseline: a fresh QUIC connection and one request/answer of the enrollment request's size.
+    let mut handshake_times = Vec::new();
+    let (_, sample_req) = raw::enroll_request(&tokens[0], "baseline");
+    let payload = wire::encode_frame(&sample_req)?;
+    for _ in 0..nodes {
+        let began = Instant::now();
+        let config = hexa_shared::pki::anonymous_link_client_config(&echo_ca)?;
+        let mut link = raw::open_link(echo_addr, config).await.map_err(anyhow::Error::msg)?;
+        link.send_bytes(&payload).await;
+        wire::read_payload(&mut link.recv).await?;
+        handshake_times.push(began.elapsed());
+        link.conn.close(0u32.into(), b"");
+    }
+    let (ours, line) = summary("enrollment_latency", "hexa enrollment", enroll_times);
+    println!("{line}");
+    let (base, line) = summary("enrollment_latency", "baseline: QUIC connect + echo", handshake_times);
+    println!("{line}");
+    println!(
+        "{}",
+        json!({"bench": "enrollment_latency", "subject": "ratio p50", "ratio": (ours / base * 100.0).round() / 100.0})
+    );
+
+    // Report round trip on an established link: report out, ack back.
+    let creds = creds.ok_or_else(|| anyhow::anyhow!("no node enrolled"))?;
+    let mut link = raw::open_link(addr, creds.link_config()).await.map_err(anyhow::Error::msg)?;
+    link.send(&raw::hello(&creds.name, PROTOCOL_VERSION)).await;
+    let mut rtts = Vec::new();
+    for seq in 1..=reports as u64 {
+        let began = Instant::now();
+        link.send(&sample_report(seq)).await;
+        loop {
+            match link.recv::<CoordinatorMessage>().await {
+                Some(CoordinatorMessage::ReportAck { seq: acked }) if acked == seq => break,
+                Some(_) => continue,
+                None => anyhow::bail!("link closed"),
+            }
+        }
+        rtts.push(began.elapsed());
+    }
+    let mut echo = raw::open_link(echo_addr, hexa_shared::pki::anonymous_link_client_config(&echo_ca)?)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let report_frame = wire::encode_frame(&sample_report(1))?;
+    let mut echo_rtts = Vec::new();
+    for _ in 0..reports {
+        let began = Instant::now();
+        echo.send_bytes(&report_frame).await;
+        wire::read_payload(&mut echo.recv).await?;
+        echo_rtts.push(began.elapsed());
+    }
+    let (ours, line) = summary("report_round_trip", "hexa report -> ack", rtts);
+    println!("{line}");
+    let (base, line) = summary("report_round_trip", "baseline: QUIC echo of the same frame", echo_rtts);
+    println!("{line}");
+    println!(
+        "{}",
+        json!({"bench": "report_round_trip", "subject": "ratio p50", "ratio": (ours / base * 100.0).round() / 100.0})
+    );
+    coordinator.running.shutdown().await;
+    Ok(())
+}
