@@ -10,6 +10,7 @@ pub mod ctl;
 pub mod inventory;
 pub mod link;
 pub mod metrics;
+pub mod placement;
 pub mod store;
 pub mod tokens;
 

@@ -17,6 +17,7 @@ pub mod proto;
 pub mod quantity;
 pub mod report;
 pub mod spec;
+pub mod tenant;
 pub mod wire;
 
 /// Installs the ring rustls crypto provider for the process. Every binary and test helper calls this

@@ -65,8 +65,67 @@ pub fn most_allocated_score(capacity: &Room, requested: &Room) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::{NodePool, NodeView, PlacementConfig, PlacementState, Request, TenantState};
+    use hexa_shared::report::Resources;
+    use hexa_shared::tenant::{Placement, Plan, Share, ShareSize, SharedPlan};
 
     const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn each_strategy_picks_the_node_its_rule_names() {
+        let node = |name: &str, cpus: u64| NodeView {
+            name: name.into(),
+            pool: NodePool::Shared,
+            ready: true,
+            schedulable: true,
+            allocatable: Resources {
+                cpu_millis: cpus * 1000,
+                memory_bytes: cpus * 2 * GIB,
+                ephemeral_bytes: 0,
+                pods: 110,
+            },
+            memory_available_bytes: cpus * 2 * GIB,
+        };
+        let holding = |tenant: &str, node: &str, cpus: u64| {
+            let size = ShareSize { cpu_millis: cpus * 1000, memory_bytes: cpus * GIB, pods: 1 };
+            TenantState {
+                name: tenant.into(),
+                plan: Plan::Shared(SharedPlan {
+                    cpu_millis: size.cpu_millis,
+                    memory_bytes: size.memory_bytes,
+                    pods: 1,
+                    replicas: 1,
+                    spread: 1,
+                }),
+                placement: Placement {
+                    shares: vec![Share { index: 0, node: node.into(), size, control_plane: true }],
+                    ..Placement::default()
+                },
+            }
+        };
+        // a: 8 CPU, 6 held; b: 16 CPU, empty; c: 8 CPU, 2 held.
+        let nodes = vec![node("a", 8), node("b", 16), node("c", 8)];
+        let tenants = vec![holding("x", "a", 6), holding("y", "c", 2)];
+        let plan = Plan::Shared(SharedPlan { cpu_millis: 1000, memory_bytes: GIB, pods: 1, replicas: 1, spread: 1 });
+        let table = [
+            (Strategy::DominantBestFit, "a"),
+            (Strategy::FirstFit, "b"),
+            (Strategy::LeastAllocated, "b"),
+            (Strategy::MostAllocated, "a"),
+        ];
+        for (strategy, expected) in table {
+            let config = PlacementConfig {
+                cpu_overcommit: 1.0,
+                memory_overcommit: 1.0,
+                headroom: 0.0,
+                strategy,
+                ..Default::default()
+            };
+            let state = PlacementState::new(config, nodes.clone(), tenants.clone()).unwrap();
+            let decision = state.decide(&Request::Place { tenant: "new".into(), plan: plan.clone() }).unwrap();
+            assert_eq!(decision.tenants[0].placement.shares[0].node, expected, "{strategy:?}");
+        }
+    }
 
     #[test]
     fn scores_follow_kube_scheduler() {

@@ -128,15 +128,19 @@ fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
     Ok(ProcSample { cpu_ns, rss_kib })
 }
 
-async fn agent_footprint(seconds: u64, bin_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let coordinator = Coordinator::start_tuned(|config| {
-        // Production thresholds: reports every second.
+/// An in-process coordinator with the production health thresholds: reports every second.
+async fn production_coordinator() -> Coordinator {
+    Coordinator::start_tuned(|config| {
         let defaults = hexa_coordinator::config::CoordinatorConfig::default();
         config.report_interval = defaults.report_interval;
         config.unreachable_after = defaults.unreachable_after;
         config.lost_after = defaults.lost_after;
     })
-    .await;
+    .await
+}
+
+async fn agent_footprint(seconds: u64, bin_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let coordinator = production_coordinator().await;
     let dir = coordinator.dir.path().to_path_buf();
     let agent_bin = bin_dir
         .map(|d| d.join("hexa-agent"))
@@ -237,14 +241,7 @@ async fn echo_server(
 }
 
 async fn link_latency(nodes: usize, reports: usize) -> anyhow::Result<()> {
-    let coordinator = Coordinator::start_tuned(|config| {
-        // Production thresholds: reports every second.
-        let defaults = hexa_coordinator::config::CoordinatorConfig::default();
-        config.report_interval = defaults.report_interval;
-        config.unreachable_after = defaults.unreachable_after;
-        config.lost_after = defaults.lost_after;
-    })
-    .await;
+    let coordinator = production_coordinator().await;
     let (addr, pin) = (coordinator.running.quic_addr, coordinator.running.ca_hash);
     let echo_dir = tempfile::tempdir()?;
     let (echo_addr, echo_ca) = echo_server(echo_dir.path()).await?;
