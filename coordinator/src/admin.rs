@@ -9,7 +9,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -19,8 +19,11 @@ use hexa_shared::names::Pool;
 use crate::bootstrap::{hashes_equal, sha256_hex};
 use crate::inventory::Inventory;
 use crate::metrics::Metrics;
+use crate::placement::PlacementError;
 use crate::store::Store;
+use crate::tenants::{Tenants, TenantsError};
 use crate::tokens::{self, TokenError};
+use hexa_shared::tenant::{NodeClass, Plan};
 
 /// Largest request body accepted; every request here is a few hundred bytes.
 const MAX_BODY: usize = 64 * 1024;
@@ -33,6 +36,8 @@ pub struct AdminContext {
     /// sha256 (hex) of the admin bearer token.
     pub admin_token_sha256: String,
     pub default_token_ttl: Duration,
+    pub tenants: Arc<Tenants>,
+    pub node_classes: Vec<NodeClass>,
 }
 
 /// An error as the API returns it.
@@ -74,7 +79,7 @@ impl From<TokenError> for ApiError {
         match e {
             TokenError::NotFound(_) => ApiError::not_found(e.to_string()),
             TokenError::AlreadyUsed { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
-            TokenError::BadTtl(_) => ApiError::bad_request(e.to_string()),
+            TokenError::BadTtl(_) | TokenError::BadClass(_) => ApiError::bad_request(e.to_string()),
             TokenError::Store(e) => {
                 tracing::error!(error = %e, "state database failed");
                 ApiError::new(
@@ -87,6 +92,39 @@ impl From<TokenError> for ApiError {
     }
 }
 
+fn internal(e: &dyn std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "admin request failed");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the coordinator failed; see its log")
+}
+
+impl From<TenantsError> for ApiError {
+    fn from(e: TenantsError) -> Self {
+        let message = e.to_string();
+        match e {
+            TenantsError::NotFound(_) | TenantsError::NoNode(_) => ApiError::not_found(message),
+            TenantsError::Store(e) => internal(&e),
+            TenantsError::Placement(p) => match p {
+                PlacementError::InvalidPlan { .. } => {
+                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_plan", message)
+                }
+                PlacementError::ShareTooLarge { .. } => {
+                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unplaceable", message)
+                }
+                PlacementError::TenantExists { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+                PlacementError::UnknownTenant { .. } | PlacementError::UnknownNode { .. } => {
+                    ApiError::not_found(message)
+                }
+                PlacementError::NoSharedNodes { .. }
+                | PlacementError::TooFewNodes { .. }
+                | PlacementError::NoRoom { .. } => {
+                    ApiError::new(StatusCode::CONFLICT, "insufficient_capacity", message)
+                }
+                PlacementError::InvalidConfig(_) | PlacementError::DuplicateNode { .. } => internal(&p),
+            },
+        }
+    }
+}
+
 pub fn router(ctx: Arc<AdminContext>) -> Router {
     let authed = Router::new()
         .route("/metrics", get(metrics))
@@ -94,6 +132,12 @@ pub fn router(ctx: Arc<AdminContext>) -> Router {
         .route("/v1/nodes/{name}", get(get_node))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", delete(revoke_token))
+        .route("/v1/nodes/{name}/cordon", post(cordon_node))
+        .route("/v1/nodes/{name}/uncordon", post(uncordon_node))
+        .route("/v1/nodes/{name}/drain", post(drain_node))
+        .route("/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/v1/tenants/{name}", get(get_tenant).patch(patch_tenant).delete(delete_tenant))
+        .route("/v1/provisioning", get(list_provisioning))
         .route_layer(middleware::from_fn_with_state(ctx.clone(), require_bearer));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -155,6 +199,9 @@ struct CreateTokenRequest {
     ttl: Option<String>,
     #[serde(default)]
     description: String,
+    /// Node class for `dedicated:<tenant>` pools.
+    #[serde(default)]
+    node_class: Option<String>,
 }
 
 async fn create_token(
@@ -169,7 +216,8 @@ async fn create_token(
         Some(text) => humantime::parse_duration(text)
             .map_err(|e| ApiError::bad_request(format!("ttl {text:?} is not a duration such as 30m or 1h: {e}")))?,
     };
-    let created = tokens::create(&ctx.store, pool, ttl, req.description)?;
+    let request = tokens::TokenRequest { pool, ttl, description: req.description, node_class: req.node_class };
+    let created = tokens::create(&ctx.store, request, &ctx.node_classes)?;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
@@ -182,6 +230,79 @@ async fn revoke_token(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(tokens::revoke(&ctx.store, &id)?))
+}
+
+async fn cordon_node(
+    State(ctx): State<Arc<AdminContext>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ctx.tenants.cordon(&name, true).await?))
+}
+
+async fn uncordon_node(
+    State(ctx): State<Arc<AdminContext>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ctx.tenants.cordon(&name, false).await?))
+}
+
+async fn drain_node(
+    State(ctx): State<Arc<AdminContext>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ctx.tenants.drain(&name).await?))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct CreateTenantRequest {
+    name: String,
+    plan: Plan,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct PatchTenantRequest {
+    plan: Plan,
+}
+
+async fn create_tenant(
+    State(ctx): State<Arc<AdminContext>>,
+    body: Result<Json<CreateTenantRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(req) = body?;
+    Ok((StatusCode::CREATED, Json(ctx.tenants.create(&req.name, req.plan).await?)))
+}
+
+async fn list_tenants(State(ctx): State<Arc<AdminContext>>) -> impl IntoResponse {
+    Json(ctx.tenants.list().await)
+}
+
+async fn get_tenant(
+    State(ctx): State<Arc<AdminContext>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ctx.tenants.get(&name).await?))
+}
+
+async fn patch_tenant(
+    State(ctx): State<Arc<AdminContext>>,
+    Path(name): Path<String>,
+    body: Result<Json<PatchTenantRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(req) = body?;
+    Ok(Json(ctx.tenants.change_plan(&name, req.plan).await?))
+}
+
+async fn delete_tenant(
+    State(ctx): State<Arc<AdminContext>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ctx.tenants.delete(&name).await?))
+}
+
+async fn list_provisioning(State(ctx): State<Arc<AdminContext>>) -> impl IntoResponse {
+    Json(ctx.tenants.provisioning().await)
 }
 
 async fn openapi() -> impl IntoResponse {
@@ -219,6 +340,13 @@ pub fn openapi_document() -> serde_json::Value {
                 "TokenRequest": {"type": "object", "required": ["pool"], "additionalProperties": false, "properties": {
                     "pool": {"type": "string", "example": "shared"}, "ttl": {"type": "string", "example": "1h"},
                     "description": {"type": "string"}}},
+                "Plan": {"type": "object", "required": ["kind"], "properties": {
+                    "kind": {"type": "string", "enum": ["shared", "dedicated"]},
+                    "cpu_millis": {"type": "integer"}, "memory_bytes": {"type": "integer"}, "pods": {"type": "integer"},
+                    "replicas": {"type": "integer", "enum": [1, 3]}, "spread": {"type": "integer"},
+                    "node_class": {"type": "string"}, "count": {"type": "integer"}}},
+                "TenantRequest": {"type": "object", "required": ["name", "plan"], "additionalProperties": false, "properties": {
+                    "name": {"type": "string", "maxLength": 40}, "plan": {"$ref": "#/components/schemas/Plan"}}},
                 "Token": {"type": "object", "properties": {"id": {"type": "string"}, "pool": {"type": "string"},
                     "status": {"type": "string", "enum": ["active", "expired", "used", "revoked"]},
                     "expires_at_unix": {"type": "integer"}}},
@@ -239,6 +367,29 @@ pub fn openapi_document() -> serde_json::Value {
                 "post": {"requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TokenRequest"}}}},
                     "responses": with(json!({"201": {"description": "the token, shown once"},
                         "400": {"description": "bad pool or ttl", "content": {"application/json": {"schema": error}}}}))}},
+            "/v1/nodes/{name}/cordon": {"post": {"parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": with(json!({"200": {"description": "the node, cordoned: no new shares"}, "404": {"description": "no such node"}}))}},
+            "/v1/nodes/{name}/uncordon": {"post": {"parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": with(json!({"200": {"description": "the node, schedulable again"}, "404": {"description": "no such node"}}))}},
+            "/v1/nodes/{name}/drain": {"post": {"parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": with(json!({"200": {"description": "the node, cordoned, its shares moved off"}, "404": {"description": "no such node"}}))}},
+            "/v1/tenants": {
+                "get": {"responses": with(json!({"200": {"description": "all tenants with phase, conditions and placement"}}))},
+                "post": {"requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TenantRequest"}}}},
+                    "responses": with(json!({"201": {"description": "the tenant, placed"},
+                        "409": {"description": "name taken, or not enough capacity (the message says what is missing)", "content": {"application/json": {"schema": error}}},
+                        "422": {"description": "invalid name or plan, or a share larger than any node", "content": {"application/json": {"schema": error}}}}))}},
+            "/v1/tenants/{name}": {
+                "get": {"parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                    "responses": with(json!({"200": {"description": "the tenant"}, "404": {"description": "no such tenant"}}))},
+                "patch": {"parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["plan"],
+                        "properties": {"plan": {"$ref": "#/components/schemas/Plan"}}}}}},
+                    "responses": with(json!({"200": {"description": "the tenant, re-placed"}, "404": {"description": "no such tenant"},
+                        "409": {"description": "not enough capacity"}, "422": {"description": "invalid plan"}}))},
+                "delete": {"parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                    "responses": with(json!({"200": {"description": "deleted; its last state"}, "404": {"description": "no such tenant"}}))}},
+            "/v1/provisioning": {"get": {"responses": with(json!({"200": {"description": "outstanding dedicated node requests"}}))}},
             "/v1/tokens/{id}": {"delete": {
                 "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
                 "responses": with(json!({"200": {"description": "revoked"},

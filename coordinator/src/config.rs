@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use hexa_shared::logging::LogFormat;
 
+use crate::placement::PlacementConfig;
+
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/hexabase/coordinator.toml";
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -38,6 +40,8 @@ pub struct CoordinatorConfig {
     pub token_ttl: Duration,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// Overcommit, headroom and the dedicated node classes.
+    pub placement: PlacementConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -52,6 +56,7 @@ impl Default for CoordinatorConfig {
             node_cert_validity: Duration::from_secs(30 * 24 * 3600),
             token_ttl: Duration::from_secs(3600),
             log_format: LogFormat::Text,
+            placement: PlacementConfig::default(),
         }
     }
 }
@@ -79,6 +84,7 @@ impl CoordinatorConfig {
         if self.node_cert_validity < Duration::from_secs(10) {
             return Err("node_cert_validity must be at least 10s".into());
         }
+        self.placement.validate().map_err(|e| e.to_string())?;
         Ok(())
     }
 }
@@ -97,13 +103,24 @@ mod tests {
         assert_eq!(loaded, CoordinatorConfig::default());
         let text = std::fs::read_to_string(packaged()).unwrap();
         let keys = toml::Table::try_from(CoordinatorConfig::default()).unwrap();
-        for key in keys.keys() {
-            let line = text
-                .lines()
-                .position(|l| l.starts_with(&format!("{key} =")))
-                .unwrap_or_else(|| panic!("{key} missing"));
-            let lines: Vec<&str> = text.lines().collect();
-            assert!(line > 0 && lines[line - 1].starts_with('#'), "{key} has no comment above it");
+        let lines: Vec<&str> = text.lines().collect();
+        let documented = |prefix: &str| {
+            let line = lines.iter().position(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} missing"));
+            assert!(line > 0 && lines[line - 1].starts_with('#'), "{prefix} has no comment above it");
+        };
+        for (key, value) in &keys {
+            match value {
+                toml::Value::Table(section) => {
+                    documented(&format!("[{key}]"));
+                    for (sub, value) in section {
+                        match value {
+                            toml::Value::Array(_) => documented(&format!("[[{key}.{sub}]]")),
+                            _ => documented(&format!("{sub} =")),
+                        }
+                    }
+                }
+                _ => documented(&format!("{key} =")),
+            }
         }
         assert!(CoordinatorConfig::default().validate().is_ok());
     }

@@ -9,6 +9,7 @@ use serde_json::json;
 use hexa_shared::quantity::{format_bytes, format_cpu_millis};
 
 use crate::inventory::NodeView;
+use hexa_shared::tenant::Tenant;
 
 #[derive(Parser, Debug)]
 #[command(name = "hexactl", version, about = "Administer a Hexabase coordinator")]
@@ -36,11 +37,112 @@ pub enum Output {
 pub enum Command {
     /// List nodes with their health and live capacity
     Nodes,
-    /// Show one node
-    Node { name: String },
+    /// Show, cordon, uncordon or drain one node
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Bootstrap tokens for enrolling nodes
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Tenants (one vCluster each) and their placement
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Outstanding requests for dedicated nodes
+    Provisioning,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Show one node
+    Get { name: String },
+    /// Give the node no new shares (it keeps its own)
+    Cordon { name: String },
+    /// Make the node schedulable again
+    Uncordon { name: String },
+    /// Cordon the node and move every share off it
+    Drain { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantCommand {
+    /// Create a tenant and place it
+    Create {
+        name: String,
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Show one tenant with its conditions and placement
+    Get { name: String },
+    /// List tenants
+    List,
+    /// Resize a tenant, or move it between the shared and dedicated plans
+    SetPlan {
+        name: String,
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Delete a tenant and free everything it held
+    Delete { name: String },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// shared (many tenants per node) or dedicated (whole nodes)
+    #[arg(long, default_value = "shared")]
+    pub plan: String,
+    /// Shared: CPU quota, e.g. 2 or 500m
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// Shared: memory quota, e.g. 4Gi
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Shared: pod quota
+    #[arg(long, default_value_t = 100)]
+    pub pods: u32,
+    /// Shared: vCluster control-plane replicas, 1 or 3
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u8,
+    /// Shared: nodes the quota is spread over
+    #[arg(long, default_value_t = 1)]
+    pub spread: u32,
+    /// Dedicated: node class (S, M, L by default)
+    #[arg(long)]
+    pub class: Option<String>,
+    /// Dedicated: number of nodes
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+}
+
+impl PlanArgs {
+    /// The plan as the API takes it; mistakes are reported before anything is sent.
+    pub fn to_plan(&self) -> Result<hexa_shared::tenant::Plan, CtlError> {
+        use hexa_shared::tenant::{DedicatedPlan, Plan, SharedPlan};
+        let usage = |m: String| CtlError::Usage(m);
+        match self.plan.as_str() {
+            "shared" => {
+                let cpu =
+                    self.cpu.as_deref().ok_or_else(|| usage("a shared plan needs --cpu (e.g. --cpu 2)".into()))?;
+                let memory = self
+                    .memory
+                    .as_deref()
+                    .ok_or_else(|| usage("a shared plan needs --memory (e.g. --memory 4Gi)".into()))?;
+                Ok(Plan::Shared(SharedPlan {
+                    cpu_millis: hexa_shared::quantity::parse_cpu_millis(cpu).map_err(|e| usage(e.to_string()))?,
+                    memory_bytes: hexa_shared::quantity::parse_bytes(memory).map_err(|e| usage(e.to_string()))?,
+                    pods: self.pods,
+                    replicas: self.replicas,
+                    spread: self.spread,
+                }))
+            }
+            "dedicated" => Ok(Plan::Dedicated(DedicatedPlan {
+                node_class: self
+                    .class
+                    .clone()
+                    .ok_or_else(|| usage("a dedicated plan needs --class (e.g. --class M)".into()))?,
+                count: self.count,
+            })),
+            other => Err(usage(format!("unknown plan {other:?}: use shared or dedicated"))),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -56,6 +158,9 @@ pub enum TokenCommand {
         /// Free text shown in listings
         #[arg(long, default_value = "")]
         description: String,
+        /// For dedicated:<tenant> pools: the class of the node being admitted
+        #[arg(long)]
+        class: Option<String>,
     },
     /// List tokens (never their secrets)
     List,
@@ -73,6 +178,8 @@ pub enum CtlError {
     Api { status: u16, code: String, message: String },
     #[error("unexpected answer from the coordinator: {0}")]
     Decode(String),
+    #[error("{0}")]
+    Usage(String),
 }
 
 struct Client {
@@ -176,6 +283,44 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
     table(&["NAME", "POOL", "HEALTH", "CPU ALLOC/CAP", "MEMORY", "EPHEMERAL", "LOAD", "LAST REPORT", "SPEC"], &rows)
 }
 
+pub fn tenants_table(tenants: &[Tenant]) -> String {
+    use hexa_shared::tenant::{ConditionType, Plan};
+    let rows: Vec<Vec<String>> = tenants
+        .iter()
+        .map(|t| {
+            let (plan, size, nodes) = match &t.plan {
+                Plan::Shared(p) => (
+                    "shared".to_string(),
+                    format!(
+                        "{} cpu, {}, {} pods, {}x{} spread",
+                        format_cpu_millis(p.cpu_millis),
+                        format_bytes(p.memory_bytes),
+                        p.pods,
+                        p.replicas,
+                        p.spread
+                    ),
+                    t.placement.shares.iter().map(|s| s.node.clone()).collect::<Vec<_>>().join(","),
+                ),
+                Plan::Dedicated(p) => (
+                    "dedicated".to_string(),
+                    format!("{} x {}", p.count, p.node_class),
+                    t.placement.dedicated_nodes.join(","),
+                ),
+            };
+            let placed = t.condition(ConditionType::Placed);
+            vec![
+                t.name.clone(),
+                plan,
+                size,
+                t.phase.to_string(),
+                if nodes.is_empty() { "-".into() } else { nodes },
+                placed.map_or("-".into(), |c| c.message.clone()),
+            ]
+        })
+        .collect();
+    table(&["NAME", "PLAN", "SIZE", "PHASE", "NODES", "PLACEMENT"], &rows)
+}
+
 fn unix_time(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
@@ -205,13 +350,61 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
             let nodes: Vec<NodeView> = client.call(Method::GET, "/v1/nodes", None).await?;
             if json_out { pretty(&json!(nodes)) } else { nodes_table(&nodes) }
         }
-        Command::Node { name } => {
-            let node: NodeView = client.call(Method::GET, &format!("/v1/nodes/{name}"), None).await?;
+        Command::Node(command) => {
+            let (method, path) = match &command {
+                NodeCommand::Get { name } => (Method::GET, format!("/v1/nodes/{name}")),
+                NodeCommand::Cordon { name } => (Method::POST, format!("/v1/nodes/{name}/cordon")),
+                NodeCommand::Uncordon { name } => (Method::POST, format!("/v1/nodes/{name}/uncordon")),
+                NodeCommand::Drain { name } => (Method::POST, format!("/v1/nodes/{name}/drain")),
+            };
+            let node: NodeView = client.call(method, &path, None).await?;
             if json_out { pretty(&json!(node)) } else { nodes_table(std::slice::from_ref(&node)) }
         }
-        Command::Token(TokenCommand::Create { pool, ttl, description }) => {
+        Command::Tenant(command) => {
+            let tenants: Vec<Tenant> = match command {
+                TenantCommand::List => client.call(Method::GET, "/v1/tenants", None).await?,
+                TenantCommand::Get { name } => {
+                    vec![client.call(Method::GET, &format!("/v1/tenants/{name}"), None).await?]
+                }
+                TenantCommand::Create { name, plan } => {
+                    let body = json!({"name": name, "plan": plan.to_plan()?});
+                    vec![client.call(Method::POST, "/v1/tenants", Some(body)).await?]
+                }
+                TenantCommand::SetPlan { name, plan } => {
+                    let body = json!({"plan": plan.to_plan()?});
+                    vec![client.call(Method::PATCH, &format!("/v1/tenants/{name}"), Some(body)).await?]
+                }
+                TenantCommand::Delete { name } => {
+                    vec![client.call(Method::DELETE, &format!("/v1/tenants/{name}"), None).await?]
+                }
+            };
+            if json_out { pretty(&json!(tenants)) } else { tenants_table(&tenants) }
+        }
+        Command::Provisioning => {
+            let requests: Vec<serde_json::Value> = client.call(Method::GET, "/v1/provisioning", None).await?;
+            if json_out {
+                pretty(&json!(requests))
+            } else {
+                let rows: Vec<Vec<String>> = requests
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r["tenant"].as_str().unwrap_or("-").to_string(),
+                            r["node_class"].as_str().unwrap_or("-").to_string(),
+                            r["count"].to_string(),
+                        ]
+                    })
+                    .collect();
+                table(&["TENANT", "CLASS", "NODES"], &rows)
+            }
+        }
+        Command::Token(TokenCommand::Create { pool, ttl, description, class }) => {
             let created: serde_json::Value = client
-                .call(Method::POST, "/v1/tokens", Some(json!({"pool": pool, "ttl": ttl, "description": description})))
+                .call(
+                    Method::POST,
+                    "/v1/tokens",
+                    Some(json!({"pool": pool, "ttl": ttl, "description": description, "node_class": class})),
+                )
                 .await?;
             if json_out {
                 pretty(&created)

@@ -12,10 +12,11 @@ use tokio::sync::watch;
 use hexa_shared::names::{Pool, node_name_from_hostname, validate_node_name};
 use hexa_shared::proto::{EnrollRequest, Enrolled, ProviderIdentity, Refusal, RefusalCode};
 use hexa_shared::report::{CapacityReport, Resources, Usage};
-use hexa_shared::spec::{AppliedStatus, ApplyOutcome, NodeSpec};
+use hexa_shared::spec::{AppliedStatus, ApplyOutcome, NodeSpec, TenantAllocation};
 
 use crate::bootstrap::{CertificateAuthority, hashes_equal, parse_token, sha256_hex};
 use crate::metrics::Metrics;
+use crate::placement;
 use crate::store::{Health, NodeRecord, Store, StoreError, TokenState};
 use crate::tokens::now_unix;
 
@@ -63,6 +64,10 @@ pub struct NodeView {
     pub provider: ProviderIdentity,
     pub enrolled_at_unix: i64,
     pub cert_not_after_unix: i64,
+    pub cordoned: bool,
+    pub node_class: Option<String>,
+    /// Tenants placed on this node and their allocations (the desired state sent to it).
+    pub tenants: Vec<TenantAllocation>,
     pub spec_generation: u64,
     pub applied_generation: Option<u64>,
     pub apply_error: Option<String>,
@@ -177,6 +182,8 @@ impl Inventory {
                 .map_err(|e| refusal(RefusalCode::MalformedRequest, e.to_string()))?;
             let previous = tx.node(&name)?;
             let generation = previous.as_ref().map_or(0, |p| p.spec.generation) + 1;
+            // A re-enrolled node keeps the tenants placed on it; a new pool's labels apply.
+            let tenants = previous.as_ref().map(|p| p.spec.tenants.clone()).unwrap_or_default();
             let record = NodeRecord {
                 name: name.clone(),
                 pool: token.pool.clone(),
@@ -190,7 +197,9 @@ impl Inventory {
                 cert_not_after_unix: issued.not_after_unix,
                 health: Health::Pending,
                 health_since_unix: now,
-                spec: NodeSpec::for_pool(&name, &token.pool, generation),
+                spec: NodeSpec::build(&name, &token.pool, generation, tenants),
+                cordoned: previous.as_ref().is_some_and(|p| p.cordoned),
+                node_class: token.node_class.clone(),
             };
             tx.put_node(&record)?;
             token.state = TokenState::Used { node: name, at_unix: now };
@@ -350,6 +359,9 @@ impl Inventory {
             provider: entry.record.provider.clone(),
             enrolled_at_unix: entry.record.enrolled_at_unix,
             cert_not_after_unix: entry.record.cert_not_after_unix,
+            cordoned: entry.record.cordoned,
+            node_class: entry.record.node_class.clone(),
+            tenants: entry.record.spec.tenants.clone(),
             spec_generation: entry.record.spec.generation,
             applied_generation,
             apply_error,
@@ -368,6 +380,68 @@ impl Inventory {
 
     pub fn get(&self, name: &str) -> Option<NodeView> {
         self.nodes().get(name).map(|e| Self::view_of(e, Instant::now()))
+    }
+
+    /// Cordons or uncordons a node (persisted). `None` when there is no such node.
+    pub fn set_cordoned(&self, name: &str, cordoned: bool) -> Result<Option<NodeView>, StoreError> {
+        let mut nodes = self.nodes();
+        let Some(entry) = nodes.get_mut(name) else { return Ok(None) };
+        if entry.record.cordoned != cordoned {
+            let mut record = entry.record.clone();
+            record.cordoned = cordoned;
+            self.store.put_node(&record)?;
+            entry.record = record;
+            tracing::info!(node = name, cordoned, "node schedulability changed");
+        }
+        Ok(Some(Self::view_of(entry, Instant::now())))
+    }
+
+    /// Makes `tenants` the allocations in `name`'s desired state. The spec gets a new generation
+    /// (persisted, then pushed to the node) only when its content changes.
+    pub fn set_tenants(&self, name: &str, tenants: Vec<TenantAllocation>) -> Result<(), StoreError> {
+        let mut nodes = self.nodes();
+        let Some(entry) = nodes.get_mut(name) else { return Ok(()) };
+        let current = &entry.record.spec;
+        let wanted = NodeSpec::build(name, &entry.record.pool, current.generation + 1, tenants);
+        if current.same_content(&wanted) {
+            return Ok(());
+        }
+        let mut record = entry.record.clone();
+        record.spec = wanted;
+        self.store.put_node(&record)?;
+        tracing::info!(
+            node = name,
+            generation = record.spec.generation,
+            tenants = record.spec.tenants.len(),
+            "desired state changed"
+        );
+        entry.spec_tx.send_replace(record.spec.clone());
+        entry.record = record;
+        Ok(())
+    }
+
+    /// Every node as placement sees it: Ready or not, cordoned or not, allocatable and live
+    /// MemAvailable from its latest report (zero before the first one).
+    pub fn placement_views(&self) -> Vec<placement::NodeView> {
+        self.nodes()
+            .values()
+            .map(|entry| {
+                let report = entry.last_report.as_ref().map(|(r, _)| r);
+                placement::NodeView {
+                    name: entry.record.name.clone(),
+                    pool: placement::NodePool::from_pool(&entry.record.pool, entry.record.node_class.clone()),
+                    ready: entry.record.health == Health::Ready,
+                    schedulable: !entry.record.cordoned,
+                    allocatable: report.map(|r| r.allocatable).unwrap_or_default(),
+                    memory_available_bytes: report.map_or(0, |r| r.usage.memory_available_bytes),
+                }
+            })
+            .collect()
+    }
+
+    /// Names of nodes whose health is Lost.
+    pub fn lost_nodes(&self) -> Vec<String> {
+        self.nodes().values().filter(|e| e.record.health == Health::Lost).map(|e| e.record.name.clone()).collect()
     }
 
     pub fn health_counts(&self) -> BTreeMap<Health, usize> {

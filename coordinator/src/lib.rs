@@ -12,6 +12,7 @@ pub mod link;
 pub mod metrics;
 pub mod placement;
 pub mod store;
+pub mod tenants;
 pub mod tokens;
 
 use std::net::SocketAddr;
@@ -57,6 +58,7 @@ pub struct Running {
     pub created_ca: bool,
     pub admin_token_path: PathBuf,
     pub inventory: Arc<Inventory>,
+    pub tenants: Arc<tenants::Tenants>,
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -102,6 +104,16 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
     let inventory =
         Arc::new(Inventory::load(store.clone(), ca.clone(), thresholds, config.node_cert_validity, metrics.clone())?);
 
+    let tenants = Arc::new(
+        tenants::Tenants::load(
+            store.clone(),
+            inventory.clone(),
+            config.placement.clone(),
+            Arc::new(tenants::RecordOnly),
+        )
+        .map_err(|e| StartError::Config(e.to_string()))?,
+    );
+
     let (chain, key) = ca.issue_server_cert()?;
     let server_config = pki::server_config(ca.cert_der(), chain, key)?;
     let endpoint = quinn::Endpoint::server(server_config, config.quic_listen).map_err(|source| StartError::Listen {
@@ -141,6 +153,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         admin_token_sha256,
         default_token_ttl: config.token_ttl,
+        tenants: tenants.clone(),
+        node_classes: config.placement.node_classes.clone(),
     });
     let mut admin_shutdown = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
@@ -154,7 +168,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
 
     let tick_every = (config.report_interval / 4).min(Duration::from_millis(250));
     let ticker_inventory = inventory.clone();
-    let mut ticker_shutdown = shutdown_rx;
+    let mut ticker_shutdown = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         let mut interval = tokio::time::interval(tick_every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -162,6 +176,23 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
             tokio::select! {
                 _ = interval.tick() => ticker_inventory.tick(std::time::Instant::now()),
                 _ = ticker_shutdown.changed() => break,
+            }
+        }
+    }));
+
+    // The placement control loop: one reconcile per report interval.
+    let reconcile_tenants = tenants.clone();
+    let mut reconcile_shutdown = shutdown_rx;
+    let reconcile_every = config.report_interval;
+    tasks.push(tokio::spawn(async move {
+        let mut interval = tokio::time::interval(reconcile_every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => if let Err(e) = reconcile_tenants.reconcile().await {
+                    tracing::error!(error = %e, "placement reconcile failed");
+                },
+                _ = reconcile_shutdown.changed() => break,
             }
         }
     }));
@@ -174,6 +205,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         created_ca,
         admin_token_path: config.state_dir.join(ADMIN_TOKEN_FILE),
         inventory,
+        tenants,
         metrics,
         shutdown,
         tasks,

@@ -14,10 +14,16 @@ use serde::{Deserialize, Serialize};
 use hexa_shared::names::Pool;
 use hexa_shared::proto::ProviderIdentity;
 use hexa_shared::spec::NodeSpec;
+use hexa_shared::tenant::Tenant;
+
+use crate::placement::ProvisionRequest;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
+const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
+/// Outstanding dedicated-node requests, per tenant.
+const PROVISIONING: TableDefinition<&str, &[u8]> = TableDefinition::new("provisioning");
 
 /// Bumped when a change needs a migration; a newer file is refused instead of misread.
 const SCHEMA_VERSION: u64 = 1;
@@ -62,6 +68,9 @@ pub struct TokenRecord {
     pub pool: Pool,
     #[serde(default)]
     pub description: String,
+    /// Class of the dedicated node this token is for (`dedicated:<tenant>` pools).
+    #[serde(default)]
+    pub node_class: Option<String>,
     pub created_at_unix: i64,
     pub expires_at_unix: i64,
     pub state: TokenState,
@@ -103,6 +112,12 @@ pub struct NodeRecord {
     pub health_since_unix: i64,
     /// The desired state; its generation only grows.
     pub spec: NodeSpec,
+    /// Cordoned nodes get no new shares.
+    #[serde(default)]
+    pub cordoned: bool,
+    /// Class of a dedicated node, from its bootstrap token.
+    #[serde(default)]
+    pub node_class: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +179,33 @@ impl Tx<'_> {
         self.put(NODES, &node.name, node)
     }
 
+    pub fn put_tenant(&self, tenant: &Tenant) -> Result<(), StoreError> {
+        self.put(TENANTS, &tenant.name, tenant)
+    }
+
+    pub fn tenant(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
+        self.get(TENANTS, name)
+    }
+
+    pub fn remove_tenant(&self, name: &str) -> Result<(), StoreError> {
+        self.txn.open_table(TENANTS)?.remove(name)?;
+        self.txn.open_table(PROVISIONING)?.remove(name)?;
+        Ok(())
+    }
+
+    pub fn provisioning(&self, tenant: &str) -> Result<Vec<ProvisionRequest>, StoreError> {
+        Ok(self.get(PROVISIONING, tenant)?.unwrap_or_default())
+    }
+
+    pub fn put_provisioning(&self, tenant: &str, requests: &[ProvisionRequest]) -> Result<(), StoreError> {
+        if requests.is_empty() {
+            self.txn.open_table(PROVISIONING)?.remove(tenant)?;
+            Ok(())
+        } else {
+            self.put(PROVISIONING, tenant, &requests)
+        }
+    }
+
     pub fn node_names(&self) -> Result<Vec<String>, StoreError> {
         let table = self.txn.open_table(NODES)?;
         let mut names = Vec::new();
@@ -186,6 +228,8 @@ impl Store {
             // Creating every table up front lets readers open them without special cases.
             tx.txn.open_table(TOKENS)?;
             tx.txn.open_table(NODES)?;
+            tx.txn.open_table(TENANTS)?;
+            tx.txn.open_table(PROVISIONING)?;
             let found: Option<u64> = tx.get(META, "schema_version")?;
             if found.is_none() {
                 tx.put(META, "schema_version", &SCHEMA_VERSION)?;
@@ -225,6 +269,14 @@ impl Store {
         self.all(NODES)
     }
 
+    pub fn tenants(&self) -> Result<BTreeMap<String, Tenant>, StoreError> {
+        self.all(TENANTS)
+    }
+
+    pub fn provisioning(&self) -> Result<BTreeMap<String, Vec<ProvisionRequest>>, StoreError> {
+        self.all(PROVISIONING)
+    }
+
     pub fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(META)?;
@@ -261,6 +313,7 @@ mod tests {
             secret_sha256: "00".into(),
             pool: Pool::Shared,
             description: String::new(),
+            node_class: None,
             created_at_unix: 1,
             expires_at_unix: 2,
             state: TokenState::Active,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use hexa_shared::names::Pool;
+use hexa_shared::tenant::NodeClass;
 
 use crate::bootstrap::{MintedToken, sha256_hex};
 use crate::store::{Store, StoreError, TokenRecord, TokenState};
@@ -18,6 +19,8 @@ pub enum TokenError {
     AlreadyUsed { id: String, node: String },
     #[error("ttl must be between 1s and 365d, got {0}")]
     BadTtl(String),
+    #[error("{0}")]
+    BadClass(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -29,6 +32,7 @@ pub struct CreatedToken {
     pub token: String,
     pub pool: Pool,
     pub description: String,
+    pub node_class: Option<String>,
     pub expires_at_unix: i64,
 }
 
@@ -38,6 +42,7 @@ pub struct TokenView {
     pub id: String,
     pub pool: Pool,
     pub description: String,
+    pub node_class: Option<String>,
     pub created_at_unix: i64,
     pub expires_at_unix: i64,
     /// active, expired, used or revoked
@@ -49,9 +54,33 @@ pub fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-pub fn create(store: &Store, pool: Pool, ttl: Duration, description: String) -> Result<CreatedToken, TokenError> {
+/// What a new token admits.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub pool: Pool,
+    pub ttl: Duration,
+    pub description: String,
+    /// For `dedicated:<tenant>` pools: the class of node being admitted (one of the configured
+    /// node classes), so placement can bind it.
+    pub node_class: Option<String>,
+}
+
+pub fn create(store: &Store, req: TokenRequest, classes: &[NodeClass]) -> Result<CreatedToken, TokenError> {
+    let TokenRequest { pool, ttl, description, node_class } = req;
     if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(365 * 24 * 3600) {
         return Err(TokenError::BadTtl(humantime::format_duration(ttl).to_string()));
+    }
+    if let Some(class) = &node_class {
+        if !matches!(pool, Pool::Dedicated { .. }) {
+            return Err(TokenError::BadClass(format!("a node class only applies to dedicated pools, not {pool}")));
+        }
+        if !classes.iter().any(|c| &c.name == class) {
+            let known: Vec<&str> = classes.iter().map(|c| c.name.as_str()).collect();
+            return Err(TokenError::BadClass(format!(
+                "unknown node class {class}: known classes are {}",
+                known.join(", ")
+            )));
+        }
     }
     let now = now_unix();
     let expires_at_unix = now + ttl.as_secs() as i64;
@@ -65,6 +94,7 @@ pub fn create(store: &Store, pool: Pool, ttl: Duration, description: String) -> 
                     secret_sha256: sha256_hex(&minted.secret),
                     pool: pool.clone(),
                     description: description.clone(),
+                    node_class: node_class.clone(),
                     created_at_unix: now,
                     expires_at_unix,
                     state: TokenState::Active,
@@ -74,7 +104,7 @@ pub fn create(store: &Store, pool: Pool, ttl: Duration, description: String) -> 
         }
     })?;
     tracing::info!(token_id = %minted.id, %pool, expires_at_unix, "bootstrap token created");
-    Ok(CreatedToken { id: minted.id.clone(), token: minted.text(), pool, description, expires_at_unix })
+    Ok(CreatedToken { id: minted.id.clone(), token: minted.text(), pool, description, node_class, expires_at_unix })
 }
 
 pub fn view(record: &TokenRecord, now: i64) -> TokenView {
@@ -88,6 +118,7 @@ pub fn view(record: &TokenRecord, now: i64) -> TokenView {
         id: record.id.clone(),
         pool: record.pool.clone(),
         description: record.description.clone(),
+        node_class: record.node_class.clone(),
         created_at_unix: record.created_at_unix,
         expires_at_unix: record.expires_at_unix,
         status,
@@ -123,11 +154,15 @@ pub fn revoke(store: &Store, id: &str) -> Result<TokenView, TokenError> {
 mod tests {
     use super::*;
 
+    fn req(pool: Pool, ttl_secs: u64) -> TokenRequest {
+        TokenRequest { pool, ttl: Duration::from_secs(ttl_secs), description: "rack 3".into(), node_class: None }
+    }
+
     #[test]
     fn tokens_are_stored_hashed_and_listed_without_secrets() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        let created = create(&store, Pool::Shared, Duration::from_secs(60), "rack 3".into()).unwrap();
+        let created = create(&store, req(Pool::Shared, 60), &[]).unwrap();
         let stored = store.tokens().unwrap();
         let record = &stored[&created.id];
         let secret = created.token.split_once('.').unwrap().1;
@@ -145,10 +180,18 @@ mod tests {
     fn revoke_and_its_errors() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        let created = create(&store, Pool::Server, Duration::from_secs(60), String::new()).unwrap();
+        let created = create(&store, req(Pool::Server, 60), &[]).unwrap();
         assert_eq!(revoke(&store, &created.id).unwrap().status, "revoked");
         assert!(matches!(revoke(&store, "zzzzzz"), Err(TokenError::NotFound(_))));
-        assert!(matches!(create(&store, Pool::Shared, Duration::ZERO, String::new()), Err(TokenError::BadTtl(_))));
+        assert!(matches!(create(&store, req(Pool::Shared, 0), &[]), Err(TokenError::BadTtl(_))));
+        let classes = NodeClass::defaults();
+        let mut shared_with_class = req(Pool::Shared, 60);
+        shared_with_class.node_class = Some("M".into());
+        assert!(matches!(create(&store, shared_with_class, &classes), Err(TokenError::BadClass(_))));
+        let mut unknown = req(Pool::Dedicated { tenant: "acme".into() }, 60);
+        unknown.node_class = Some("XL".into());
+        let err = create(&store, unknown, &classes).unwrap_err().to_string();
+        assert!(err.contains("known classes are S, M, L"), "{err}");
     }
 
     #[test]
@@ -158,6 +201,7 @@ mod tests {
             secret_sha256: String::new(),
             pool: Pool::Shared,
             description: String::new(),
+            node_class: None,
             created_at_unix: 0,
             expires_at_unix: 10,
             state: TokenState::Active,

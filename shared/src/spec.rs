@@ -21,6 +21,24 @@ pub struct NodeSpec {
     /// Kubernetes node labels the node must carry.
     pub labels: BTreeMap<String, String>,
     pub taints: Vec<Taint>,
+    /// Tenants with a share on this node and what the node must give each, sorted by tenant.
+    pub tenants: Vec<TenantAllocation>,
+}
+
+/// One tenant's allocation on one node: the most its pods together may use here.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TenantAllocation {
+    pub tenant: String,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub pods: u32,
+    /// This node runs one of the tenant's vCluster control-plane replicas.
+    pub control_plane: bool,
+}
+
+/// Label that marks a node as holding a share of `tenant`.
+pub fn tenant_label(tenant: &str) -> String {
+    format!("tenant.hexabase.ai/{tenant}")
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -46,6 +64,12 @@ impl std::fmt::Display for Taint {
 impl NodeSpec {
     /// The labels and taints a node of `pool` carries before any tenant is placed on it.
     pub fn for_pool(node_name: &str, pool: &Pool, generation: u64) -> NodeSpec {
+        Self::build(node_name, pool, generation, Vec::new())
+    }
+
+    /// The desired state of a node of `pool` holding `tenants`: pool label and taint, and a
+    /// `tenant.hexabase.ai/<tenant>=true` label per tenant with a share here.
+    pub fn build(node_name: &str, pool: &Pool, generation: u64, mut tenants: Vec<TenantAllocation>) -> NodeSpec {
         let mut labels = BTreeMap::new();
         let pool_kind = match pool {
             Pool::Server => "server",
@@ -54,15 +78,19 @@ impl NodeSpec {
         };
         labels.insert(POOL_LABEL.to_string(), pool_kind.to_string());
         let mut taints = Vec::new();
+        tenants.sort();
+        for allocation in &tenants {
+            labels.insert(tenant_label(&allocation.tenant), "true".to_string());
+        }
         if let Pool::Dedicated { tenant } = pool {
-            labels.insert(format!("tenant.hexabase.ai/{tenant}"), "true".to_string());
+            labels.insert(tenant_label(tenant), "true".to_string());
             taints.push(Taint {
                 key: DEDICATED_TAINT.to_string(),
                 value: tenant.clone(),
                 effect: TaintEffect::NoSchedule,
             });
         }
-        NodeSpec { generation, node_name: node_name.to_string(), pool: pool.clone(), labels, taints }
+        NodeSpec { generation, node_name: node_name.to_string(), pool: pool.clone(), labels, taints, tenants }
     }
 
     /// True when `other` asks for the same state, whatever its generation.
@@ -90,8 +118,17 @@ pub(crate) mod strategies {
     use proptest::prelude::*;
 
     pub fn node_spec() -> impl Strategy<Value = NodeSpec> {
-        (1u64.., "[a-z0-9-]{1,20}", crate::names::strategies::pool())
-            .prop_map(|(generation, name, pool)| NodeSpec::for_pool(&name, &pool, generation))
+        let allocation = ("[a-z][a-z0-9]{0,8}", any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()).prop_map(
+            |(tenant, cpu_millis, memory_bytes, pods, control_plane)| TenantAllocation {
+                tenant,
+                cpu_millis,
+                memory_bytes,
+                pods,
+                control_plane,
+            },
+        );
+        (1u64.., "[a-z0-9-]{1,20}", crate::names::strategies::pool(), proptest::collection::vec(allocation, 0..4))
+            .prop_map(|(generation, name, pool, tenants)| NodeSpec::build(&name, &pool, generation, tenants))
     }
 
     pub fn applied_status() -> impl Strategy<Value = AppliedStatus> {
@@ -117,6 +154,19 @@ mod tests {
         assert_eq!(spec.taints[0].to_string(), "hexabase.ai/dedicated=acme:NoSchedule");
         let shared = NodeSpec::for_pool("n1", &Pool::Shared, 1);
         assert!(shared.taints.is_empty());
+        let hosting = NodeSpec::build(
+            "n1",
+            &Pool::Shared,
+            1,
+            vec![TenantAllocation {
+                tenant: "b".into(),
+                cpu_millis: 1,
+                memory_bytes: 1,
+                pods: 1,
+                control_plane: false,
+            }],
+        );
+        assert_eq!(hosting.labels.get("tenant.hexabase.ai/b").map(String::as_str), Some("true"));
         assert!(spec.same_content(&NodeSpec { generation: 9, ..spec.clone() }));
         assert!(!spec.same_content(&shared));
     }

@@ -1,0 +1,115 @@
+//! Whether K3s has brought this node up: its Node object is `Ready`, as read with the node's own
+//! kubeconfig (`/etc/rancher/k3s/k3s.yaml` on a server, the kubelet's
+//! `/var/lib/rancher/k3s/agent/kubelet.kubeconfig` on an agent).
+//!
+//! The seam is [`NodeReadiness`]. The implementation that talks to the API server needs a
+//! Kubernetes client (kube + k8s-openapi), which the agent crate does not depend on yet; it is the
+//! integrator's to add. [`ScriptedReadiness`] serves the tests.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadinessError {
+    /// The API server could not be asked (not up yet, kubeconfig missing, credentials refused).
+    #[error("cannot read node {node} with {kubeconfig}: {message}")]
+    Unavailable { node: String, kubeconfig: PathBuf, message: String },
+    #[error(
+        "node {node} is not Ready after {after:?} (last seen: {last}); see `journalctl -u k3s*` on the node \
+         and `kubectl describe node {node}`"
+    )]
+    TimedOut { node: String, after: Duration, last: String },
+}
+
+/// The answer of one look at the Node object.
+pub type ReadyFuture<'a> = Pin<Box<dyn Future<Output = Result<bool, ReadinessError>> + Send + 'a>>;
+
+/// Looks at a Node object.
+pub trait NodeReadiness: Send + Sync + fmt::Debug {
+    /// Whether Node `node_name` has the condition `Ready=True`, asked with the credentials of
+    /// `kubeconfig` (a path under the installer's root). `Ok(false)` when the Node does not exist
+    /// yet or is not Ready; `Err` when the API server cannot be asked.
+    fn node_ready<'a>(&'a self, kubeconfig: &'a Path, node_name: &'a str) -> ReadyFuture<'a>;
+}
+
+/// Waits until `node_name` is Ready, asking every `poll`, for at most `timeout`.
+pub async fn wait_ready(
+    readiness: &dyn NodeReadiness,
+    kubeconfig: &Path,
+    node_name: &str,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<(), ReadinessError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let last = match readiness.node_ready(kubeconfig, node_name).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => "not Ready".to_string(),
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() + poll > deadline {
+            return Err(ReadinessError::TimedOut { node: node_name.to_string(), after: timeout, last });
+        }
+        tracing::debug!(node = node_name, last = %last, "waiting for the node to be Ready");
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// A readiness that answers from a script, then repeats its last answer; records what it was
+/// asked.
+#[derive(Debug, Default)]
+pub struct ScriptedReadiness {
+    inner: Mutex<(VecDeque<Result<bool, ReadinessError>>, Vec<(PathBuf, String)>)>,
+}
+
+impl ScriptedReadiness {
+    pub fn new(answers: impl IntoIterator<Item = Result<bool, ReadinessError>>) -> ScriptedReadiness {
+        ScriptedReadiness { inner: Mutex::new((answers.into_iter().collect(), Vec::new())) }
+    }
+
+    /// Every (kubeconfig, node) asked about, oldest first.
+    pub fn asked(&self) -> Vec<(PathBuf, String)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+}
+
+impl NodeReadiness for ScriptedReadiness {
+    fn node_ready<'a>(&'a self, kubeconfig: &'a Path, node_name: &'a str) -> ReadyFuture<'a> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.1.push((kubeconfig.to_path_buf(), node_name.to_string()));
+        let answer = if inner.0.len() > 1 { inner.0.pop_front() } else { inner.0.front().cloned() };
+        Box::pin(async move { answer.unwrap_or(Ok(false)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waits_through_an_unreachable_api_until_ready() {
+        let unavailable = ReadinessError::Unavailable {
+            node: "n1".into(),
+            kubeconfig: "/k".into(),
+            message: "connection refused".into(),
+        };
+        let readiness = ScriptedReadiness::new([Err(unavailable), Ok(false), Ok(true)]);
+        wait_ready(&readiness, Path::new("/k"), "n1", Duration::from_secs(5), Duration::from_millis(1)).await.unwrap();
+        assert_eq!(readiness.asked().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn gives_up_with_what_it_last_saw() {
+        let readiness = ScriptedReadiness::new([Ok(false)]);
+        let err = wait_ready(&readiness, Path::new("/k"), "n1", Duration::from_millis(30), Duration::from_millis(5))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("node n1 is not Ready after 30ms (last seen: not Ready)"), "{err}");
+    }
+}

@@ -1,0 +1,402 @@
+//! Tenant lifecycle: create, change plan, delete, and the reactions to nodes that are cordoned,
+//! drained or lost. Every change is a placement [`Decision`]; it is written to the state database
+//! before anything acts on it (placement state, node specs, provisioning), so a coordinator that
+//! dies at any point restarts to the same tenants and placements, never a half or a double.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+
+use hexa_shared::spec::TenantAllocation;
+use hexa_shared::tenant::{ConditionType, Phase, Plan, Tenant, reasons};
+
+use crate::inventory::{Inventory, NodeView};
+use crate::placement::{self, Decision, PlacementConfig, PlacementError, PlacementState, ProvisionRequest, Request};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TenantsError {
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no tenant named {0:?}")]
+    NotFound(String),
+    #[error("no node named {0:?}")]
+    NoNode(String),
+}
+
+/// Where requests for dedicated nodes go. The Proxmox provisioner implements it; without one,
+/// requests stay recorded (`/v1/provisioning`) and their tenants stay Provisioning.
+pub trait NodeProvisioner: Send + Sync + std::fmt::Debug {
+    fn provision(&self, request: &ProvisionRequest);
+    fn cancel(&self, request: &ProvisionRequest);
+}
+
+/// The provisioner used when none is configured: it records nothing beyond the state database.
+#[derive(Debug, Default)]
+pub struct RecordOnly;
+
+impl NodeProvisioner for RecordOnly {
+    fn provision(&self, request: &ProvisionRequest) {
+        tracing::info!(tenant = %request.tenant, class = %request.node_class, count = request.count,
+            "dedicated nodes needed; no provisioner is configured, the request stays recorded");
+    }
+
+    fn cancel(&self, request: &ProvisionRequest) {
+        tracing::info!(tenant = %request.tenant, class = %request.node_class, count = request.count, "dedicated node request withdrawn");
+    }
+}
+
+#[derive(Debug)]
+struct Book {
+    placement: PlacementState,
+    tenants: BTreeMap<String, Tenant>,
+    provisioning: BTreeMap<String, Vec<ProvisionRequest>>,
+    /// The node views placement last saw, so unchanged nodes are not re-indexed every reconcile.
+    views: BTreeMap<String, placement::NodeView>,
+}
+
+#[derive(Debug)]
+pub struct Tenants {
+    store: Store,
+    inventory: Arc<Inventory>,
+    provisioner: Arc<dyn NodeProvisioner>,
+    book: Mutex<Book>,
+}
+
+fn now_ms() -> u64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64
+}
+
+fn state_of(tenant: &Tenant) -> placement::TenantState {
+    placement::TenantState { name: tenant.name.clone(), plan: tenant.plan.clone(), placement: tenant.placement.clone() }
+}
+
+/// Phase and Placed condition that follow from a tenant's placement and what could not be placed.
+fn derive_phase(tenant: &mut Tenant, unplaced: &[&placement::Unplaced], now: u64) {
+    let (phase, status, reason, message) = if let Some(u) = unplaced.first() {
+        let message = format!("share {} is stuck on node {}: {}", u.share, u.node, u.reason);
+        (Phase::Degraded, false, reasons::NODE_LOST, message)
+    } else {
+        match &tenant.plan {
+            Plan::Dedicated(plan) if tenant.placement.awaiting_nodes > 0 => (
+                Phase::Provisioning,
+                false,
+                reasons::AWAITING_NODES,
+                format!(
+                    "waiting for {} dedicated node(s) of class {}; {} of {} bound",
+                    tenant.placement.awaiting_nodes,
+                    plan.node_class,
+                    tenant.placement.dedicated_nodes.len(),
+                    plan.count
+                ),
+            ),
+            Plan::Dedicated(_) => (
+                Phase::Deploying,
+                true,
+                reasons::PLACED,
+                format!("on nodes {}", tenant.placement.dedicated_nodes.join(", ")),
+            ),
+            Plan::Shared(_) => {
+                let nodes: Vec<&str> = tenant.placement.shares.iter().map(|s| s.node.as_str()).collect();
+                (Phase::Deploying, true, reasons::PLACED, format!("shares on nodes {}", nodes.join(", ")))
+            }
+        }
+    };
+    tenant.phase = phase;
+    tenant.set_condition(ConditionType::Placed, status, reason, &message, now);
+}
+
+/// Adds `delta` requests to `current` (or, with `cancel`, takes them away), per node class.
+fn merge_requests(current: &mut Vec<ProvisionRequest>, delta: &ProvisionRequest, cancel: bool) {
+    match current.iter_mut().find(|r| r.node_class == delta.node_class) {
+        Some(existing) if cancel => existing.count = existing.count.saturating_sub(delta.count),
+        Some(existing) => existing.count += delta.count,
+        None if !cancel => current.push(delta.clone()),
+        None => {}
+    }
+    current.retain(|r| r.count > 0);
+}
+
+impl Tenants {
+    /// Loads every tenant and places the fleet as the state database last recorded it, then brings
+    /// every node's desired state in line with that.
+    pub fn load(
+        store: Store,
+        inventory: Arc<Inventory>,
+        config: PlacementConfig,
+        provisioner: Arc<dyn NodeProvisioner>,
+    ) -> Result<Tenants, TenantsError> {
+        config.validate()?;
+        let tenants = store.tenants()?;
+        let provisioning = store.provisioning()?;
+        let views: BTreeMap<String, placement::NodeView> =
+            inventory.placement_views().into_iter().map(|v| (v.name.clone(), v)).collect();
+        let states = tenants.values().map(state_of).collect();
+        let placement = PlacementState::new(config, views.values().cloned().collect(), states)?;
+        let service = Tenants {
+            store,
+            inventory,
+            provisioner,
+            book: Mutex::new(Book { placement, tenants, provisioning, views }),
+        };
+        let book = service.book.try_lock().map_err(|_| StoreError::Db("tenant book busy at load".into()))?;
+        let every_node: BTreeSet<String> = book.views.keys().cloned().collect();
+        service.push_specs(&book, &every_node)?;
+        drop(book);
+        Ok(service)
+    }
+
+    pub async fn list(&self) -> Vec<Tenant> {
+        self.book.lock().await.tenants.values().cloned().collect()
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Tenant, TenantsError> {
+        self.book.lock().await.tenants.get(name).cloned().ok_or_else(|| TenantsError::NotFound(name.to_string()))
+    }
+
+    pub async fn provisioning(&self) -> Vec<ProvisionRequest> {
+        self.book.lock().await.provisioning.values().flatten().cloned().collect()
+    }
+
+    /// Creates and places a tenant. It is acknowledged only once it is durably recorded.
+    pub async fn create(&self, name: &str, plan: Plan) -> Result<Tenant, TenantsError> {
+        let mut book = self.book.lock().await;
+        self.refresh_nodes(&mut book)?;
+        let decision = book.placement.decide(&Request::Place { tenant: name.to_string(), plan })?;
+        self.commit(&mut book, &decision)?;
+        tracing::info!(tenant = name, "tenant created");
+        book.tenants.get(name).cloned().ok_or_else(|| TenantsError::NotFound(name.to_string()))
+    }
+
+    /// Resizes a tenant or moves it between the shared and dedicated plans.
+    pub async fn change_plan(&self, name: &str, plan: Plan) -> Result<Tenant, TenantsError> {
+        let mut book = self.book.lock().await;
+        self.refresh_nodes(&mut book)?;
+        let decision = book.placement.decide(&Request::ChangePlan { tenant: name.to_string(), plan })?;
+        self.commit(&mut book, &decision)?;
+        tracing::info!(tenant = name, "tenant plan changed");
+        book.tenants.get(name).cloned().ok_or_else(|| TenantsError::NotFound(name.to_string()))
+    }
+
+    /// Deletes a tenant and frees everything it held; returns its last state.
+    pub async fn delete(&self, name: &str) -> Result<Tenant, TenantsError> {
+        let mut book = self.book.lock().await;
+        let mut last = book.tenants.get(name).cloned().ok_or_else(|| TenantsError::NotFound(name.to_string()))?;
+        let decision = book.placement.decide(&Request::Delete { tenant: name.to_string() })?;
+        self.commit(&mut book, &decision)?;
+        tracing::info!(tenant = name, "tenant deleted");
+        last.phase = Phase::Deleting;
+        Ok(last)
+    }
+
+    /// Cordons or uncordons a node: a cordoned node gets no new shares and keeps its own.
+    pub async fn cordon(&self, node: &str, cordoned: bool) -> Result<NodeView, TenantsError> {
+        let mut book = self.book.lock().await;
+        let view =
+            self.inventory.set_cordoned(node, cordoned)?.ok_or_else(|| TenantsError::NoNode(node.to_string()))?;
+        self.refresh_nodes(&mut book)?;
+        Ok(view)
+    }
+
+    /// Cordons a node and moves every share off it. Shares that fit nowhere stay and their tenants
+    /// are Degraded with the reason.
+    pub async fn drain(&self, node: &str) -> Result<NodeView, TenantsError> {
+        let mut book = self.book.lock().await;
+        self.inventory.set_cordoned(node, true)?.ok_or_else(|| TenantsError::NoNode(node.to_string()))?;
+        self.refresh_nodes(&mut book)?;
+        let decision = book.placement.decide(&Request::DrainNode { node: node.to_string() })?;
+        self.commit(&mut book, &decision)?;
+        tracing::info!(node, moved = decision.tenants.len(), stuck = decision.unplaced.len(), "node drained");
+        self.inventory.get(node).ok_or_else(|| TenantsError::NoNode(node.to_string()))
+    }
+
+    /// One pass of the control loop: fresh node views into placement, shares off Lost nodes,
+    /// dedicated nodes bound as they register, degraded tenants retried.
+    pub async fn reconcile(&self) -> Result<(), TenantsError> {
+        let mut book = self.book.lock().await;
+        self.refresh_nodes(&mut book)?;
+        for node in self.inventory.lost_nodes() {
+            if book.placement.shares_on(&node).is_empty() && book.placement.bound_to(&node).is_none() {
+                continue;
+            }
+            let decision = book.placement.decide(&Request::NodeLost { node: node.clone() })?;
+            if self.commit(&mut book, &decision)? {
+                tracing::warn!(
+                    node,
+                    moved = decision.tenants.len(),
+                    stuck = decision.unplaced.len(),
+                    "node lost: shares re-placed"
+                );
+            }
+        }
+        let waiting: Vec<String> = book
+            .tenants
+            .values()
+            .filter(|t| matches!(t.phase, Phase::Provisioning | Phase::Degraded))
+            .map(|t| t.name.clone())
+            .collect();
+        for tenant in waiting {
+            let decision = book.placement.decide(&Request::Reconcile { tenant: tenant.clone() })?;
+            if self.commit(&mut book, &decision)? {
+                tracing::info!(tenant, "tenant placement completed");
+            }
+        }
+        Ok(())
+    }
+
+    fn refresh_nodes(&self, book: &mut Book) -> Result<(), TenantsError> {
+        for view in self.inventory.placement_views() {
+            if book.views.get(&view.name) != Some(&view) {
+                book.placement.update_node(view.clone())?;
+                book.views.insert(view.name.clone(), view);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `decision`, then acts on it. Returns false (and writes nothing) when it changes nothing.
+    fn commit(&self, book: &mut Book, decision: &Decision) -> Result<bool, TenantsError> {
+        let now = now_ms();
+        let mut changed: Vec<Tenant> = Vec::new();
+        let mut touched_nodes = BTreeSet::new();
+        let mut names: BTreeSet<&str> = decision.tenants.iter().map(|t| t.name.as_str()).collect();
+        names.extend(decision.unplaced.iter().map(|u| u.tenant.as_str()));
+        for name in names {
+            let Some(mut tenant) = book.tenants.get(name).cloned().or_else(|| {
+                decision.tenants.iter().find(|t| t.name == name).map(|t| Tenant {
+                    name: t.name.clone(),
+                    plan: t.plan.clone(),
+                    phase: Phase::Pending,
+                    conditions: Vec::new(),
+                    placement: Default::default(),
+                })
+            }) else {
+                continue;
+            };
+            touched_nodes.extend(tenant.placement.nodes().into_iter().map(String::from));
+            if let Some(next) = decision.tenants.iter().find(|t| t.name == name) {
+                tenant.plan = next.plan.clone();
+                tenant.placement = next.placement.clone();
+            }
+            touched_nodes.extend(tenant.placement.nodes().into_iter().map(String::from));
+            let unplaced: Vec<&placement::Unplaced> = decision.unplaced.iter().filter(|u| u.tenant == name).collect();
+            derive_phase(&mut tenant, &unplaced, now);
+            if book.tenants.get(name) != Some(&tenant) {
+                changed.push(tenant);
+            }
+        }
+        for name in &decision.removed {
+            if let Some(tenant) = book.tenants.get(name) {
+                touched_nodes.extend(tenant.placement.nodes().into_iter().map(String::from));
+            }
+        }
+        let mut provisioning: BTreeMap<String, Vec<ProvisionRequest>> = BTreeMap::new();
+        for (request, cancel) in
+            decision.provision.iter().map(|r| (r, false)).chain(decision.cancel.iter().map(|r| (r, true)))
+        {
+            let entry = provisioning
+                .entry(request.tenant.clone())
+                .or_insert_with(|| book.provisioning.get(&request.tenant).cloned().unwrap_or_default());
+            merge_requests(entry, request, cancel);
+        }
+        if changed.is_empty() && decision.removed.is_empty() && provisioning.is_empty() && decision.released.is_empty()
+        {
+            return Ok(false);
+        }
+
+        // 1. Durable first.
+        self.store.write(|tx| {
+            for tenant in &changed {
+                tx.put_tenant(tenant)?;
+            }
+            for name in &decision.removed {
+                tx.remove_tenant(name)?;
+            }
+            for (tenant, requests) in &provisioning {
+                if !decision.removed.contains(tenant) {
+                    tx.put_provisioning(tenant, requests)?;
+                }
+            }
+            Ok::<_, StoreError>(())
+        })?;
+        // 2. Then in memory, then on the nodes and the provisioner.
+        book.placement.apply(decision);
+        for tenant in changed {
+            tracing::info!(tenant = %tenant.name, phase = %tenant.phase, nodes = ?tenant.placement.nodes(), "tenant placement recorded");
+            book.tenants.insert(tenant.name.clone(), tenant);
+        }
+        for name in &decision.removed {
+            book.tenants.remove(name);
+            book.provisioning.remove(name);
+        }
+        for (tenant, requests) in provisioning {
+            if decision.removed.contains(&tenant) {
+                continue;
+            }
+            if requests.is_empty() {
+                book.provisioning.remove(&tenant);
+            } else {
+                book.provisioning.insert(tenant, requests);
+            }
+        }
+        for request in &decision.provision {
+            self.provisioner.provision(request);
+        }
+        for request in &decision.cancel {
+            self.provisioner.cancel(request);
+        }
+        touched_nodes.extend(decision.released.iter().cloned());
+        self.push_specs(book, &touched_nodes)?;
+        Ok(true)
+    }
+
+    /// Sends each node in `nodes` the allocations placement gives it.
+    fn push_specs(&self, book: &Book, nodes: &BTreeSet<String>) -> Result<(), StoreError> {
+        for node in nodes {
+            let mut allocations = Vec::new();
+            for (tenant, _) in book.placement.shares_on(node) {
+                let Some(share) = book.tenants.get(tenant).and_then(|t| t.placement.share_on(node)) else { continue };
+                allocations.push(TenantAllocation {
+                    tenant: tenant.to_string(),
+                    cpu_millis: share.size.cpu_millis,
+                    memory_bytes: share.size.memory_bytes,
+                    pods: share.size.pods,
+                    control_plane: share.control_plane,
+                });
+            }
+            if let (Some(tenant), Some(view)) = (book.placement.bound_to(node), book.views.get(node)) {
+                // A dedicated node gives its tenant everything it can.
+                allocations.push(TenantAllocation {
+                    tenant: tenant.to_string(),
+                    cpu_millis: view.allocatable.cpu_millis,
+                    memory_bytes: view.allocatable.memory_bytes,
+                    pods: view.allocatable.pods,
+                    control_plane: false,
+                });
+            }
+            self.inventory.set_tenants(node, allocations)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provisioning_requests_add_up_and_cancel_per_class() {
+        let req = |class: &str, count| ProvisionRequest { tenant: "t".into(), node_class: class.into(), count };
+        let mut current = Vec::new();
+        merge_requests(&mut current, &req("M", 2), false);
+        merge_requests(&mut current, &req("M", 1), false);
+        merge_requests(&mut current, &req("L", 1), false);
+        assert_eq!(current, vec![req("M", 3), req("L", 1)]);
+        merge_requests(&mut current, &req("M", 3), true);
+        merge_requests(&mut current, &req("S", 1), true);
+        assert_eq!(current, vec![req("L", 1)]);
+    }
+}
