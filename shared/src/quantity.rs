@@ -34,7 +34,7 @@ pub fn parse_cpu_millis(text: &str) -> Result<u64, QuantityError> {
         return millis.parse().map_err(|_| err());
     }
     let cores: f64 = t.parse().map_err(|_| err())?;
-    if !cores.is_finite() || cores < 0.0 || cores > 1e9 {
+    if !cores.is_finite() || !(0.0..=1e9).contains(&cores) {
         return Err(err());
     }
     Ok((cores * 1000.0).round() as u64)

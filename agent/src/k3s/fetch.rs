@@ -564,7 +564,7 @@ mod tests {
             backoff_max: Duration::from_millis(1000),
             ..FetchPolicy::default()
         };
-        crate::k3s::install_crypto_provider_for_tests();
+        crate::k3s::testkit::init();
         let fetcher = Fetcher::new(Arch::Amd64, policy).unwrap();
         for (failures, low, high) in [(0, 50, 100), (1, 100, 200), (3, 400, 800), (10, 500, 1000)] {
             let delay = fetcher.backoff(failures).as_millis();
