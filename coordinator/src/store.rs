@@ -16,14 +16,10 @@ use hexa_shared::proto::ProviderIdentity;
 use hexa_shared::spec::NodeSpec;
 use hexa_shared::tenant::Tenant;
 
-use crate::placement::ProvisionRequest;
-
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
-/// Outstanding dedicated-node requests, per tenant.
-const PROVISIONING: TableDefinition<&str, &[u8]> = TableDefinition::new("provisioning");
 
 /// Bumped when a change needs a migration; a newer file is refused instead of misread.
 const SCHEMA_VERSION: u64 = 1;
@@ -189,21 +185,7 @@ impl Tx<'_> {
 
     pub fn remove_tenant(&self, name: &str) -> Result<(), StoreError> {
         self.txn.open_table(TENANTS)?.remove(name)?;
-        self.txn.open_table(PROVISIONING)?.remove(name)?;
         Ok(())
-    }
-
-    pub fn provisioning(&self, tenant: &str) -> Result<Vec<ProvisionRequest>, StoreError> {
-        Ok(self.get(PROVISIONING, tenant)?.unwrap_or_default())
-    }
-
-    pub fn put_provisioning(&self, tenant: &str, requests: &[ProvisionRequest]) -> Result<(), StoreError> {
-        if requests.is_empty() {
-            self.txn.open_table(PROVISIONING)?.remove(tenant)?;
-            Ok(())
-        } else {
-            self.put(PROVISIONING, tenant, &requests)
-        }
     }
 
     pub fn node_names(&self) -> Result<Vec<String>, StoreError> {
@@ -229,7 +211,6 @@ impl Store {
             tx.txn.open_table(TOKENS)?;
             tx.txn.open_table(NODES)?;
             tx.txn.open_table(TENANTS)?;
-            tx.txn.open_table(PROVISIONING)?;
             let found: Option<u64> = tx.get(META, "schema_version")?;
             if found.is_none() {
                 tx.put(META, "schema_version", &SCHEMA_VERSION)?;
@@ -271,10 +252,6 @@ impl Store {
 
     pub fn tenants(&self) -> Result<BTreeMap<String, Tenant>, StoreError> {
         self.all(TENANTS)
-    }
-
-    pub fn provisioning(&self) -> Result<BTreeMap<String, Vec<ProvisionRequest>>, StoreError> {
-        self.all(PROVISIONING)
     }
 
     pub fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {

@@ -53,7 +53,6 @@ impl NodeProvisioner for RecordOnly {
 struct Book {
     placement: PlacementState,
     tenants: BTreeMap<String, Tenant>,
-    provisioning: BTreeMap<String, Vec<ProvisionRequest>>,
     /// The node views placement last saw, so unchanged nodes are not re-indexed every reconcile.
     views: BTreeMap<String, placement::NodeView>,
 }
@@ -109,17 +108,6 @@ fn derive_phase(tenant: &mut Tenant, unplaced: &[&placement::Unplaced], now: u64
     tenant.set_condition(ConditionType::Placed, status, reason, &message, now);
 }
 
-/// Adds `delta` requests to `current` (or, with `cancel`, takes them away), per node class.
-fn merge_requests(current: &mut Vec<ProvisionRequest>, delta: &ProvisionRequest, cancel: bool) {
-    match current.iter_mut().find(|r| r.node_class == delta.node_class) {
-        Some(existing) if cancel => existing.count = existing.count.saturating_sub(delta.count),
-        Some(existing) => existing.count += delta.count,
-        None if !cancel => current.push(delta.clone()),
-        None => {}
-    }
-    current.retain(|r| r.count > 0);
-}
-
 impl Tenants {
     /// Loads every tenant and places the fleet as the state database last recorded it, then brings
     /// every node's desired state in line with that.
@@ -131,17 +119,11 @@ impl Tenants {
     ) -> Result<Tenants, TenantsError> {
         config.validate()?;
         let tenants = store.tenants()?;
-        let provisioning = store.provisioning()?;
         let views: BTreeMap<String, placement::NodeView> =
             inventory.placement_views().into_iter().map(|v| (v.name.clone(), v)).collect();
         let states = tenants.values().map(state_of).collect();
         let placement = PlacementState::new(config, views.values().cloned().collect(), states)?;
-        let service = Tenants {
-            store,
-            inventory,
-            provisioner,
-            book: Mutex::new(Book { placement, tenants, provisioning, views }),
-        };
+        let service = Tenants { store, inventory, provisioner, book: Mutex::new(Book { placement, tenants, views }) };
         let book = service.book.try_lock().map_err(|_| StoreError::Db("tenant book busy at load".into()))?;
         let every_node: BTreeSet<String> = book.views.keys().cloned().collect();
         service.push_specs(&book, &every_node)?;
@@ -157,8 +139,22 @@ impl Tenants {
         self.book.lock().await.tenants.get(name).cloned().ok_or_else(|| TenantsError::NotFound(name.to_string()))
     }
 
+    /// Dedicated nodes still awaited: what each dedicated tenant's placement is waiting for.
     pub async fn provisioning(&self) -> Vec<ProvisionRequest> {
-        self.book.lock().await.provisioning.values().flatten().cloned().collect()
+        self.book
+            .lock()
+            .await
+            .tenants
+            .values()
+            .filter_map(|t| match &t.plan {
+                Plan::Dedicated(plan) if t.placement.awaiting_nodes > 0 => Some(ProvisionRequest {
+                    tenant: t.name.clone(),
+                    node_class: plan.node_class.clone(),
+                    count: t.placement.awaiting_nodes,
+                }),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Creates and places a tenant. It is acknowledged only once it is durably recorded.
@@ -293,16 +289,11 @@ impl Tenants {
                 touched_nodes.extend(tenant.placement.nodes().into_iter().map(String::from));
             }
         }
-        let mut provisioning: BTreeMap<String, Vec<ProvisionRequest>> = BTreeMap::new();
-        for (request, cancel) in
-            decision.provision.iter().map(|r| (r, false)).chain(decision.cancel.iter().map(|r| (r, true)))
-        {
-            let entry = provisioning
-                .entry(request.tenant.clone())
-                .or_insert_with(|| book.provisioning.get(&request.tenant).cloned().unwrap_or_default());
-            merge_requests(entry, request, cancel);
-        }
-        if changed.is_empty() && decision.removed.is_empty() && provisioning.is_empty() && decision.released.is_empty()
+        if changed.is_empty()
+            && decision.removed.is_empty()
+            && decision.provision.is_empty()
+            && decision.cancel.is_empty()
+            && decision.released.is_empty()
         {
             return Ok(false);
         }
@@ -315,11 +306,6 @@ impl Tenants {
             for name in &decision.removed {
                 tx.remove_tenant(name)?;
             }
-            for (tenant, requests) in &provisioning {
-                if !decision.removed.contains(tenant) {
-                    tx.put_provisioning(tenant, requests)?;
-                }
-            }
             Ok::<_, StoreError>(())
         })?;
         // 2. Then in memory, then on the nodes and the provisioner.
@@ -330,17 +316,6 @@ impl Tenants {
         }
         for name in &decision.removed {
             book.tenants.remove(name);
-            book.provisioning.remove(name);
-        }
-        for (tenant, requests) in provisioning {
-            if decision.removed.contains(&tenant) {
-                continue;
-            }
-            if requests.is_empty() {
-                book.provisioning.remove(&tenant);
-            } else {
-                book.provisioning.insert(tenant, requests);
-            }
         }
         for request in &decision.provision {
             self.provisioner.provision(request);
@@ -380,23 +355,5 @@ impl Tenants {
             self.inventory.set_tenants(node, allocations)?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn provisioning_requests_add_up_and_cancel_per_class() {
-        let req = |class: &str, count| ProvisionRequest { tenant: "t".into(), node_class: class.into(), count };
-        let mut current = Vec::new();
-        merge_requests(&mut current, &req("M", 2), false);
-        merge_requests(&mut current, &req("M", 1), false);
-        merge_requests(&mut current, &req("L", 1), false);
-        assert_eq!(current, vec![req("M", 3), req("L", 1)]);
-        merge_requests(&mut current, &req("M", 3), true);
-        merge_requests(&mut current, &req("S", 1), true);
-        assert_eq!(current, vec![req("L", 1)]);
     }
 }

@@ -16,14 +16,24 @@ impl AdminClient {
     }
 
     pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.request_raw(method, path, body).await.expect("admin API reachable")
+    }
+
+    /// Like [`request`](Self::request), but a coordinator that is not there is an `Err`.
+    pub async fn request_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), reqwest::Error> {
         let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
         if let Some(body) = body {
             req = req.json(&body);
         }
-        let resp = req.send().await.expect("admin API reachable");
+        let resp = req.send().await?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        let text = resp.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
     }
 
     pub async fn nodes(&self) -> Vec<NodeView> {

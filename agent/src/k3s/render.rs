@@ -226,32 +226,12 @@ mod tests {
     }
 
     #[test]
-    fn config_of_the_first_server() {
-        insta::assert_snapshot!(config_yaml(&first_server()));
-    }
-
-    #[test]
     fn config_of_a_joining_server() {
         let spec = K3sSpec {
             role: K3sRole::Server { cluster_init: false, server_url: Some("https://10.0.0.10:6443".into()) },
             ..first_server()
         };
         insta::assert_snapshot!(config_yaml(&spec));
-    }
-
-    #[test]
-    fn config_of_a_dedicated_agent() {
-        insta::assert_snapshot!(config_yaml(&dedicated_agent()));
-    }
-
-    #[test]
-    fn server_unit() {
-        insta::assert_snapshot!(systemd_unit(RoleKind::Server));
-    }
-
-    #[test]
-    fn agent_unit() {
-        insta::assert_snapshot!(systemd_unit(RoleKind::Agent));
     }
 
     #[test]
