@@ -176,9 +176,13 @@ pub enum K3sState {
     /// Installed and started; the node's Node object is not Ready yet.
     Installing,
     /// The Node object is Ready.
-    Running { version: String },
+    Running {
+        version: String,
+    },
     /// The last apply failed, or the service is down; `reason` says why and what to do.
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 impl fmt::Display for K3sState {
@@ -457,7 +461,10 @@ mod tests {
         let spec: K3sSpec = serde_json::from_str(r#"{"role": {"server": {"cluster_init": true}}}"#).unwrap();
         assert_eq!(spec, K3sSpec::new(K3sRole::Server { cluster_init: true, server_url: None }));
         assert_eq!(spec.version, "v1.35.5+k3s1");
-        assert_eq!(spec.artifacts, ArtifactSource::Url { base: "https://github.com/k3s-io/k3s/releases/download".into() });
+        assert_eq!(
+            spec.artifacts,
+            ArtifactSource::Url { base: "https://github.com/k3s-io/k3s/releases/download".into() }
+        );
         assert_eq!(spec.action, K3sAction::Install);
         spec.validate().unwrap();
 
@@ -522,7 +529,10 @@ mod tests {
             (with(&|s| s.node_name = Some("Bad_Name".into())), "node name \"Bad_Name\" is invalid"),
             (with(&|s| _ = s.node_labels.insert("bad key".into(), "x".into())), "node label \"bad key\"=\"x\""),
             (with(&|s| _ = s.node_labels.insert("Hexabase.ai/x".into(), "x".into())), "not a lowercase DNS name"),
-            (with(&|s| _ = s.node_labels.insert("k".into(), "-x".into())), "the value does not begin and end with a letter or digit"),
+            (
+                with(&|s| _ = s.node_labels.insert("k".into(), "-x".into())),
+                "the value does not begin and end with a letter or digit",
+            ),
             (
                 with(&|s| {
                     s.node_taints.push(Taint { key: "k".into(), value: "a b".into(), effect: TaintEffect::NoExecute })
@@ -550,7 +560,11 @@ mod tests {
     fn valid_specs_pass() {
         let mut spec = agent();
         spec.node_labels.insert("tenant.hexabase.ai/acme".into(), "true".into());
-        spec.node_taints.push(Taint { key: "hexabase.ai/dedicated".into(), value: String::new(), effect: TaintEffect::NoSchedule });
+        spec.node_taints.push(Taint {
+            key: "hexabase.ai/dedicated".into(),
+            value: String::new(),
+            effect: TaintEffect::NoSchedule,
+        });
         spec.kubelet_args.insert("eviction-hard".into(), "memory.available<500Mi,nodefs.available<10%".into());
         spec.environment.insert("https_proxy".into(), "http://proxy:3128".into());
         spec.environment.insert("CONTAINERD_LOG_LEVEL".into(), "debug".into());

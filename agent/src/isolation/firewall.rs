@@ -306,7 +306,7 @@ fn targets_our_chain(rule: &str) -> bool {
 
 /// The canonical spelling of one rule (without `-A <chain>`), as `iptables-save` prints it: long
 /// options shortened, single addresses with `/32`, protocol numbers as names, conntrack states
-/// sorted, values with spaces in double quotes. Applied to both sides of every comparison.
+/// in iptables' order, values with spaces in double quotes. Applied to both sides of every comparison.
 pub fn normalize_rule(rule: &str) -> String {
     let tokens = tokenize(rule);
     let mut out: Vec<String> = Vec::with_capacity(tokens.len());
@@ -337,8 +337,10 @@ pub fn normalize_rule(rule: &str) -> String {
                 other => other.to_ascii_lowercase(),
             },
             "--ctstate" | "--state" => {
-                let mut states: Vec<&str> = v.split(',').collect();
-                states.sort_unstable();
+                // In the order iptables prints them.
+                const ORDER: [&str; 7] = ["INVALID", "NEW", "RELATED", "ESTABLISHED", "UNTRACKED", "SNAT", "DNAT"];
+                let mut states: Vec<String> = v.split(',').map(str::to_ascii_uppercase).collect();
+                states.sort_by_key(|s| (ORDER.iter().position(|o| o == s).unwrap_or(ORDER.len()), s.clone()));
                 states.join(",")
             }
             _ => v,
@@ -424,7 +426,7 @@ pub fn drift(desired: &Ruleset, current: &Ruleset) -> Drift {
                 if have.kind != want.kind {
                     let _ = write!(item, " is {} instead of {},", have.kind, want.kind);
                 }
-                let _ = write!(item, " {} members missing{}", missing.len(), sample(&missing));
+                let _ = write!(item, " members {} missing{}", missing.len(), sample(&missing));
                 let _ = write!(item, ", {} unexpected{}", extra.len() + have.other_entries.len(), sample(&extra));
                 items.push(item);
             }
@@ -441,7 +443,7 @@ pub fn drift(desired: &Ruleset, current: &Ruleset) -> Drift {
                 items.push(if missing + extra == 0 {
                     format!("chain {chain}: rules out of order")
                 } else {
-                    format!("chain {chain}: {missing} rules missing, {extra} unexpected")
+                    format!("chain {chain}: rules {missing} missing, {extra} unexpected")
                 });
             }
             Some(_) => {}

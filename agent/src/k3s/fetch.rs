@@ -122,7 +122,7 @@ pub enum FetchError {
     Truncated { url: String, received: u64, expected: u64 },
     #[error("{url} is larger than the {limit}-byte limit for this file")]
     TooLarge { url: String, limit: u64 },
-    #[error("gave up on {url} after {attempts} attempts: {last}")]
+    #[error("gave up after {attempts} attempts: {last}")]
     GaveUp { url: String, attempts: u32, last: Box<FetchError> },
     #[error("the checksum file {listing} has no sha256 for {file}: is {file} published for this architecture?")]
     NoChecksum { listing: String, file: String },
@@ -153,7 +153,7 @@ impl FetchError {
     }
 }
 
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> FetchError + 'a {
     move |error| FetchError::Io { action, path: path.to_path_buf(), error }
 }
 
@@ -292,7 +292,13 @@ impl Fetcher {
         Err(FetchError::ChecksumMismatch { what: what.to_string(), expected: expected.to_string(), actual })
     }
 
-    async fn download_verified(&self, url: &str, version: &str, staged: &Path, expected: &str) -> Result<(), FetchError> {
+    async fn download_verified(
+        &self,
+        url: &str,
+        version: &str,
+        staged: &Path,
+        expected: &str,
+    ) -> Result<(), FetchError> {
         let mut fresh_retry_left = true;
         loop {
             let attempt = self.with_retries(url, || self.download_once(url, version, staged)).await?;
@@ -346,10 +352,16 @@ impl Fetcher {
                 what: "no response",
                 after: self.policy.response_timeout,
             }),
+            Ok(Err(e)) if e.is_timeout() && e.is_connect() => Err(FetchError::Timeout {
+                url: url.to_string(),
+                what: "no connection",
+                after: self.policy.connect_timeout,
+            }),
+            // reqwest's read timeout, which is the idle timeout, can expire before ours.
             Ok(Err(e)) if e.is_timeout() => Err(FetchError::Timeout {
                 url: url.to_string(),
-                what: "no connection or response",
-                after: self.policy.connect_timeout,
+                what: "no response",
+                after: self.policy.idle_timeout.min(self.policy.response_timeout),
             }),
             Ok(Err(e)) => Err(FetchError::Network { url: url.to_string(), message: error_chain(&e) }),
             Ok(Ok(response)) => Ok(response),
@@ -365,22 +377,17 @@ impl Fetcher {
         expected: Option<u64>,
     ) -> Result<Option<impl AsRef<[u8]> + use<>>, FetchError> {
         match tokio::time::timeout(self.policy.idle_timeout, response.chunk()).await {
-            Err(_) => Err(FetchError::Timeout {
-                url: url.to_string(),
-                what: "no data",
-                after: self.policy.idle_timeout,
-            }),
+            Err(_) => {
+                Err(FetchError::Timeout { url: url.to_string(), what: "no data", after: self.policy.idle_timeout })
+            }
             Ok(Ok(chunk)) => Ok(chunk),
-            Ok(Err(_)) if expected.is_some_and(|expected| received < expected) => Err(FetchError::Truncated {
-                url: url.to_string(),
-                received,
-                expected: expected.unwrap_or_default(),
-            }),
-            Ok(Err(e)) if e.is_timeout() => Err(FetchError::Timeout {
-                url: url.to_string(),
-                what: "no data",
-                after: self.policy.idle_timeout,
-            }),
+            // reqwest's read timeout is the idle timeout too.
+            Ok(Err(e)) if e.is_timeout() => {
+                Err(FetchError::Timeout { url: url.to_string(), what: "no data", after: self.policy.idle_timeout })
+            }
+            Ok(Err(_)) if expected.is_some_and(|expected| received < expected) => {
+                Err(FetchError::Truncated { url: url.to_string(), received, expected: expected.unwrap_or_default() })
+            }
             Ok(Err(e)) => Err(FetchError::Network { url: url.to_string(), message: error_chain(&e) }),
         }
     }
@@ -550,7 +557,10 @@ mod tests {
     #[test]
     fn release_file_names_follow_the_architecture() {
         assert_eq!((Arch::Amd64.binary_name(), Arch::Amd64.checksum_name().as_str()), ("k3s", "sha256sum-amd64.txt"));
-        assert_eq!((Arch::Arm64.binary_name(), Arch::Arm64.checksum_name().as_str()), ("k3s-arm64", "sha256sum-arm64.txt"));
+        assert_eq!(
+            (Arch::Arm64.binary_name(), Arch::Arm64.checksum_name().as_str()),
+            ("k3s-arm64", "sha256sum-arm64.txt")
+        );
         assert_eq!(
             Fetcher::url("https://github.com/k3s-io/k3s/releases/download/", "v1.35.5+k3s1", "k3s"),
             "https://github.com/k3s-io/k3s/releases/download/v1.35.5+k3s1/k3s"

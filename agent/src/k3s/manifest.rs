@@ -91,8 +91,9 @@ pub fn load(root: &Path) -> Result<Option<Manifest>, K3sError> {
 pub fn save(root: &Path, manifest: &Manifest) -> Result<(), K3sError> {
     let path = paths::under(root, Path::new(paths::MANIFEST));
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)
-            .map_err(|e| K3sError::Fs(fsutil::FsError { action: "create directory", path: dir.to_path_buf(), source: e }))?;
+        fs::create_dir_all(dir).map_err(|e| {
+            K3sError::Fs(fsutil::FsError { action: "create directory", path: dir.to_path_buf(), source: e })
+        })?;
     }
     let mut text = serde_json::to_string_pretty(manifest)
         .map_err(|e| K3sError::CorruptManifest { path: path.clone(), message: e.to_string() })?;

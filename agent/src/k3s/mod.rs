@@ -117,7 +117,7 @@ impl K3sOutcome {
     }
 }
 
-fn fs_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FsError + '_ {
+fn fs_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> FsError + 'a {
     move |source| FsError { action, path: path.to_path_buf(), source }
 }
 
@@ -132,7 +132,8 @@ pub async fn apply(
     systemd: &dyn Systemd,
     fetcher: &Fetcher,
 ) -> Result<K3sOutcome, K3sError> {
-    let span = tracing::info_span!("k3s_apply", role = %spec.role.kind(), version = %spec.version, action = ?spec.action);
+    let span =
+        tracing::info_span!("k3s_apply", role = %spec.role.kind(), version = %spec.version, action = ?spec.action);
     async {
         spec.validate()?;
         if spec.action == K3sAction::Uninstall {
@@ -201,8 +202,7 @@ async fn plan_binary(
         Some(m) => format!("k3s {} is left installed as it was", m.version),
         None => "nothing was installed".to_string(),
     };
-    let fetch_failed =
-        |error: FetchError| K3sError::Fetch { version: spec.version.clone(), error, kept: kept.clone() };
+    let fetch_failed = |error: FetchError| K3sError::Fetch { version: spec.version.clone(), error, kept: kept.clone() };
     let expected = fetcher.expected_sha256(root, &spec.artifacts, &spec.version).await.map_err(fetch_failed)?;
     let bin = paths::under(root, Path::new(paths::BINARY));
     if bin.exists() && hash_binary(&bin).await? == expected {
@@ -258,7 +258,12 @@ fn install_binary(staged: &Path, dest: &Path) -> Result<(), FsError> {
     result
 }
 
-async fn install(root: &Path, spec: &K3sSpec, systemd: &dyn Systemd, fetcher: &Fetcher) -> Result<K3sOutcome, K3sError> {
+async fn install(
+    root: &Path,
+    spec: &K3sSpec,
+    systemd: &dyn Systemd,
+    fetcher: &Fetcher,
+) -> Result<K3sOutcome, K3sError> {
     let installed = manifest::load(root)?;
     let role = spec.role.kind();
     let unit = render::unit_name(role);
@@ -347,7 +352,11 @@ async fn install(root: &Path, spec: &K3sSpec, systemd: &dyn Systemd, fetcher: &F
                 role,
                 unit: unit.to_string(),
                 version: spec.version.clone(),
-                binary: manifest::BinaryRecord { path: binary_path.clone(), sha256: binary.sha256().to_string(), stamp: None },
+                binary: manifest::BinaryRecord {
+                    path: binary_path.clone(),
+                    sha256: binary.sha256().to_string(),
+                    stamp: None,
+                },
                 files: intent_files,
                 dirs: dirs.clone(),
                 restart_pending: true,
@@ -465,12 +474,7 @@ fn uninstall(root: &Path, systemd: &dyn Systemd) -> Result<K3sOutcome, K3sError>
 
 /// K3s' state for the report: not installed (by the agent), failed (the unit is down or its state
 /// cannot be read), installing (up, Node not Ready yet) or running with its version.
-pub async fn observe(
-    root: &Path,
-    systemd: &dyn Systemd,
-    readiness: &dyn NodeReadiness,
-    node_name: &str,
-) -> K3sState {
+pub async fn observe(root: &Path, systemd: &dyn Systemd, readiness: &dyn NodeReadiness, node_name: &str) -> K3sState {
     let m = match manifest::load(root) {
         Ok(None) => return K3sState::NotInstalled,
         Ok(Some(m)) => m,

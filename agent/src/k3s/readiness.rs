@@ -64,25 +64,32 @@ pub async fn wait_ready(
 /// asked.
 #[derive(Debug, Default)]
 pub struct ScriptedReadiness {
-    inner: Mutex<(VecDeque<Result<bool, ReadinessError>>, Vec<(PathBuf, String)>)>,
+    inner: Mutex<Script>,
+}
+
+#[derive(Debug, Default)]
+struct Script {
+    answers: VecDeque<Result<bool, ReadinessError>>,
+    asked: Vec<(PathBuf, String)>,
 }
 
 impl ScriptedReadiness {
     pub fn new(answers: impl IntoIterator<Item = Result<bool, ReadinessError>>) -> ScriptedReadiness {
-        ScriptedReadiness { inner: Mutex::new((answers.into_iter().collect(), Vec::new())) }
+        ScriptedReadiness { inner: Mutex::new(Script { answers: answers.into_iter().collect(), asked: Vec::new() }) }
     }
 
     /// Every (kubeconfig, node) asked about, oldest first.
     pub fn asked(&self) -> Vec<(PathBuf, String)> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).asked.clone()
     }
 }
 
 impl NodeReadiness for ScriptedReadiness {
     fn node_ready<'a>(&'a self, kubeconfig: &'a Path, node_name: &'a str) -> ReadyFuture<'a> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.1.push((kubeconfig.to_path_buf(), node_name.to_string()));
-        let answer = if inner.0.len() > 1 { inner.0.pop_front() } else { inner.0.front().cloned() };
+        let mut script = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        script.asked.push((kubeconfig.to_path_buf(), node_name.to_string()));
+        let answer =
+            if script.answers.len() > 1 { script.answers.pop_front() } else { script.answers.front().cloned() };
         Box::pin(async move { answer.unwrap_or(Ok(false)) })
     }
 }

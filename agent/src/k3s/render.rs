@@ -73,7 +73,8 @@ fn taint_arg(taint: &Taint) -> String {
 
 /// `/etc/rancher/k3s/config.yaml`: one key per K3s flag, lists for the repeatable ones.
 pub fn config_yaml(spec: &K3sSpec) -> String {
-    let mut out = String::from("# Written by hexa-agent from this node's desired state. Local edits are overwritten.\n");
+    let mut out =
+        String::from("# Written by hexa-agent from this node's desired state. Local edits are overwritten.\n");
     let mut scalar = |key: &str, value: String| {
         out.push_str(key);
         out.push_str(": ");
@@ -177,7 +178,10 @@ fn env_value(value: &str) -> String {
 /// `/etc/systemd/system/<unit>.env`: the service's environment (proxies, `K3S_*`,
 /// `CONTAINERD_*`), mode 0600 as the installer makes it.
 pub fn env_file(spec: &K3sSpec) -> String {
-    let mut out = format!("# Environment of {}, written by hexa-agent. Local edits are overwritten.\n", unit_name(spec.role.kind()));
+    let mut out = format!(
+        "# Environment of {}, written by hexa-agent. Local edits are overwritten.\n",
+        unit_name(spec.role.kind())
+    );
     for (key, value) in &spec.environment {
         out.push_str(key);
         out.push('=');

@@ -77,11 +77,8 @@ pub fn release_files(version: &str) -> BTreeMap<String, Vec<u8>> {
     let mut files = BTreeMap::new();
     for (arch, binary) in [("amd64", "k3s"), ("arm64", "k3s-arm64")] {
         let bytes = stand_in(version, arch);
-        let listing = format!(
-            "{}  {binary}\n{}  k3s-airgap-images-{arch}.tar.zst\n",
-            sha256_hex(&bytes),
-            sha256_hex(b"images")
-        );
+        let listing =
+            format!("{}  {binary}\n{}  k3s-airgap-images-{arch}.tar.zst\n", sha256_hex(&bytes), sha256_hex(b"images"));
         files.insert(format!("{version}/{binary}"), bytes);
         files.insert(format!("{version}/sha256sum-{arch}.txt"), listing.into_bytes());
     }
@@ -252,7 +249,11 @@ pub fn agent_spec(source: ArtifactSource, version: &str) -> K3sSpec {
     };
     spec.node_labels.insert("hexabase.ai/pool".into(), "dedicated".into());
     spec.node_labels.insert("tenant.hexabase.ai/acme".into(), "true".into());
-    spec.node_taints.push(Taint { key: "hexabase.ai/dedicated".into(), value: "acme".into(), effect: TaintEffect::NoSchedule });
+    spec.node_taints.push(Taint {
+        key: "hexabase.ai/dedicated".into(),
+        value: "acme".into(),
+        effect: TaintEffect::NoSchedule,
+    });
     spec.kubelet_args.insert("system-reserved".into(), "cpu=500m,memory=1Gi".into());
     spec.kubelet_args.insert("kube-reserved".into(), "cpu=250m,memory=512Mi".into());
     spec.kubelet_args.insert("eviction-hard".into(), "memory.available<500Mi,nodefs.available<10%".into());

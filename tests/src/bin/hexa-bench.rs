@@ -6,6 +6,9 @@
 //!   floor any agent on this transport pays).
 //! - `link-latency [--nodes N] [--reports N]`: enrollment latency and report round trip on
 //!   loopback, against a plain QUIC request/echo of the same size on the same machine.
+//! - `placement [--nodes 1000,10000] [--tenants-per-node 10] [--seed 1]`: our placement against
+//!   first-fit-decreasing and Kubernetes' LeastAllocated and MostAllocated scoring, on the same
+//!   synthetic fleets.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +44,15 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         reports: usize,
     },
+    Placement {
+        /// Fleet sizes, comma separated
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        nodes: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        tenants_per_node: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Internal: the baseline process of agent-footprint.
     QuicFloor {
         #[arg(long)]
@@ -56,6 +68,7 @@ fn main() -> anyhow::Result<()> {
     hexa_shared::install_crypto_provider();
     let args = Args::parse();
     match args.command {
+        Command::Placement { nodes, tenants_per_node, seed } => placement(&nodes, tenants_per_node, seed),
         Command::QuicFloor { addr, pin, token } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(quic_floor(addr, pin.parse()?, token))
@@ -66,11 +79,26 @@ fn main() -> anyhow::Result<()> {
                 match command {
                     Command::AgentFootprint { seconds, bin_dir } => agent_footprint(seconds, bin_dir).await,
                     Command::LinkLatency { nodes, reports } => link_latency(nodes, reports).await,
-                    Command::QuicFloor { .. } => unreachable!("handled above"),
+                    Command::QuicFloor { .. } | Command::Placement { .. } => unreachable!("handled above"),
                 }
             })
         }
     }
+}
+
+/// Every algorithm on the same seeded fleet, one JSON line each. Single-threaded: one core.
+fn placement(fleets: &[usize], tenants_per_node: usize, seed: u64) -> anyhow::Result<()> {
+    use hexa_coordinator::placement::bench::{Algorithm, run_case};
+    for &nodes in fleets {
+        for algorithm in Algorithm::ALL {
+            let figures = run_case(algorithm, nodes, nodes * tenants_per_node, seed)?;
+            let mut line = serde_json::to_value(&figures)?;
+            line["bench"] = json!("placement");
+            line["algorithm"] = json!(algorithm.name());
+            println!("{line}");
+        }
+    }
+    Ok(())
 }
 
 fn sample_report(seq: u64) -> AgentMessage {
