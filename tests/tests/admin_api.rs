@@ -133,6 +133,37 @@ async fn hexactl_manages_tokens_and_lists_nodes() {
     assert_eq!(nodes[0]["name"], "ctl-node");
     assert!(nodes[0]["capacity"]["cpu_millis"].as_u64().unwrap() > 0);
 
+    // Tenants and nodes through the CLI.
+    let (ok, table, err) = hexactl(&["tenant", "create", "cli-t", "--cpu", "500m", "--memory", "1Gi", "--pods", "10"]);
+    assert!(ok, "{err}");
+    let row = table.lines().find(|l| l.starts_with("cli-t")).unwrap();
+    assert!(row.contains("shared") && row.contains("Deploying") && row.contains("ctl-node"), "{row}");
+    let (ok, _, err) = hexactl(&["tenant", "create", "cli-u"]);
+    assert!(!ok && err.contains("needs --cpu"), "{err}");
+    let (ok, _, err) = hexactl(&["tenant", "create", "cli-u", "--cpu", "lots", "--memory", "1Gi"]);
+    assert!(!ok && err.contains("millicores"), "{err}");
+    let (ok, table, _) = hexactl(&["tenant", "set-plan", "cli-t", "--plan", "dedicated", "--class", "S"]);
+    assert!(ok);
+    assert!(table.contains("Provisioning") && table.contains("1 x S"), "{table}");
+    let (ok, table, _) = hexactl(&["provisioning"]);
+    assert!(ok && table.lines().any(|l| l.starts_with("cli-t") && l.contains(" S ")), "{table}");
+    let (ok, json_out, _) = hexactl(&["-o", "json", "tenant", "list"]);
+    assert!(ok);
+    let tenants: Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(tenants[0]["plan"]["kind"], "dedicated");
+    let (ok, _, _) = hexactl(&["tenant", "delete", "cli-t"]);
+    assert!(ok);
+    let (ok, _, err) = hexactl(&["tenant", "get", "cli-t"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    let (ok, table, _) = hexactl(&["node", "cordon", "ctl-node"]);
+    assert!(ok && table.contains("ctl-node"), "{table}");
+    let (ok, _, err) = hexactl(&["tenant", "create", "cli-v", "--cpu", "1", "--memory", "1Gi"]);
+    assert!(!ok && err.contains("409"), "cordoned: {err}");
+    let (ok, _, _) = hexactl(&["node", "uncordon", "ctl-node"]);
+    assert!(ok);
+    let (ok, _, err) = hexactl(&["node", "drain", "ghost"]);
+    assert!(!ok && err.contains("no node named \"ghost\""), "{err}");
+
     // A coordinator that is not there is named, with what to do.
     let out = Command::new(bin("hexactl"))
         .args(["--server", "http://127.0.0.1:9", "nodes"])

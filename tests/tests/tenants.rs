@@ -136,8 +136,23 @@ async fn shares_leave_a_lost_node_and_a_drained_node_and_generations_only_move_o
     let later: BTreeMap<String, u64> = c.admin.nodes().await.into_iter().map(|n| (n.name, n.spec_generation)).collect();
     assert_eq!(generations, later);
 
-    // The agent of one of acme's nodes dies: once its node is Lost, its share moves to the idle node.
-    let victim = on[0].clone();
+    // Drain one of acme's nodes: its share moves to the idle node and the drained node is empty.
+    let drained = on[0].clone();
+    let (status, body) = c.admin.request(Method::POST, &format!("/v1/nodes/{drained}/drain"), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["cordoned"], true);
+    assert_eq!(body["tenants"], json!([]), "the drained node holds nothing");
+    let acme = tenant(&c.admin, "acme").await;
+    assert_eq!(acme.phase, Phase::Deploying);
+    assert!(nodes_of(&acme).contains(&idle.to_string()) && nodes_of(&acme).contains(&on[1]), "{:?}", nodes_of(&acme));
+    // Cordoned: no new shares. A tenant that needs three nodes no longer fits.
+    let (status, body) = create(&c.admin, "wide", shared(300, 1, 3)).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = c.admin.request(Method::POST, &format!("/v1/nodes/{drained}/uncordon"), None).await;
+    assert_eq!(status, 200);
+
+    // The agent of one of acme's nodes dies: once its node is Lost, its share moves to the free node.
+    let victim = on[1].clone();
     let index = agents.iter().position(|a| a.config.node_name == victim).unwrap();
     agents.remove(index).stop().await;
     let moved = eventually(Duration::from_secs(20), "acme's share off the lost node", async || {
@@ -145,29 +160,19 @@ async fn shares_leave_a_lost_node_and_a_drained_node_and_generations_only_move_o
         (!nodes_of(&t).contains(&victim)).then_some(t)
     })
     .await;
-    assert_eq!(c.admin.node(&victim).await.unwrap().health, Health::Lost, "moved only after Lost");
-    assert!(nodes_of(&moved).contains(&idle.to_string()), "{:?}", nodes_of(&moved));
-    assert!(nodes_of(&moved).contains(&on[1]), "the other share stayed put");
+    assert_eq!(c.admin.node(&victim).await.unwrap().health, Health::Lost, "moved only once Lost");
+    assert!(nodes_of(&moved).contains(&drained), "{:?}", nodes_of(&moved));
+    assert!(nodes_of(&moved).contains(&idle.to_string()), "the other share stayed put");
     assert_eq!(moved.phase, Phase::Deploying);
-    let idle_view = c.admin.node(idle).await.unwrap();
-    assert_eq!(idle_view.tenants.iter().map(|a| a.tenant.as_str()).collect::<Vec<_>>(), ["acme"]);
+    let view = c.admin.node(&drained).await.unwrap();
+    assert_eq!(view.tenants.iter().map(|a| a.tenant.as_str()).collect::<Vec<_>>(), ["acme"]);
 
-    // Drain one of acme's live nodes: no room elsewhere for a 2nd share (distinct nodes), so it
-    // stays and acme is Degraded with the reason; a tenant that can move does.
-    let (status, body) = create(&c.admin, "small", shared(200, 1, 1)).await;
-    assert_eq!(status, 201, "{body}");
-    let small_node = nodes_of(&serde_json::from_value(body).unwrap())[0].clone();
-    let (status, body) = c.admin.request(Method::POST, &format!("/v1/nodes/{small_node}/drain"), None).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["cordoned"], true);
-    let small = tenant(&c.admin, "small").await;
-    assert_ne!(nodes_of(&small)[0], small_node, "small moved off the drained node");
-    let acme = tenant(&c.admin, "acme").await;
-    assert!(!nodes_of(&acme).contains(&small_node) || acme.phase == Phase::Degraded, "{acme:?}");
-    // The drained node holds nothing that could move, and gets nothing new while cordoned.
+    // With one node lost and one cordoned, a spread of 2 has nowhere to go.
+    let (status, _) = c.admin.request(Method::POST, &format!("/v1/nodes/{drained}/cordon"), None).await;
+    assert_eq!(status, 200);
     let (status, body) = create(&c.admin, "later", shared(200, 1, 2)).await;
-    assert_eq!(status, 409, "only one schedulable live node is left for a spread of 2: {body}");
-    let (status, _) = c.admin.request(Method::POST, &format!("/v1/nodes/{small_node}/uncordon"), None).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, _) = c.admin.request(Method::POST, &format!("/v1/nodes/{drained}/uncordon"), None).await;
     assert_eq!(status, 200);
     let (status, body) = create(&c.admin, "later", shared(200, 1, 2)).await;
     assert_eq!(status, 201, "{body}");

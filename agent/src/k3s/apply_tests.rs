@@ -66,6 +66,18 @@ async fn fresh_install(role: RoleKind) {
     assert!(!record.restart_pending);
 }
 
+#[test]
+fn apply_can_be_spawned_on_a_multi_threaded_runtime() {
+    fn is_send<T: Send>(_: &T) {}
+    testkit::init();
+    let (systemd, fetcher) = (RecordingSystemd::new(), testkit::fetcher(quick_policy()));
+    let spec = server_spec(ArtifactSource::default(), V2);
+    let future = apply(Path::new("/nonexistent"), &spec, &systemd, &fetcher);
+    is_send(&future);
+    let readiness = ScriptedReadiness::new([]);
+    is_send(&observe(Path::new("/nonexistent"), &systemd, &readiness, "n1"));
+}
+
 #[tokio::test]
 async fn fresh_install_of_a_server() {
     fresh_install(RoleKind::Server).await;
@@ -92,8 +104,8 @@ async fn systemd_analyze_verify_accepts_the_installed_units() {
         // systemd-analyze refuses a unit whose ExecStart does not exist: point it at the installed
         // stand-in. (The `-` of ExecStartPre=-/sbin/modprobe tolerates a missing modprobe.)
         let bin = root.path().join("usr/local/bin/k3s");
-        let text =
-            read(root.path(), &format!("/etc/systemd/system/{unit}")).replace(paths::BINARY, &bin.display().to_string());
+        let text = read(root.path(), &format!("/etc/systemd/system/{unit}"))
+            .replace(paths::BINARY, &bin.display().to_string());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(unit);
         std::fs::write(&path, text).unwrap();

@@ -37,6 +37,9 @@ pub struct Manifest {
     pub dirs: Vec<PathBuf>,
     /// The files changed and the service has not been restarted since.
     pub restart_pending: bool,
+    /// The unit of the previous role while a reinstall replaces it: still to be stopped and
+    /// disabled if the reinstall was interrupted.
+    pub retiring_unit: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

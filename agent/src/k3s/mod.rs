@@ -300,7 +300,10 @@ async fn install(
         .collect();
     let old_files = installed.as_ref().map(|m| m.files.clone()).unwrap_or_default();
     let stale: Vec<PathBuf> = old_files.keys().filter(|p| !records.contains_key(*p)).cloned().collect();
-    let old_unit = installed.as_ref().map(|m| m.unit.clone()).filter(|u| u != unit);
+    let old_unit = installed
+        .as_ref()
+        .and_then(|m| m.retiring_unit.clone().or_else(|| Some(m.unit.clone())))
+        .filter(|u| u != unit);
     let replacing = matches!(binary, BinaryPlan::Replace { .. });
 
     // What K3s runs with differs from what it was last (re)started with.
@@ -360,6 +363,7 @@ async fn install(
                 files: intent_files,
                 dirs: dirs.clone(),
                 restart_pending: true,
+                retiring_unit: old_unit.clone(),
             },
         )?;
     }
@@ -425,6 +429,7 @@ async fn install(
         files: records,
         dirs,
         restart_pending: false,
+        retiring_unit: None,
     };
     if installed.as_ref() != Some(&applied) {
         manifest::save(root, &applied)?;
@@ -440,9 +445,11 @@ fn uninstall(root: &Path, systemd: &dyn Systemd) -> Result<K3sOutcome, K3sError>
         return Ok(K3sOutcome::new(K3sChange::NothingToUninstall));
     };
     let mut outcome = K3sOutcome::new(K3sChange::Uninstalled);
-    systemd.stop(&m.unit)?;
-    if paths::under(root, &Path::new(paths::SYSTEMD_DIR).join(&m.unit)).exists() {
-        systemd.disable(&m.unit)?;
+    for unit in m.retiring_unit.iter().chain([&m.unit]) {
+        systemd.stop(unit)?;
+        if paths::under(root, &Path::new(paths::SYSTEMD_DIR).join(unit)).exists() {
+            systemd.disable(unit)?;
+        }
     }
     let files: BTreeSet<&PathBuf> = m.files.keys().chain([&m.binary.path]).collect();
     for path in files {

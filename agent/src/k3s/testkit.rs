@@ -15,11 +15,9 @@ use hexa_shared::k3s::{ArtifactSource, JoinToken, K3sRole, K3sSpec};
 
 use super::fetch::{Arch, FetchPolicy, Fetcher};
 
-/// Installs the TLS crypto provider (reqwest's client needs one even for plain http) and a log
-/// subscriber that the test harness captures.
+/// Installs the TLS crypto provider: reqwest's client needs one even for plain http.
 pub fn init() {
     hexa_shared::install_crypto_provider();
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("debug").try_init();
 }
 
 /// A stand-in `k3s`: a shell script that says which version it is. Long enough that a truncated
