@@ -343,6 +343,38 @@ async fn a_role_change_is_refused_unless_the_spec_says_reinstall() {
 }
 
 #[tokio::test]
+async fn an_interrupted_reinstall_finishes_on_the_next_apply() {
+    testkit::init();
+    let server = ArtifactServer::start(&[V2]).await;
+    let systemd = RecordingSystemd::new();
+    let root = installed(&server_spec(server.source(), V2), &systemd).await;
+    let fetcher = testkit::fetcher(quick_policy());
+    let reinstall = K3sSpec { action: K3sAction::Reinstall, ..agent_spec(server.source(), V2) };
+    systemd.fail_restarts(Some("Job for k3s-agent.service failed"));
+
+    apply(root.path(), &reinstall, &systemd, &fetcher).await.unwrap_err();
+    let record = super::installed(root.path()).unwrap().unwrap();
+    assert_eq!((record.retiring_unit.as_deref(), record.restart_pending), (Some("k3s.service"), true));
+    systemd.fail_restarts(None);
+    systemd.take_calls();
+
+    let outcome = apply(root.path(), &reinstall, &systemd, &fetcher).await.unwrap();
+    assert_eq!(outcome.restarted.as_deref(), Some("k3s-agent.service"));
+    // The old unit's file is already gone: stop it again, nothing to disable; reload since the
+    // record still listed the old unit's files.
+    assert_eq!(
+        systemd.take_calls(),
+        [
+            SystemdCall::Stop("k3s.service".into()),
+            SystemdCall::DaemonReload,
+            SystemdCall::Restart("k3s-agent.service".into())
+        ]
+    );
+    let record = super::installed(root.path()).unwrap().unwrap();
+    assert_eq!((record.retiring_unit, record.restart_pending), (None, false));
+}
+
+#[tokio::test]
 async fn a_config_change_rewrites_only_the_config_and_restarts() {
     testkit::init();
     let server = ArtifactServer::start(&[V2]).await;

@@ -300,10 +300,8 @@ async fn install(
         .collect();
     let old_files = installed.as_ref().map(|m| m.files.clone()).unwrap_or_default();
     let stale: Vec<PathBuf> = old_files.keys().filter(|p| !records.contains_key(*p)).cloned().collect();
-    let old_unit = installed
-        .as_ref()
-        .and_then(|m| m.retiring_unit.clone().or_else(|| Some(m.unit.clone())))
-        .filter(|u| u != unit);
+    let old_unit =
+        installed.as_ref().and_then(|m| m.retiring_unit.clone().or_else(|| Some(m.unit.clone()))).filter(|u| u != unit);
     let replacing = matches!(binary, BinaryPlan::Replace { .. });
 
     // What K3s runs with differs from what it was last (re)started with.
@@ -393,8 +391,7 @@ async fn install(
     }
     if let Some(old_unit) = &old_unit {
         info!(unit = %old_unit, "stopping the unit of the previous role");
-        systemd.stop(old_unit)?;
-        systemd.disable(old_unit)?;
+        retire(root, systemd, old_unit)?;
     }
     for path in &stale {
         let host = paths::under(root, path);
@@ -437,6 +434,16 @@ async fn install(
     Ok(outcome)
 }
 
+/// Stops `unit` and, while its unit file is there, disables it (systemctl cannot disable a unit
+/// whose file is gone, and an interrupted apply may already have removed it).
+fn retire(root: &Path, systemd: &dyn Systemd, unit: &str) -> Result<(), K3sError> {
+    systemd.stop(unit)?;
+    if paths::under(root, &Path::new(paths::SYSTEMD_DIR).join(unit)).exists() {
+        systemd.disable(unit)?;
+    }
+    Ok(())
+}
+
 /// Stops and disables the unit, removes the files the manifest lists, the agent's leftover
 /// downloads and the directories it created (when empty), then the manifest.
 fn uninstall(root: &Path, systemd: &dyn Systemd) -> Result<K3sOutcome, K3sError> {
@@ -446,10 +453,7 @@ fn uninstall(root: &Path, systemd: &dyn Systemd) -> Result<K3sOutcome, K3sError>
     };
     let mut outcome = K3sOutcome::new(K3sChange::Uninstalled);
     for unit in m.retiring_unit.iter().chain([&m.unit]) {
-        systemd.stop(unit)?;
-        if paths::under(root, &Path::new(paths::SYSTEMD_DIR).join(unit)).exists() {
-            systemd.disable(unit)?;
-        }
+        retire(root, systemd, unit)?;
     }
     let files: BTreeSet<&PathBuf> = m.files.keys().chain([&m.binary.path]).collect();
     for path in files {
