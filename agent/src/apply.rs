@@ -1,13 +1,18 @@
-//! Applying a `NodeSpec` to this node. The same function serves the link (every spec the
-//! coordinator pushes), agent start-up (re-enforcing the last spec before any connection) and
-//! `hexa-agent apply`.
+//! Applying a `NodeSpec` to this node. The same [`Applier`] serves the link (every spec the
+//! coordinator pushes), agent start-up (re-enforcing the last spec) and `hexa-agent apply`.
 //!
-//! What a spec asks of the node grows with the product (K3s, isolation); today it is the node's
-//! pool, labels and taints, which are validated and recorded as the node's desired state.
+//! A spec is checked, then its K3s part is applied (install, upgrade, reconfigure or uninstall,
+//! doing nothing when the node already matches), and only then is it recorded as the node's
+//! applied state: a spec that failed is not claimed as applied.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hexa_shared::k3s::K3sState;
 use hexa_shared::names::validate_node_name;
 use hexa_shared::spec::NodeSpec;
 
+use crate::k3s::{self, Fetcher, K3sError, NodeReadiness, Systemd};
 use crate::state::{StateDir, StateError};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +25,36 @@ pub enum ApplyError {
     BadLabel { key: String, value: String },
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("k3s: {0}")]
+    K3s(#[from] K3sError),
+}
+
+/// Everything applying a spec touches on this node.
+#[derive(Debug, Clone)]
+pub struct Applier {
+    pub state: StateDir,
+    /// Filesystem root K3s is installed under (`/` in production; a temp dir in tests).
+    pub root: PathBuf,
+    pub systemd: Arc<dyn Systemd>,
+    pub readiness: Arc<dyn NodeReadiness>,
+    pub fetcher: Arc<Fetcher>,
+}
+
+impl Applier {
+    /// Checks `spec`, makes the node match it, and records it as applied.
+    pub async fn apply(&self, spec: &NodeSpec) -> Result<(), ApplyError> {
+        check(spec)?;
+        if let Some(k3s_spec) = &spec.k3s {
+            let outcome = k3s::apply(&self.root, k3s_spec, self.systemd.as_ref(), &self.fetcher).await?;
+            tracing::info!(generation = spec.generation, change = ?outcome.change, "k3s applied");
+        }
+        record(&self.state, spec)
+    }
+
+    /// K3s on this node now: not installed, installing, running (its Node is Ready) or failed.
+    pub async fn k3s_state(&self, node_name: &str) -> K3sState {
+        k3s::observe(&self.root, self.systemd.as_ref(), self.readiness.as_ref(), node_name).await
+    }
 }
 
 fn valid_label_value(value: &str) -> bool {
@@ -39,8 +74,8 @@ fn valid_label_key(key: &str) -> bool {
     prefix_ok && !name.is_empty() && valid_label_value(name)
 }
 
-/// Checks a spec and makes it this node's applied state.
-pub fn apply(state: &StateDir, spec: &NodeSpec) -> Result<(), ApplyError> {
+/// Checks what a spec asks for before anything acts on it.
+pub fn check(spec: &NodeSpec) -> Result<(), ApplyError> {
     if spec.generation == 0 {
         return Err(ApplyError::ZeroGeneration);
     }
@@ -50,6 +85,11 @@ pub fn apply(state: &StateDir, spec: &NodeSpec) -> Result<(), ApplyError> {
             return Err(ApplyError::BadLabel { key: key.clone(), value: value.clone() });
         }
     }
+    Ok(())
+}
+
+/// Records `spec` as the applied state (written only when it differs from the recorded one).
+pub fn record(state: &StateDir, spec: &NodeSpec) -> Result<(), ApplyError> {
     if state.load_spec()?.as_ref() != Some(spec) {
         state.save_spec(spec)?;
     }
@@ -60,6 +100,11 @@ pub fn apply(state: &StateDir, spec: &NodeSpec) -> Result<(), ApplyError> {
 mod tests {
     use super::*;
     use hexa_shared::names::Pool;
+
+    fn apply(state: &StateDir, spec: &NodeSpec) -> Result<(), ApplyError> {
+        check(spec)?;
+        record(state, spec)
+    }
 
     #[test]
     fn specs_are_checked_and_recorded_once() {

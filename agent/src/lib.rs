@@ -10,11 +10,12 @@ pub mod link;
 pub mod state;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rand::Rng;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::warn;
 
 use hexa_shared::pki::{CaHash, PkiError};
 use hexa_shared::proto::Refusal;
@@ -46,16 +47,42 @@ pub enum AgentError {
     Socket(std::io::Error),
 }
 
-/// Where the collector reads the node from; tests point these at fixture trees.
+/// The node as the agent touches it: where the collector reads it from, the filesystem root K3s
+/// is installed under, and the service manager. Tests point these at temporary trees and fakes.
 #[derive(Debug, Clone)]
-pub struct HostRoots {
+pub struct Host {
     pub proc_root: PathBuf,
     pub cgroup_root: PathBuf,
+    pub root: PathBuf,
+    pub systemd: Arc<dyn k3s::Systemd>,
+    pub readiness: Arc<dyn k3s::NodeReadiness>,
 }
 
-impl Default for HostRoots {
+impl Default for Host {
     fn default() -> Self {
-        HostRoots { proc_root: PathBuf::from("/proc"), cgroup_root: PathBuf::from("/sys/fs/cgroup") }
+        Host {
+            proc_root: PathBuf::from("/proc"),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            root: PathBuf::from("/"),
+            systemd: Arc::new(k3s::Systemctl::default()),
+            readiness: Arc::new(k3s::KubectlReadiness::under(Path::new("/"))),
+        }
+    }
+}
+
+impl Host {
+    /// The applier for this host, keeping applied specs in `state`.
+    pub fn applier(&self, state: StateDir) -> Result<apply::Applier, AgentError> {
+        let arch = k3s::Arch::of_this_machine().map_err(|e| AgentError::Config(e.to_string()))?;
+        let fetcher =
+            k3s::Fetcher::new(arch, k3s::FetchPolicy::default()).map_err(|e| AgentError::Config(e.to_string()))?;
+        Ok(apply::Applier {
+            state,
+            root: self.root.clone(),
+            systemd: self.systemd.clone(),
+            readiness: self.readiness.clone(),
+            fetcher: Arc::new(fetcher),
+        })
     }
 }
 
@@ -67,7 +94,7 @@ async fn resolve(address: &str) -> Result<SocketAddr, AgentError> {
 }
 
 /// Runs the agent until `shutdown` turns true.
-pub async fn run(config: AgentConfig, roots: HostRoots, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let state = StateDir::open(&config.state_dir)?;
     let addr = resolve(&config.coordinator).await?;
     let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
@@ -75,15 +102,10 @@ pub async fn run(config: AgentConfig, roots: HostRoots, mut shutdown: watch::Rec
         .map_err(|_| AgentError::Config("unreachable: literal bind address".into()))?;
     let endpoint = quinn::Endpoint::client(bind).map_err(AgentError::Socket)?;
 
-    // Fail-static: whatever the coordinator last asked for is enforced before any connection.
+    // Fail-static: whatever the coordinator last asked for is enforced again before anything else
+    // (the link starts by re-applying it).
     let applied = state.load_spec()?;
-    if let Some(spec) = &applied {
-        if let Err(e) = apply::apply(&state, spec) {
-            warn!(generation = spec.generation, error = %e, "cannot re-apply the last spec");
-        } else {
-            info!(generation = spec.generation, "re-applied the last spec");
-        }
-    }
+    let applier = host.applier(state.clone())?;
 
     if !state.is_enrolled() {
         if config.token.is_empty() || config.ca_hash.is_empty() {
@@ -115,8 +137,8 @@ pub async fn run(config: AgentConfig, roots: HostRoots, mut shutdown: watch::Rec
     }
 
     let collector = Collector::new(CollectorSettings {
-        proc_root: roots.proc_root,
-        cgroup_root: roots.cgroup_root,
+        proc_root: host.proc_root.clone(),
+        cgroup_root: host.cgroup_root.clone(),
         ephemeral_path: config.ephemeral_path.clone(),
         reserved: Resources {
             cpu_millis: config.reserved.cpu_millis,
@@ -127,7 +149,7 @@ pub async fn run(config: AgentConfig, roots: HostRoots, mut shutdown: watch::Rec
         eviction_memory_bytes: config.eviction_memory_bytes,
         max_pods: config.max_pods,
     });
-    let mut link = link::Link { endpoint: endpoint.clone(), addr, state, collector, applied, seq: 0 };
+    let mut link = link::Link::new(endpoint.clone(), addr, state, collector, applier, applied);
     let result = link.run(shutdown).await;
     endpoint.close(hexa_shared::proto::close_code::DONE.into(), b"agent stopping");
     // Let the close frame leave before the socket goes.

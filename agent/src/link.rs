@@ -16,10 +16,19 @@ use hexa_shared::report::CapacityReport;
 use hexa_shared::spec::{AppliedStatus, ApplyOutcome, NodeSpec};
 use hexa_shared::wire::{self, FrameError};
 
+use hexa_shared::k3s::K3sState;
+use tokio::task::JoinHandle;
+
 use crate::AgentError;
+use crate::apply::Applier;
 use crate::collector::Collector;
 use crate::enroll::new_key_and_csr;
 use crate::state::StateDir;
+
+/// A spec whose apply failed is tried again after this long.
+const APPLY_RETRY: Duration = Duration::from_secs(30);
+/// K3s state is looked at this often (it runs `systemctl` and `kubectl`).
+const K3S_OBSERVE_EVERY: Duration = Duration::from_secs(15);
 
 /// First reconnect delay; doubles per failed attempt up to [`BACKOFF_MAX`].
 pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
@@ -75,19 +84,72 @@ enum SessionEnd {
     Shutdown,
 }
 
+type ApplyJob = JoinHandle<(NodeSpec, Result<(), String>)>;
+
 #[derive(Debug)]
 pub struct Link {
-    pub endpoint: quinn::Endpoint,
-    pub addr: SocketAddr,
-    pub state: StateDir,
-    pub collector: Collector,
-    pub applied: Option<NodeSpec>,
-    pub seq: u64,
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    state: StateDir,
+    collector: Collector,
+    applier: Applier,
+    applied: Option<NodeSpec>,
+    seq: u64,
+    /// The apply running now. Applies run beside the link so that a long K3s download never
+    /// stops reports.
+    applying: Option<ApplyJob>,
+    /// The newest spec that arrived while another was being applied.
+    queued: Option<NodeSpec>,
+    /// A spec whose apply failed, and when to try it again.
+    retry: Option<(NodeSpec, Instant)>,
+    /// Apply results the coordinator has not been told yet (the link may drop meanwhile).
+    unsent: Vec<AppliedStatus>,
+    k3s_state: K3sState,
+    observing: Option<JoinHandle<K3sState>>,
+    observed_at: Option<Instant>,
+}
+
+/// Waits for a background job, or forever when there is none (for use in `select!`).
+async fn finished<T>(job: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match job {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Link {
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        addr: SocketAddr,
+        state: StateDir,
+        collector: Collector,
+        applier: Applier,
+        applied: Option<NodeSpec>,
+    ) -> Link {
+        Link {
+            endpoint,
+            addr,
+            state,
+            collector,
+            applier,
+            applied,
+            seq: 0,
+            applying: None,
+            queued: None,
+            retry: None,
+            unsent: Vec::new(),
+            k3s_state: K3sState::NotInstalled,
+            observing: None,
+            observed_at: None,
+        }
+    }
+
     /// Keeps the link up until `shutdown` turns true. Only errors no retry can fix end it early.
     pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+        // Fail-static: the last applied spec is enforced again at once, coordinator or not.
+        if let Some(spec) = self.applied.clone() {
+            self.start_apply(spec);
+        }
         let mut attempt = 0u32;
         loop {
             match self.session(&mut shutdown).await? {
@@ -208,12 +270,7 @@ impl Link {
                     Some(Err(e)) => return Ok(SessionEnd::Dropped(close_reason(conn).unwrap_or_else(|| e.to_string()))),
                     Some(Ok(CoordinatorMessage::Spec(spec))) => {
                         last_heard = Instant::now();
-                        let status = self.apply(*spec);
-                        if let Err(e) = wire::write_frame(send, &AgentMessage::Applied(status)).await {
-                            return Ok(SessionEnd::Dropped(e.to_string()));
-                        }
-                        // The applied generation changed: report at once rather than at the next tick.
-                        report_now = true;
+                        self.accept_spec(*spec);
                     }
                     Some(Ok(CoordinatorMessage::ReportAck { seq })) => {
                         last_heard = Instant::now();
@@ -235,8 +292,27 @@ impl Link {
                     }
                     Some(Ok(other)) => debug!(?other, "ignoring unexpected message"),
                 },
+                result = finished(&mut self.applying) => {
+                    self.applying = None;
+                    self.apply_finished(result);
+                    // The applied generation changed: report at once rather than at the next tick.
+                    report_now = true;
+                }
+                state = finished(&mut self.observing) => {
+                    self.observing = None;
+                    let state = state.unwrap_or_else(|e| K3sState::Failed { reason: format!("observing k3s failed: {e}") });
+                    report_now = state != self.k3s_state;
+                    self.k3s_state = state;
+                }
                 _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
             }
+            for status in std::mem::take(&mut self.unsent) {
+                if let Err(e) = wire::write_frame(send, &AgentMessage::Applied(status.clone())).await {
+                    self.unsent.push(status);
+                    return Ok(SessionEnd::Dropped(e.to_string()));
+                }
+            }
+            self.background_work();
             if report_now {
                 if let Some(report) = self.report() {
                     sent_at = Some((report.seq, Instant::now()));
@@ -256,28 +332,74 @@ impl Link {
         }
     }
 
-    /// Applies a spec: records it as the state this node keeps while the coordinator is away.
-    fn apply(&mut self, spec: NodeSpec) -> AppliedStatus {
+    /// Takes a spec from the coordinator: applied now, or after the one being applied.
+    fn accept_spec(&mut self, spec: NodeSpec) {
         let generation = spec.generation;
         if self.applied.as_ref().is_some_and(|current| current.generation > generation) {
             warn!(generation, "ignoring a spec older than the one applied");
-            return AppliedStatus {
+            self.unsent.push(AppliedStatus {
                 generation,
                 outcome: ApplyOutcome::Failed { reason: "older than the applied generation".into() },
-            };
+            });
+            return;
         }
-        let outcome = match crate::apply::apply(&self.state, &spec) {
-            Ok(()) => {
-                info!(generation, "spec applied");
+        self.retry = None;
+        if self.applying.is_some() {
+            self.queued = Some(spec);
+        } else {
+            self.start_apply(spec);
+        }
+    }
+
+    fn start_apply(&mut self, spec: NodeSpec) {
+        let applier = self.applier.clone();
+        info!(generation = spec.generation, "applying spec");
+        self.k3s_state = if spec.k3s.is_some() { K3sState::Installing } else { self.k3s_state.clone() };
+        self.applying = Some(tokio::spawn(async move {
+            let result = applier.apply(&spec).await.map_err(|e| e.to_string());
+            (spec, result)
+        }));
+    }
+
+    fn apply_finished(&mut self, result: Result<(NodeSpec, Result<(), String>), tokio::task::JoinError>) {
+        let (generation, outcome) = match result {
+            Ok((spec, Ok(()))) => {
+                info!(generation = spec.generation, "spec applied");
+                let generation = spec.generation;
                 self.applied = Some(spec);
-                ApplyOutcome::Applied
+                (generation, ApplyOutcome::Applied)
             }
-            Err(e) => {
-                warn!(generation, error = %e, "cannot apply spec");
-                ApplyOutcome::Failed { reason: e.to_string() }
+            Ok((spec, Err(reason))) => {
+                warn!(generation = spec.generation, %reason, retry_in_s = APPLY_RETRY.as_secs(), "cannot apply spec");
+                let generation = spec.generation;
+                if self.queued.is_none() {
+                    self.retry = Some((spec, Instant::now() + APPLY_RETRY));
+                }
+                (generation, ApplyOutcome::Failed { reason })
             }
+            Err(e) => (0, ApplyOutcome::Failed { reason: format!("apply task failed: {e}") }),
         };
-        AppliedStatus { generation, outcome }
+        self.unsent.push(AppliedStatus { generation, outcome });
+        // Look at K3s again now that it may have changed.
+        self.observed_at = None;
+    }
+
+    /// Starts what is due: a queued or retried apply, a look at K3s.
+    fn background_work(&mut self) {
+        if self.applying.is_none() {
+            if let Some(spec) = self.queued.take() {
+                self.start_apply(spec);
+            } else if let Some((spec, _)) = self.retry.take_if(|(_, at)| *at <= Instant::now()) {
+                self.start_apply(spec);
+            }
+        }
+        let due = self.observed_at.is_none_or(|at| at.elapsed() >= K3S_OBSERVE_EVERY);
+        if due && self.applying.is_none() && self.observing.is_none() {
+            self.observed_at = Some(Instant::now());
+            let applier = self.applier.clone();
+            let node = self.applied.as_ref().map(|s| s.node_name.clone()).unwrap_or_default();
+            self.observing = Some(tokio::spawn(async move { applier.k3s_state(&node).await }));
+        }
     }
 
     /// The next report, or `None` when the node cannot be sampled: a report of made-up figures
@@ -300,6 +422,7 @@ impl Link {
             usage: sample.usage,
             cgroup_limits: sample.cgroup_limits,
             applied_generation: self.applied.as_ref().map_or(0, |s| s.generation),
+            k3s: self.k3s_state.clone(),
         })
     }
 }

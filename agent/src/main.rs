@@ -73,23 +73,13 @@ fn main() -> anyhow::Result<()> {
     hexa_shared::logging::init(config.log_format);
 
     if let Some(Command::Apply { spec, root }) = args.command {
-        let text = std::fs::read_to_string(&spec).with_context(|| format!("reading {}", spec.display()))?;
-        let spec: hexa_shared::spec::NodeSpec =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a NodeSpec", spec.display()))?;
-        let state_dir = match root {
-            Some(root) => root.join(config.state_dir.strip_prefix("/").unwrap_or(&config.state_dir)),
-            None => config.state_dir.clone(),
-        };
-        let state = hexa_agent::state::StateDir::open(&state_dir)?;
-        hexa_agent::apply::apply(&state, &spec)?;
-        println!("applied generation {}", spec.generation);
-        return Ok(());
+        return apply_once(&config, &spec, root);
     }
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let mut agent = tokio::spawn(hexa_agent::run(config, hexa_agent::HostRoots::default(), stopped));
+        let mut agent = tokio::spawn(hexa_agent::run(config, hexa_agent::Host::default(), stopped));
         tokio::select! {
             result = &mut agent => return result.context("agent task")?.map_err(anyhow::Error::from),
             signal = wait_for_signal() => signal?,
@@ -99,6 +89,36 @@ fn main() -> anyhow::Result<()> {
         // The agent closes its link with a reason before the process ends.
         agent.await.context("agent task")?.map_err(anyhow::Error::from)
     })
+}
+
+/// `hexa-agent apply`: applies one spec and exits. Under `--root DIR` files go below DIR and the
+/// service manager is not touched: what it would have been asked is printed instead.
+fn apply_once(config: &AgentConfig, spec_path: &std::path::Path, root: Option<PathBuf>) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    let text = std::fs::read_to_string(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
+    let spec: hexa_shared::spec::NodeSpec =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a NodeSpec", spec_path.display()))?;
+    let recorder = Arc::new(hexa_agent::k3s::RecordingSystemd::new());
+    let (host, state_dir) = match &root {
+        Some(root) => {
+            let host = hexa_agent::Host {
+                root: root.clone(),
+                systemd: recorder.clone(),
+                readiness: Arc::new(hexa_agent::k3s::KubectlReadiness::under(root)),
+                ..hexa_agent::Host::default()
+            };
+            (host, root.join(config.state_dir.strip_prefix("/").unwrap_or(&config.state_dir)))
+        }
+        None => (hexa_agent::Host::default(), config.state_dir.clone()),
+    };
+    let applier = host.applier(hexa_agent::state::StateDir::open(&state_dir)?)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    runtime.block_on(applier.apply(&spec))?;
+    for call in recorder.calls() {
+        println!("would run: systemctl {call:?}");
+    }
+    println!("applied generation {}", spec.generation);
+    Ok(())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

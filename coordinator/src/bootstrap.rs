@@ -198,11 +198,16 @@ pub fn hashes_equal(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Writes a new admin token to `<state-dir>/admin.token` (0600) and returns its hash for the store.
-pub fn create_admin_token(state_dir: &Path) -> Result<String, BootstrapError> {
+/// 256 random bits as hex.
+pub fn random_secret() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill(&mut bytes);
-    let token = hex::encode(bytes);
+    hex::encode(bytes)
+}
+
+/// Writes a new admin token to `<state-dir>/admin.token` (0600) and returns its hash for the store.
+pub fn create_admin_token(state_dir: &Path) -> Result<String, BootstrapError> {
+    let token = random_secret();
     fsutil::write_atomic(&state_dir.join(ADMIN_TOKEN_FILE), format!("{token}\n").as_bytes(), SECRET_MODE)?;
     Ok(sha256_hex(&token))
 }

@@ -42,6 +42,48 @@ pub struct CoordinatorConfig {
     pub log_format: LogFormat,
     /// Overcommit, headroom and the dedicated node classes.
     pub placement: PlacementConfig,
+    /// K3s on the nodes: whether agents install it, which version, from where.
+    pub k3s: K3sSettings,
+}
+
+/// How the coordinator has agents run K3s. Roles follow pools: nodes of the `server` pool run the
+/// K3s server (the first one enrolled initialises the cluster), every other node a K3s agent.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct K3sSettings {
+    /// Install and run K3s on the nodes. Off: agents leave K3s alone.
+    pub manage: bool,
+    /// K3s release, e.g. `v1.35.5+k3s1`.
+    pub version: String,
+    /// Where agents download K3s: a server laid out like K3s' GitHub releases.
+    pub artifact_base: String,
+    /// A directory present on every node with the release files, instead of downloading.
+    pub airgap_dir: String,
+    /// The URL K3s agents and joining servers use, `https://HOST:6443`. Empty: the address the
+    /// first server connects to the coordinator from.
+    pub server_url: String,
+    /// Extra kubelet flags (without leading dashes), e.g. reservations and eviction thresholds.
+    pub kubelet_args: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for K3sSettings {
+    fn default() -> Self {
+        K3sSettings {
+            manage: true,
+            version: hexa_shared::k3s::DEFAULT_VERSION.to_string(),
+            artifact_base: hexa_shared::k3s::DEFAULT_RELEASE_BASE.to_string(),
+            airgap_dir: String::new(),
+            server_url: String::new(),
+            kubelet_args: [
+                ("system-reserved", "cpu=250m,memory=512Mi"),
+                ("kube-reserved", "cpu=250m,memory=512Mi"),
+                ("eviction-hard", "memory.available<100Mi"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        }
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -57,6 +99,7 @@ impl Default for CoordinatorConfig {
             token_ttl: Duration::from_secs(3600),
             log_format: LogFormat::Text,
             placement: PlacementConfig::default(),
+            k3s: K3sSettings::default(),
         }
     }
 }

@@ -277,10 +277,19 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
                 load,
                 age(n.last_report_age_ms),
                 format!("{}/{}", n.applied_generation.map_or("-".into(), |g| g.to_string()), n.spec_generation),
+                match &n.k3s {
+                    None | Some(hexa_shared::k3s::K3sState::NotInstalled) => "-".into(),
+                    Some(hexa_shared::k3s::K3sState::Installing) => "installing".into(),
+                    Some(hexa_shared::k3s::K3sState::Running { version }) => version.clone(),
+                    Some(hexa_shared::k3s::K3sState::Failed { .. }) => "failed".into(),
+                },
             ]
         })
         .collect();
-    table(&["NAME", "POOL", "HEALTH", "CPU ALLOC/CAP", "MEMORY", "EPHEMERAL", "LOAD", "LAST REPORT", "SPEC"], &rows)
+    table(
+        &["NAME", "POOL", "HEALTH", "CPU ALLOC/CAP", "MEMORY", "EPHEMERAL", "LOAD", "LAST REPORT", "SPEC", "K3S"],
+        &rows,
+    )
 }
 
 pub fn tenants_table(tenants: &[Tenant]) -> String {

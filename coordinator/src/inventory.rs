@@ -15,10 +15,12 @@ use hexa_shared::report::{CapacityReport, Resources, Usage};
 use hexa_shared::spec::{AppliedStatus, ApplyOutcome, NodeSpec, TenantAllocation};
 
 use crate::bootstrap::{CertificateAuthority, hashes_equal, parse_token, sha256_hex};
+use crate::config::K3sSettings;
 use crate::metrics::Metrics;
 use crate::placement;
 use crate::store::{Health, NodeRecord, Store, StoreError, TokenState};
 use crate::tokens::now_unix;
+use hexa_shared::k3s::{ArtifactSource, JoinToken, K3sRole, K3sSpec};
 
 /// Thresholds that turn silence into health.
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +79,8 @@ pub struct NodeView {
     pub capacity: Option<Resources>,
     pub allocatable: Option<Resources>,
     pub usage: Option<Usage>,
+    /// K3s on the node, as its latest report says.
+    pub k3s: Option<hexa_shared::k3s::K3sState>,
 }
 
 #[derive(Debug)]
@@ -87,6 +91,62 @@ pub struct Inventory {
     node_cert_validity: Duration,
     nodes: Mutex<BTreeMap<String, NodeEntry>>,
     metrics: Arc<Metrics>,
+    k3s: K3sPlan,
+}
+
+/// What every node's K3s spec is derived from.
+#[derive(Debug, Clone)]
+pub struct K3sPlan {
+    pub settings: K3sSettings,
+    /// The cluster's join token. It leaves the coordinator only inside NodeSpecs, on mTLS links.
+    pub token: JoinToken,
+}
+
+impl K3sPlan {
+    /// K3s for `record`, given every node: the earliest-enrolled server initialises the cluster,
+    /// the rest join it. `None` when K3s is not managed, or when the node must join a cluster
+    /// whose address is not known yet (the first server has not connected).
+    fn spec_for(&self, record: &NodeRecord, nodes: &BTreeMap<String, NodeEntry>) -> Option<K3sSpec> {
+        if !self.settings.manage {
+            return None;
+        }
+        let first_server = nodes
+            .values()
+            .map(|e| &e.record)
+            .filter(|r| r.pool == Pool::Server)
+            .min_by_key(|r| (r.enrolled_at_unix, r.name.clone()));
+        let url = if self.settings.server_url.is_empty() {
+            first_server.and_then(|s| s.address).map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => format!("https://{v4}:6443"),
+                std::net::IpAddr::V6(v6) => format!("https://[{v6}]:6443"),
+            })
+        } else {
+            Some(self.settings.server_url.clone())
+        };
+        let role = match (&record.pool, first_server) {
+            (Pool::Server, Some(first)) if first.name == record.name => {
+                K3sRole::Server { cluster_init: true, server_url: None }
+            }
+            (Pool::Server, _) => K3sRole::Server { cluster_init: false, server_url: Some(url?) },
+            _ => K3sRole::Agent { server_url: url? },
+        };
+        // Registration labels and taints come from the pool only: tenant labels change often and
+        // are applied through the API, where changing them restarts nothing.
+        let pool_spec = NodeSpec::for_pool(&record.name, &record.pool, 0);
+        let mut spec = K3sSpec::new(role);
+        spec.token = Some(self.token.clone());
+        spec.version = self.settings.version.clone();
+        spec.node_name = Some(record.name.clone());
+        spec.node_labels = pool_spec.labels;
+        spec.node_taints = pool_spec.taints;
+        spec.kubelet_args = self.settings.kubelet_args.clone();
+        spec.artifacts = if self.settings.airgap_dir.is_empty() {
+            ArtifactSource::Url { base: self.settings.artifact_base.clone() }
+        } else {
+            ArtifactSource::AirGap { dir: self.settings.airgap_dir.clone().into() }
+        };
+        Some(spec)
+    }
 }
 
 fn refusal(code: RefusalCode, message: impl Into<String>) -> Refusal {
@@ -108,6 +168,7 @@ impl Inventory {
         thresholds: HealthThresholds,
         node_cert_validity: Duration,
         metrics: Arc<Metrics>,
+        k3s: K3sPlan,
     ) -> Result<Inventory, StoreError> {
         let now = Instant::now();
         let mut nodes = BTreeMap::new();
@@ -123,7 +184,51 @@ impl Inventory {
                 NodeEntry { record, last_report: None, silent_since: now, links: 0, applied: None, spec_tx },
             );
         }
-        Ok(Inventory { store, ca, thresholds, node_cert_validity, nodes: Mutex::new(nodes), metrics })
+        let inventory = Inventory { store, ca, thresholds, node_cert_validity, nodes: Mutex::new(nodes), metrics, k3s };
+        // The K3s settings may have changed since the last run.
+        inventory.respec_all(&mut inventory.nodes())?;
+        Ok(inventory)
+    }
+
+    /// Recomputes `name`'s desired state from its record, `tenants` (or the ones it has) and the
+    /// fleet; persists and pushes a new generation only when the content changed.
+    fn respec(
+        &self,
+        nodes: &mut BTreeMap<String, NodeEntry>,
+        name: &str,
+        tenants: Option<Vec<TenantAllocation>>,
+    ) -> Result<(), StoreError> {
+        let Some(entry) = nodes.get(name) else { return Ok(()) };
+        let current = &entry.record.spec;
+        let tenants = tenants.unwrap_or_else(|| current.tenants.clone());
+        let k3s = self.k3s.spec_for(&entry.record, nodes);
+        let wanted = NodeSpec::build(name, &entry.record.pool, current.generation + 1, tenants).with_k3s(k3s);
+        if current.same_content(&wanted) {
+            return Ok(());
+        }
+        let mut record = entry.record.clone();
+        record.spec = wanted;
+        self.store.put_node(&record)?;
+        tracing::info!(
+            node = name,
+            generation = record.spec.generation,
+            tenants = record.spec.tenants.len(),
+            k3s = record.spec.k3s.is_some(),
+            "desired state changed"
+        );
+        if let Some(entry) = nodes.get_mut(name) {
+            entry.spec_tx.send_replace(record.spec.clone());
+            entry.record = record;
+        }
+        Ok(())
+    }
+
+    fn respec_all(&self, nodes: &mut BTreeMap<String, NodeEntry>) -> Result<(), StoreError> {
+        let names: Vec<String> = nodes.keys().cloned().collect();
+        for name in names {
+            self.respec(nodes, &name, None)?;
+        }
+        Ok(())
     }
 
     fn nodes(&self) -> MutexGuard<'_, BTreeMap<String, NodeEntry>> {
@@ -200,6 +305,7 @@ impl Inventory {
                 spec: NodeSpec::build(&name, &token.pool, generation, tenants),
                 cordoned: previous.as_ref().is_some_and(|p| p.cordoned),
                 node_class: token.node_class.clone(),
+                address: None,
             };
             tx.put_node(&record)?;
             token.state = TokenState::Used { node: name, at_unix: now };
@@ -235,12 +341,24 @@ impl Inventory {
                 nodes.insert(entry.record.name.clone(), entry);
             }
         }
+        // A new server can change who joins where; anyone else only needs its own K3s spec.
+        let result = if enrolled.pool == Pool::Server {
+            self.respec_all(&mut nodes)
+        } else {
+            self.respec(&mut nodes, &enrolled.node_name, None)
+        };
+        result.map_err(Refusal::from)?;
         Ok(enrolled)
     }
 
     /// Checks that `serial` is the certificate `name` must present, and returns its pool and a
     /// subscription to its desired state.
-    pub fn admit_link(&self, name: &str, serial: &str) -> Result<(Pool, watch::Receiver<NodeSpec>), Refusal> {
+    pub fn admit_link(
+        &self,
+        name: &str,
+        serial: &str,
+        address: std::net::IpAddr,
+    ) -> Result<(Pool, watch::Receiver<NodeSpec>), Refusal> {
         let mut nodes = self.nodes();
         let entry = nodes.get_mut(name).ok_or_else(|| {
             refusal(RefusalCode::CertificateSuperseded, format!("node {name} is not enrolled here; enroll it again"))
@@ -260,7 +378,16 @@ impl Inventory {
             ));
         }
         entry.links += 1;
-        Ok((entry.record.pool.clone(), entry.spec_tx.subscribe()))
+        let admitted = (entry.record.pool.clone(), entry.spec_tx.subscribe());
+        if entry.record.address != Some(address) {
+            entry.record.address = Some(address);
+            self.store.put_node(&entry.record)?;
+            if entry.record.pool == Pool::Server {
+                // The first server's address is where the others join.
+                self.respec_all(&mut nodes)?;
+            }
+        }
+        Ok(admitted)
     }
 
     pub fn link_closed(&self, name: &str) {
@@ -370,6 +497,7 @@ impl Inventory {
             capacity: report.map(|(r, _)| r.capacity),
             allocatable: report.map(|(r, _)| r.allocatable),
             usage: report.map(|(r, _)| r.usage),
+            k3s: report.map(|(r, _)| r.k3s.clone()),
         }
     }
 
@@ -399,25 +527,7 @@ impl Inventory {
     /// Makes `tenants` the allocations in `name`'s desired state. The spec gets a new generation
     /// (persisted, then pushed to the node) only when its content changes.
     pub fn set_tenants(&self, name: &str, tenants: Vec<TenantAllocation>) -> Result<(), StoreError> {
-        let mut nodes = self.nodes();
-        let Some(entry) = nodes.get_mut(name) else { return Ok(()) };
-        let current = &entry.record.spec;
-        let wanted = NodeSpec::build(name, &entry.record.pool, current.generation + 1, tenants);
-        if current.same_content(&wanted) {
-            return Ok(());
-        }
-        let mut record = entry.record.clone();
-        record.spec = wanted;
-        self.store.put_node(&record)?;
-        tracing::info!(
-            node = name,
-            generation = record.spec.generation,
-            tenants = record.spec.tenants.len(),
-            "desired state changed"
-        );
-        entry.spec_tx.send_replace(record.spec.clone());
-        entry.record = record;
-        Ok(())
+        self.respec(&mut self.nodes(), name, Some(tenants))
     }
 
     /// Every node as placement sees it: Ready or not, cordoned or not, allocatable and live

@@ -89,6 +89,17 @@ fn admin_token_hash(config: &CoordinatorConfig, store: &Store) -> Result<String,
     Ok(hash)
 }
 
+/// The K3s cluster's join token: made on first start, then kept in the state database (in the
+/// coordinator's private state directory), because every K3s node must present the same one.
+fn k3s_join_token(store: &Store) -> Result<hexa_shared::k3s::JoinToken, StartError> {
+    if let Some(token) = store.meta::<String>("k3s_join_token")? {
+        return Ok(hexa_shared::k3s::JoinToken::new(token));
+    }
+    let token = bootstrap::random_secret();
+    store.set_meta("k3s_join_token", &token)?;
+    Ok(hexa_shared::k3s::JoinToken::new(token))
+}
+
 pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
     config.validate().map_err(StartError::Config)?;
     fsutil::ensure_private_dir(&config.state_dir)?;
@@ -101,8 +112,15 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
     let admin_token_sha256 = admin_token_hash(&config, &store)?;
     let metrics = Arc::new(Metrics::default());
     let thresholds = HealthThresholds { unreachable_after: config.unreachable_after, lost_after: config.lost_after };
-    let inventory =
-        Arc::new(Inventory::load(store.clone(), ca.clone(), thresholds, config.node_cert_validity, metrics.clone())?);
+    let k3s = inventory::K3sPlan { settings: config.k3s.clone(), token: k3s_join_token(&store)? };
+    let inventory = Arc::new(Inventory::load(
+        store.clone(),
+        ca.clone(),
+        thresholds,
+        config.node_cert_validity,
+        metrics.clone(),
+        k3s,
+    )?);
 
     let tenants = Arc::new(
         tenants::Tenants::load(

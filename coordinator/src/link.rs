@@ -185,7 +185,7 @@ async fn serve_link(conn: quinn::Connection, ctx: &LinkContext, mut shutdown: wa
     let node = identity.common_name.clone();
     let span = info_span!("link", %node);
     async {
-        let (pool, spec_rx) = match ctx.inventory.admit_link(&node, &identity.serial) {
+        let (pool, spec_rx) = match ctx.inventory.admit_link(&node, &identity.serial, conn.remote_address().ip()) {
             Ok(admitted) => admitted,
             Err(refusal) => {
                 return refuse(&conn, metrics, close_code::UNAUTHORIZED, &refusal.message, "certificate_superseded");

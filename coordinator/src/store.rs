@@ -114,6 +114,9 @@ pub struct NodeRecord {
     /// Class of a dedicated node, from its bootstrap token.
     #[serde(default)]
     pub node_class: Option<String>,
+    /// The address the node's link last came from (the K3s server URL of the first server).
+    #[serde(default)]
+    pub address: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone)]

@@ -169,20 +169,17 @@ impl fmt::Debug for JoinToken {
 }
 
 /// K3s on a node, as the agent reports it.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum K3sState {
+    #[default]
     NotInstalled,
     /// Installed and started; the node's Node object is not Ready yet.
     Installing,
     /// The Node object is Ready.
-    Running {
-        version: String,
-    },
+    Running { version: String },
     /// The last apply failed, or the service is down; `reason` says why and what to do.
-    Failed {
-        reason: String,
-    },
+    Failed { reason: String },
 }
 
 impl fmt::Display for K3sState {

@@ -68,6 +68,8 @@ pub struct CapacityReport {
     pub cgroup_limits: CgroupLimits,
     /// Generation of the last spec the agent applied (0 when none).
     pub applied_generation: u64,
+    /// K3s on this node.
+    pub k3s: crate::k3s::K3sState,
 }
 
 #[cfg(test)]
@@ -126,6 +128,11 @@ pub(crate) mod strategies {
                     },
                     cgroup_limits: CgroupLimits { cpu_millis: limit, memory_bytes: limit },
                     applied_generation: generation,
+                    k3s: if generation % 2 == 0 {
+                        crate::k3s::K3sState::Running { version: "v1.35.5+k3s1".into() }
+                    } else {
+                        crate::k3s::K3sState::Failed { reason: format!("seq {seq}") }
+                    },
                 }
             })
     }

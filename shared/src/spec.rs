@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::k3s::K3sSpec;
 use crate::names::Pool;
 
 /// Label every node carries with its pool.
@@ -23,6 +24,8 @@ pub struct NodeSpec {
     pub taints: Vec<Taint>,
     /// Tenants with a share on this node and what the node must give each, sorted by tenant.
     pub tenants: Vec<TenantAllocation>,
+    /// K3s on this node; `None` when the coordinator does not manage K3s here.
+    pub k3s: Option<K3sSpec>,
 }
 
 /// One tenant's allocation on one node: the most its pods together may use here.
@@ -90,7 +93,20 @@ impl NodeSpec {
                 effect: TaintEffect::NoSchedule,
             });
         }
-        NodeSpec { generation, node_name: node_name.to_string(), pool: pool.clone(), labels, taints, tenants }
+        NodeSpec {
+            generation,
+            node_name: node_name.to_string(),
+            pool: pool.clone(),
+            labels,
+            taints,
+            tenants,
+            k3s: None,
+        }
+    }
+
+    /// The same spec with K3s managed as `k3s` says.
+    pub fn with_k3s(self, k3s: Option<K3sSpec>) -> NodeSpec {
+        NodeSpec { k3s, ..self }
     }
 
     /// True when `other` asks for the same state, whatever its generation.

@@ -21,6 +21,8 @@ pub fn fast_config(state_dir: PathBuf) -> CoordinatorConfig {
         report_interval: Duration::from_millis(300),
         unreachable_after: Duration::from_secs(1),
         lost_after: Duration::from_secs(3),
+        // Tests that exercise K3s turn it on with a local artifact server.
+        k3s: hexa_coordinator::config::K3sSettings { manage: false, ..Default::default() },
         ..CoordinatorConfig::default()
     }
 }
@@ -74,6 +76,19 @@ impl Coordinator {
     }
 }
 
+/// A host for an in-process agent: the real /proc and cgroups, but K3s goes under a directory
+/// beside the agent's state and systemd is a recording fake, so no test touches the machine's
+/// services.
+pub fn test_host(config: &AgentConfig) -> hexa_agent::Host {
+    let root = config.state_dir.with_extension("root");
+    hexa_agent::Host {
+        readiness: std::sync::Arc::new(hexa_agent::k3s::KubectlReadiness::under(&root)),
+        root,
+        systemd: std::sync::Arc::new(hexa_agent::k3s::RecordingSystemd::new()),
+        ..hexa_agent::Host::default()
+    }
+}
+
 #[derive(Debug)]
 pub struct Agent {
     pub config: AgentConfig,
@@ -84,7 +99,7 @@ pub struct Agent {
 impl Agent {
     pub fn spawn(config: AgentConfig) -> Agent {
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(hexa_agent::run(config.clone(), hexa_agent::HostRoots::default(), stopped));
+        let task = tokio::spawn(hexa_agent::run(config.clone(), test_host(&config), stopped));
         Agent { config, stop, task }
     }
 

@@ -57,6 +57,7 @@ fn report(seq: u64, claimed: &str, cpu_millis: u64) -> AgentMessage {
         usage: Default::default(),
         cgroup_limits: Default::default(),
         applied_generation: 0,
+        k3s: Default::default(),
     }))
 }
 

@@ -42,7 +42,7 @@ use hexa_shared::k3s::{K3sAction, K3sSpec, K3sSpecError, K3sState, RoleKind};
 
 pub use fetch::{Arch, FetchError, FetchPolicy, Fetcher};
 pub use manifest::Manifest;
-pub use readiness::{NodeReadiness, ReadinessError, ScriptedReadiness, wait_ready};
+pub use readiness::{KubectlReadiness, NodeReadiness, ReadinessError, ScriptedReadiness, wait_ready};
 pub use systemd::{RecordingSystemd, Systemctl, Systemd, SystemdCall, SystemdError};
 
 #[derive(Debug, thiserror::Error)]

@@ -120,3 +120,95 @@ mod tests {
         assert!(err.contains("node n1 is not Ready after 30ms (last seen: not Ready)"), "{err}");
     }
 }
+
+/// Asks the API server through the `kubectl` built into the installed `k3s` binary, with the
+/// node's own kubeconfig (the node authorizer lets a kubelet read its own Node).
+#[derive(Debug, Clone)]
+pub struct KubectlReadiness {
+    /// The `k3s` binary, e.g. `<root>/usr/local/bin/k3s`.
+    pub k3s: PathBuf,
+    /// How long one look may take.
+    pub timeout: Duration,
+}
+
+impl KubectlReadiness {
+    pub fn under(root: &Path) -> KubectlReadiness {
+        KubectlReadiness {
+            k3s: super::paths::under(root, Path::new(super::paths::BINARY)),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl NodeReadiness for KubectlReadiness {
+    fn node_ready<'a>(&'a self, kubeconfig: &'a Path, node_name: &'a str) -> ReadyFuture<'a> {
+        Box::pin(async move {
+            let unavailable = |message: String| ReadinessError::Unavailable {
+                node: node_name.to_string(),
+                kubeconfig: kubeconfig.to_path_buf(),
+                message,
+            };
+            let output = tokio::time::timeout(
+                self.timeout,
+                tokio::process::Command::new(&self.k3s)
+                    .arg("kubectl")
+                    .arg("--kubeconfig")
+                    .arg(kubeconfig)
+                    .args([
+                        "get",
+                        "node",
+                        node_name,
+                        "-o",
+                        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+                    ])
+                    .kill_on_drop(true)
+                    .output(),
+            )
+            .await
+            .map_err(|_| unavailable(format!("no answer within {:?}", self.timeout)))?
+            .map_err(|e| unavailable(format!("cannot run {}: {e}", self.k3s.display())))?;
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if output.status.success() {
+                Ok(stdout.trim() == "True")
+            } else if stderr.contains("NotFound") || stderr.contains("not found") {
+                Ok(false)
+            } else {
+                Err(unavailable(stderr.trim().to_string()))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod kubectl_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn stand_in(dir: &Path, script: &str) -> KubectlReadiness {
+        let path = dir.join("k3s");
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        KubectlReadiness { k3s: path, timeout: Duration::from_secs(5) }
+    }
+
+    #[tokio::test]
+    async fn kubectl_answers_become_readiness() {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        // The stand-in checks it was asked the right question.
+        let ready = stand_in(
+            dir.path(),
+            r#"[ "$1 $2 $4 $5 $6" = "kubectl --kubeconfig get node n1" ] && printf True || { echo "bad args: $*" >&2; exit 2; }"#,
+        );
+        assert_eq!(ready.node_ready(&kubeconfig, "n1").await, Ok(true));
+        assert!(matches!(ready.node_ready(&kubeconfig, "n2").await, Err(ReadinessError::Unavailable { .. })));
+        let not_ready = stand_in(dir.path(), "printf False");
+        assert_eq!(not_ready.node_ready(&kubeconfig, "n1").await, Ok(false));
+        let missing = stand_in(dir.path(), r#"echo 'Error from server (NotFound): nodes "n1" not found' >&2; exit 1"#);
+        assert_eq!(missing.node_ready(&kubeconfig, "n1").await, Ok(false));
+        let absent = KubectlReadiness { k3s: dir.path().join("nope"), timeout: Duration::from_secs(1) };
+        let err = absent.node_ready(&kubeconfig, "n1").await.unwrap_err().to_string();
+        assert!(err.contains("cannot run"), "{err}");
+    }
+}

@@ -111,6 +111,7 @@ fn sample_report(seq: u64) -> AgentMessage {
         usage: Default::default(),
         cgroup_limits: Default::default(),
         applied_generation: 1,
+        k3s: Default::default(),
     }))
 }
 
