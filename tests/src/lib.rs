@@ -6,6 +6,7 @@
 //! - [`admin`]: a small client for the admin API.
 
 pub mod admin;
+pub mod artifacts;
 pub mod inproc;
 pub mod procs;
 pub mod raw;

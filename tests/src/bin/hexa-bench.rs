@@ -6,6 +6,8 @@
 //!   floor any agent on this transport pays).
 //! - `link-latency [--nodes N] [--reports N]`: enrollment latency and report round trip on
 //!   loopback, against a plain QUIC request/echo of the same size on the same machine.
+//! - `k3s-noop [--iterations N]`: wall time of applying a K3s spec the node already matches,
+//!   against reading the files such an apply must compare (the least any check can do).
 //! - `placement [--nodes 1000,10000] [--tenants-per-node 10] [--seed 1]`: our placement against
 //!   first-fit-decreasing and Kubernetes' LeastAllocated and MostAllocated scoring, on the same
 //!   synthetic fleets.
@@ -44,6 +46,10 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         reports: usize,
     },
+    K3sNoop {
+        #[arg(long, default_value_t = 2000)]
+        iterations: usize,
+    },
     Placement {
         /// Fleet sizes, comma separated
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
@@ -79,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                 match command {
                     Command::AgentFootprint { seconds, bin_dir } => agent_footprint(seconds, bin_dir).await,
                     Command::LinkLatency { nodes, reports } => link_latency(nodes, reports).await,
+                    Command::K3sNoop { iterations } => k3s_noop(iterations).await,
                     Command::QuicFloor { .. } | Command::Placement { .. } => unreachable!("handled above"),
                 }
             })
@@ -98,6 +105,56 @@ fn placement(fleets: &[usize], tenants_per_node: usize, seed: u64) -> anyhow::Re
             println!("{line}");
         }
     }
+    Ok(())
+}
+
+async fn k3s_noop(iterations: usize) -> anyhow::Result<()> {
+    use hexa_agent::k3s::{self, Arch, FetchPolicy, Fetcher, RecordingSystemd};
+    use hexa_shared::k3s::{ArtifactSource, JoinToken, K3sRole, K3sSpec};
+    let releases = hexa_tests::artifacts::ReleaseServer::start(&["v1.35.5+k3s1"]).await;
+    let root = tempfile::tempdir()?;
+    let systemd = RecordingSystemd::new();
+    let fetcher = Fetcher::new(Arch::of_this_machine()?, FetchPolicy::default())?;
+    let mut spec = K3sSpec::new(K3sRole::Agent { server_url: "https://10.0.0.1:6443".into() });
+    spec.token = Some(JoinToken::new("0123456789abcdef0123456789abcdef"));
+    spec.node_name = Some("bench".into());
+    spec.node_labels.insert("hexabase.ai/pool".into(), "shared".into());
+    spec.kubelet_args.insert("system-reserved".into(), "cpu=250m,memory=512Mi".into());
+    spec.artifacts = ArtifactSource::Url { base: releases.base.clone() };
+    k3s::apply(root.path(), &spec, &systemd, &fetcher).await?;
+    systemd.take_calls();
+
+    let mut ours = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let began = Instant::now();
+        let outcome = k3s::apply(root.path(), &spec, &systemd, &fetcher).await?;
+        ours.push(began.elapsed());
+        anyhow::ensure!(outcome.written.is_empty() && outcome.restarted.is_none(), "not a no-op: {outcome:?}");
+    }
+    anyhow::ensure!(systemd.take_calls().is_empty(), "a no-op asked the service manager to act");
+    // Baseline: read every file the installed state consists of and stat the binary.
+    let files = [
+        "etc/rancher/k3s/config.yaml",
+        "etc/systemd/system/k3s-agent.service",
+        "etc/systemd/system/k3s-agent.service.env",
+    ];
+    let mut baseline = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let began = Instant::now();
+        for file in files {
+            std::hint::black_box(std::fs::read(root.path().join(file))?);
+        }
+        std::hint::black_box(std::fs::metadata(root.path().join("usr/local/bin/k3s"))?);
+        baseline.push(began.elapsed());
+    }
+    let (p50, line) = summary("k3s_noop_apply", "hexa no-op apply", ours);
+    println!("{line}");
+    let (base, line) = summary("k3s_noop_apply", "baseline: read the 3 files and stat the binary", baseline);
+    println!("{line}");
+    println!(
+        "{}",
+        json!({"bench": "k3s_noop_apply", "subject": "ratio p50", "ratio": (p50 / base * 100.0).round() / 100.0})
+    );
     Ok(())
 }
 
