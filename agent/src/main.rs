@@ -44,7 +44,8 @@ enum Command {
         /// The spec, as JSON
         #[arg(long, value_name = "FILE")]
         spec: PathBuf,
-        /// Treat DIR as the filesystem root (state goes under DIR/<state_dir>)
+        /// Treat DIR as the filesystem root (state goes under DIR/<state_dir>); systemd is not
+        /// touched: units are taken as running and the calls it would get are printed
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
     },
@@ -92,13 +93,17 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `hexa-agent apply`: applies one spec and exits. Under `--root DIR` files go below DIR and the
-/// service manager is not touched: what it would have been asked is printed instead.
+/// service manager is not touched: its units are taken as running, and what it would have been
+/// asked is printed instead.
 fn apply_once(config: &AgentConfig, spec_path: &std::path::Path, root: Option<PathBuf>) -> anyhow::Result<()> {
     use std::sync::Arc;
     let text = std::fs::read_to_string(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
     let spec: hexa_shared::spec::NodeSpec =
         serde_json::from_str(&text).with_context(|| format!("{} is not a NodeSpec", spec_path.display()))?;
     let recorder = Arc::new(hexa_agent::k3s::RecordingSystemd::new());
+    for unit in ["k3s.service", "k3s-agent.service"] {
+        recorder.set_active(unit, true);
+    }
     let (host, state_dir) = match &root {
         Some(root) => {
             let host = hexa_agent::Host {

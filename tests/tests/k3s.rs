@@ -71,3 +71,51 @@ async fn nodes_get_k3s_roles_from_their_pool_and_report_it_running() {
     server.stop().await;
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hexa_agent_apply_installs_under_a_root_once_and_then_does_nothing() {
+    use hexa_shared::k3s::{ArtifactSource, JoinToken, K3sRole, K3sSpec};
+    let releases = ReleaseServer::start(&["v1.35.5+k3s1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let mut k3s = K3sSpec::new(K3sRole::Server { cluster_init: true, server_url: None });
+    k3s.token = Some(JoinToken::new("0123456789abcdef0123456789abcdef"));
+    k3s.node_name = Some("debug-node".into());
+    k3s.artifacts = ArtifactSource::Url { base: releases.base.clone() };
+    let spec =
+        hexa_shared::spec::NodeSpec::for_pool("debug-node", &hexa_shared::names::Pool::Server, 4).with_k3s(Some(k3s));
+    let spec_file = dir.path().join("spec.json");
+    std::fs::write(&spec_file, serde_json::to_string(&spec).unwrap()).unwrap();
+    let empty = dir.path().join("agent.toml");
+    std::fs::write(&empty, "").unwrap();
+    let run = || {
+        let bin = hexa_tests::bin("hexa-agent");
+        let spec_file = spec_file.clone();
+        let root = root.clone();
+        let empty = empty.clone();
+        async move {
+            tokio::process::Command::new(bin)
+                .args(["--config", empty.to_str().unwrap(), "apply", "--spec", spec_file.to_str().unwrap()])
+                .args(["--root", root.to_str().unwrap()])
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let first = run().await;
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(first.status.success(), "{stdout}{}", String::from_utf8_lossy(&first.stderr));
+    assert!(stdout.contains("would run: systemctl Restart(\"k3s.service\")"), "{stdout}");
+    assert!(stdout.contains("applied generation 4"), "{stdout}");
+    assert!(root.join("usr/local/bin/k3s").exists());
+    assert!(root.join("var/lib/hexabase/agent/spec.json").exists(), "the spec is recorded under the root");
+    let second = run().await;
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success());
+    assert!(!stdout.contains("would run"), "a second apply asks nothing of systemd: {stdout}");
+    // A broken spec is refused with the reason, and nothing under the root changes.
+    std::fs::write(&spec_file, r#"{"generation": 5}"#).unwrap();
+    let bad = run().await;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a NodeSpec"));
+}
