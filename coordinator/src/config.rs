@@ -44,6 +44,8 @@ pub struct CoordinatorConfig {
     pub placement: PlacementConfig,
     /// K3s on the nodes: whether agents install it, which version, from where.
     pub k3s: K3sSettings,
+    /// The tenants' objects on the host K3s cluster.
+    pub hostcluster: crate::hostcluster::render::RenderSettings,
 }
 
 /// How the coordinator has agents run K3s. Roles follow pools: nodes of the `server` pool run the
@@ -100,6 +102,7 @@ impl Default for CoordinatorConfig {
             log_format: LogFormat::Text,
             placement: PlacementConfig::default(),
             k3s: K3sSettings::default(),
+            hostcluster: crate::hostcluster::render::RenderSettings::default(),
         }
     }
 }
@@ -128,6 +131,7 @@ impl CoordinatorConfig {
             return Err("node_cert_validity must be at least 10s".into());
         }
         self.placement.validate().map_err(|e| e.to_string())?;
+        self.hostcluster.validate()?;
         Ok(())
     }
 }

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod config;
 pub mod ctl;
+pub mod hostcluster;
 pub mod inventory;
 pub mod link;
 pub mod metrics;
