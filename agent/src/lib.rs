@@ -5,6 +5,7 @@ pub mod apply;
 pub mod collector;
 pub mod config;
 pub mod enroll;
+pub mod isolation;
 pub mod k3s;
 pub mod link;
 pub mod state;

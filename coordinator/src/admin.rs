@@ -102,6 +102,7 @@ impl From<TenantsError> for ApiError {
         let message = e.to_string();
         match e {
             TenantsError::NotFound(_) | TenantsError::NoNode(_) => ApiError::not_found(message),
+            TenantsError::StillDeleting(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
             TenantsError::Store(e) => internal(&e),
             TenantsError::Placement(p) => match p {
                 PlacementError::InvalidPlan { .. } => {

@@ -45,6 +45,8 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    HostCluster(#[from] hostcluster::reconcile::HostClusterError),
     #[error("cannot listen on {what} {addr}: {source}")]
     Listen { what: &'static str, addr: SocketAddr, source: std::io::Error },
 }
@@ -60,6 +62,7 @@ pub struct Running {
     pub admin_token_path: PathBuf,
     pub inventory: Arc<Inventory>,
     pub tenants: Arc<tenants::Tenants>,
+    pub host_cluster: Arc<hostcluster::reconcile::HostCluster>,
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -129,8 +132,18 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
             inventory.clone(),
             config.placement.clone(),
             Arc::new(tenants::RecordOnly),
+            config.hostcluster.mode != hostcluster::render::Mode::Off,
         )
         .map_err(|e| StartError::Config(e.to_string()))?,
+    );
+
+    let host_cluster = Arc::new(
+        hostcluster::reconcile::HostCluster::new(
+            config.hostcluster.clone(),
+            config.placement.node_classes.clone(),
+            tenants.clone(),
+        )
+        .await?,
     );
 
     let (chain, key) = ca.issue_server_cert()?;
@@ -199,6 +212,26 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         }
     }));
 
+    // Realisation on the host cluster: a pass every two report intervals (tenants that fail back off).
+    let realize = host_cluster.clone();
+    let mut realize_shutdown = shutdown_rx.clone();
+    let realize_every = config.report_interval * 2;
+    tasks.push(tokio::spawn(async move {
+        let mut interval = tokio::time::interval(realize_every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {
+                    let pass = realize.reconcile().await;
+                    if pass.writes > 0 || pass.failures > 0 {
+                        tracing::debug!(writes = pass.writes, failures = pass.failures, "host cluster pass");
+                    }
+                }
+                _ = realize_shutdown.changed() => break,
+            }
+        }
+    }));
+
     // The placement control loop: one reconcile per report interval.
     let reconcile_tenants = tenants.clone();
     let mut reconcile_shutdown = shutdown_rx;
@@ -225,6 +258,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         admin_token_path: config.state_dir.join(ADMIN_TOKEN_FILE),
         inventory,
         tenants,
+        host_cluster,
         metrics,
         shutdown,
         tasks,

@@ -25,6 +25,8 @@ pub enum TenantsError {
     NotFound(String),
     #[error("no node named {0:?}")]
     NoNode(String),
+    #[error("tenant {0} is still being deleted from the host cluster: wait until it is gone, or choose another name")]
+    StillDeleting(String),
 }
 
 /// Where requests for dedicated nodes go. The Proxmox provisioner implements it; without one,
@@ -63,6 +65,9 @@ pub struct Tenants {
     inventory: Arc<Inventory>,
     provisioner: Arc<dyn NodeProvisioner>,
     book: Mutex<Book>,
+    /// Deleted tenants stay listed as Deleting until their objects on the host cluster are gone
+    /// ([`Tenants::forget`]); without a host cluster to clean up they go at once.
+    keep_tombstones: bool,
 }
 
 fn now_ms() -> u64 {
@@ -116,14 +121,17 @@ impl Tenants {
         inventory: Arc<Inventory>,
         config: PlacementConfig,
         provisioner: Arc<dyn NodeProvisioner>,
+        keep_tombstones: bool,
     ) -> Result<Tenants, TenantsError> {
         config.validate()?;
         let tenants = store.tenants()?;
         let views: BTreeMap<String, placement::NodeView> =
             inventory.placement_views().into_iter().map(|v| (v.name.clone(), v)).collect();
-        let states = tenants.values().map(state_of).collect();
+        // Deleting tenants hold no capacity any more.
+        let states = tenants.values().filter(|t| t.phase != Phase::Deleting).map(state_of).collect();
         let placement = PlacementState::new(config, views.values().cloned().collect(), states)?;
-        let service = Tenants { store, inventory, provisioner, book: Mutex::new(Book { placement, tenants, views }) };
+        let book = Mutex::new(Book { placement, tenants, views });
+        let service = Tenants { store, inventory, provisioner, book, keep_tombstones };
         let book = service.book.try_lock().map_err(|_| StoreError::Db("tenant book busy at load".into()))?;
         let every_node: BTreeSet<String> = book.views.keys().cloned().collect();
         service.push_specs(&book, &every_node)?;
@@ -160,6 +168,9 @@ impl Tenants {
     /// Creates and places a tenant. It is acknowledged only once it is durably recorded.
     pub async fn create(&self, name: &str, plan: Plan) -> Result<Tenant, TenantsError> {
         let mut book = self.book.lock().await;
+        if book.tenants.get(name).is_some_and(|t| t.phase == Phase::Deleting) {
+            return Err(TenantsError::StillDeleting(name.to_string()));
+        }
         self.refresh_nodes(&mut book)?;
         let decision = book.placement.decide(&Request::Place { tenant: name.to_string(), plan })?;
         self.commit(&mut book, &decision)?;
@@ -170,6 +181,9 @@ impl Tenants {
     /// Resizes a tenant or moves it between the shared and dedicated plans.
     pub async fn change_plan(&self, name: &str, plan: Plan) -> Result<Tenant, TenantsError> {
         let mut book = self.book.lock().await;
+        if book.tenants.get(name).is_some_and(|t| t.phase == Phase::Deleting) {
+            return Err(TenantsError::StillDeleting(name.to_string()));
+        }
         self.refresh_nodes(&mut book)?;
         let decision = book.placement.decide(&Request::ChangePlan { tenant: name.to_string(), plan })?;
         self.commit(&mut book, &decision)?;
@@ -177,15 +191,83 @@ impl Tenants {
         book.tenants.get(name).cloned().ok_or_else(|| TenantsError::NotFound(name.to_string()))
     }
 
-    /// Deletes a tenant and frees everything it held; returns its last state.
+    /// Deletes a tenant and frees the capacity it held at once. With a host cluster to clean up,
+    /// the tenant stays listed as Deleting until [`forget`](Self::forget) says nothing is left.
     pub async fn delete(&self, name: &str) -> Result<Tenant, TenantsError> {
         let mut book = self.book.lock().await;
         let mut last = book.tenants.get(name).cloned().ok_or_else(|| TenantsError::NotFound(name.to_string()))?;
+        if last.phase == Phase::Deleting {
+            return Ok(last);
+        }
         let decision = book.placement.decide(&Request::Delete { tenant: name.to_string() })?;
         self.commit(&mut book, &decision)?;
-        tracing::info!(tenant = name, "tenant deleted");
         last.phase = Phase::Deleting;
+        last.placement = Default::default();
+        last.set_condition(
+            ConditionType::Deployed,
+            false,
+            reasons::DELETING,
+            "removing its objects from the host cluster",
+            now_ms(),
+        );
+        if self.keep_tombstones {
+            self.store.write(|tx| tx.put_tenant(&last))?;
+            book.tenants.insert(name.to_string(), last.clone());
+        }
+        tracing::info!(tenant = name, "tenant deleted");
         Ok(last)
+    }
+
+    /// Drops a Deleting tenant for good, once nothing of it is left on the host cluster.
+    pub async fn forget(&self, name: &str) -> Result<(), TenantsError> {
+        let mut book = self.book.lock().await;
+        if book.tenants.get(name).is_some_and(|t| t.phase == Phase::Deleting) {
+            self.store.write(|tx| tx.remove_tenant(name))?;
+            book.tenants.remove(name);
+            tracing::info!(tenant = name, "tenant removed from the host cluster; nothing of it is left");
+        }
+        Ok(())
+    }
+
+    /// Records what the host cluster says of a tenant: its objects applied (or why not), and
+    /// whether its vCluster is up. Phase follows: Ready when deployed and up.
+    pub async fn set_realization(
+        &self,
+        name: &str,
+        deployed: Result<&str, (&str, &str)>,
+        ready: bool,
+    ) -> Result<(), TenantsError> {
+        let mut book = self.book.lock().await;
+        let Some(current) = book.tenants.get(name) else { return Ok(()) };
+        if current.phase == Phase::Deleting {
+            return Ok(());
+        }
+        let mut tenant = current.clone();
+        let now = now_ms();
+        match deployed {
+            Ok(message) => tenant.set_condition(ConditionType::Deployed, true, reasons::DEPLOYED, message, now),
+            Err((reason, message)) => tenant.set_condition(ConditionType::Deployed, false, reason, message, now),
+        };
+        let ready_message =
+            if ready { "the vCluster control plane is ready" } else { "waiting for the vCluster control plane" };
+        tenant.set_condition(
+            ConditionType::Ready,
+            ready,
+            if ready { "Ready" } else { reasons::DEPLOYING },
+            ready_message,
+            now,
+        );
+        let placed = tenant.condition(ConditionType::Placed).is_some_and(|c| c.status);
+        tenant.phase = match (placed, tenant.phase) {
+            (true, Phase::Deploying | Phase::Ready) if ready && deployed.is_ok() => Phase::Ready,
+            (true, Phase::Ready) => Phase::Deploying,
+            (_, phase) => phase,
+        };
+        if book.tenants.get(name) != Some(&tenant) {
+            self.store.write(|tx| tx.put_tenant(&tenant))?;
+            book.tenants.insert(name.to_string(), tenant);
+        }
+        Ok(())
     }
 
     /// Cordons or uncordons a node: a cordoned node gets no new shares and keeps its own.

@@ -60,9 +60,16 @@ fn apply_env(
         let mut path = prefix.to_vec();
         path.push(key);
         if let toml::Value::Table(section) = default {
-            let entry = table.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let toml::Value::Table(sub) = entry {
-                apply_env(section, sub, &path, env)?;
+            // Only a variable that sets something creates the section: an empty one inserted here
+            // would mean "given, with every key missing", which is not what the file said.
+            let mut sub = match table.get(key) {
+                Some(toml::Value::Table(existing)) => existing.clone(),
+                _ => toml::Table::new(),
+            };
+            let before = sub.clone();
+            apply_env(section, &mut sub, &path, env)?;
+            if sub != before {
+                table.insert(key.clone(), toml::Value::Table(sub));
             }
             continue;
         }
@@ -181,6 +188,35 @@ mod tests {
         assert_eq!(loaded, Sample::default());
         let err = load::<Sample>(Some(Path::new("/nonexistent/c.toml")), Path::new("/x"), env(&[])).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/c.toml"), "{err}");
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Outer {
+        inner: Inner,
+    }
+
+    impl Default for Outer {
+        fn default() -> Self {
+            Outer { inner: Inner { a: 1, b: 2 } }
+        }
+    }
+
+    /// A table whose keys are all required once the table is given.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        a: u32,
+        b: u32,
+    }
+
+    #[test]
+    fn sections_not_mentioned_anywhere_keep_their_defaults() {
+        let loaded: Outer = load(None, Path::new("/nonexistent"), env(&[])).unwrap();
+        assert_eq!(loaded, Outer::default());
+        // A section the environment half-fills is refused, as a half-filled one in a file is.
+        let err = load::<Outer>(None, Path::new("/nonexistent"), env(&[("HEXA_INNER_A", "5")])).unwrap_err();
+        assert!(err.to_string().contains("missing field `b`"), "{err}");
     }
 
     #[test]

@@ -148,7 +148,8 @@ impl FromStr for Ipv4Cidr {
         let bad = |why: &str| IsolationError::BadCidr { value: s.to_string(), why: why.to_string() };
         let (address, prefix) = match s.split_once('/') {
             Some((address, prefix)) => {
-                let prefix = prefix.parse::<u8>().map_err(|_| bad("the prefix length must be a number from 0 to 32"))?;
+                let prefix =
+                    prefix.parse::<u8>().map_err(|_| bad("the prefix length must be a number from 0 to 32"))?;
                 (address, prefix)
             }
             None => (s, 32),
@@ -188,7 +189,10 @@ impl IsolationSpec {
         }
         for (i, management) in self.management_cidrs.iter().enumerate() {
             if management.overlaps(&self.pod_cidr) {
-                return Err(IsolationError::ManagementOverlapsPods { management: *management, pod_cidr: self.pod_cidr });
+                return Err(IsolationError::ManagementOverlapsPods {
+                    management: *management,
+                    pod_cidr: self.pod_cidr,
+                });
             }
             for other in &self.management_cidrs[i + 1..] {
                 if management.overlaps(other) {

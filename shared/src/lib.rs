@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod fsutil;
+pub mod isolation;
 pub mod k3s;
 pub mod logging;
 pub mod names;

@@ -23,6 +23,11 @@ pub fn fast_config(state_dir: PathBuf) -> CoordinatorConfig {
         lost_after: Duration::from_secs(3),
         // Tests that exercise K3s turn it on with a local artifact server.
         k3s: hexa_coordinator::config::K3sSettings { manage: false, ..Default::default() },
+        // Likewise the host cluster: tests that need one start a fake API server.
+        hostcluster: hexa_coordinator::hostcluster::render::RenderSettings {
+            mode: hexa_coordinator::hostcluster::render::Mode::Off,
+            ..Default::default()
+        },
         ..CoordinatorConfig::default()
     }
 }

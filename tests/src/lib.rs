@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod artifacts;
 pub mod inproc;
+pub mod netns;
 pub mod procs;
 pub mod raw;
 

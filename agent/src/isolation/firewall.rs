@@ -252,9 +252,10 @@ impl Ruleset {
                     let kind = words.next().unwrap_or_default();
                     let rest: Vec<&str> = words.collect();
                     let family = rest.windows(2).find(|w| w[0] == "family").map(|w| w[1]).unwrap_or("inet");
-                    ruleset
-                        .sets
-                        .insert(name.to_string(), IpSet { kind: format!("{kind} family {family}"), ..IpSet::default() });
+                    ruleset.sets.insert(
+                        name.to_string(),
+                        IpSet { kind: format!("{kind} family {family}"), ..IpSet::default() },
+                    );
                 }
                 "add" => {
                     let set = ruleset.sets.get_mut(name).ok_or_else(|| FirewallError::Parse {
@@ -938,7 +939,10 @@ impl MemoryFirewall {
                 "-F" => work.chain(chain).ok_or_else(|| fail("no such chain"))?.clear(),
                 "-X" => {
                     let referenced = work.chains.iter().flat_map(|(_, r)| r).any(|r| {
-                        r.split_whitespace().collect::<Vec<_>>().windows(2).any(|w| matches!(w[0], "-j" | "-g") && w[1] == chain)
+                        r.split_whitespace()
+                            .collect::<Vec<_>>()
+                            .windows(2)
+                            .any(|w| matches!(w[0], "-j" | "-g") && w[1] == chain)
                     });
                     match work.chain(chain) {
                         None => return Err(fail("no such chain")),
@@ -974,7 +978,8 @@ impl MemoryFirewall {
                     state.sets.insert(name.to_string(), (format!("{kind} family {family}"), Vec::new()));
                 }
                 ["add", name, entry] | ["del", name, entry] => {
-                    let (_, entries) = state.sets.get_mut(*name).ok_or_else(|| fail("The set with the given name does not exist"))?;
+                    let (_, entries) =
+                        state.sets.get_mut(*name).ok_or_else(|| fail("The set with the given name does not exist"))?;
                     let present = entries.iter().position(|e| e == entry);
                     match (words[0], present) {
                         ("add", None) => entries.push(entry.to_string()),
@@ -1005,7 +1010,12 @@ impl MemoryFirewall {
                     state.sets.remove(*name);
                 }
                 ["flush", name] => {
-                    state.sets.get_mut(*name).ok_or_else(|| fail("The set with the given name does not exist"))?.1.clear();
+                    state
+                        .sets
+                        .get_mut(*name)
+                        .ok_or_else(|| fail("The set with the given name does not exist"))?
+                        .1
+                        .clear();
                 }
                 _ => return Err(fail("unknown command")),
             }

@@ -9,4 +9,5 @@
 //!   objects (and to YAML files for the `manifests` mode). No I/O, no clock; everything applied to
 //!   the cluster or written to disk comes from here, so the snapshot tests show it exactly.
 
+pub mod reconcile;
 pub mod render;

@@ -93,6 +93,14 @@ pub fn is_managed_taint(key: &str) -> bool {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RenderSettings {
+    /// Where tenants' objects go: `apply` them to the host cluster through its API, write them as
+    /// YAML `manifests` under `manifests_dir` (GitOps, or no cluster), or `off`.
+    pub mode: Mode,
+    /// Directory of the `manifests` mode.
+    pub manifests_dir: std::path::PathBuf,
+    /// Kubeconfig of the host cluster for the `apply` mode; empty: `KUBECONFIG`, `~/.kube/config`,
+    /// or the in-cluster service account, as kubectl finds them.
+    pub kubeconfig: String,
     /// Helm repository of the vcluster chart.
     pub chart_repo: String,
     /// Chart version. The values are written for (and tested against) the schema of 0.36.1; change
@@ -122,9 +130,22 @@ pub struct RenderSettings {
     pub dedicated_pods_per_node: u32,
 }
 
+/// Where the host-cluster objects go.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Apply,
+    Manifests,
+    Off,
+}
+
 impl Default for RenderSettings {
     fn default() -> Self {
         RenderSettings {
+            mode: Mode::Apply,
+            manifests_dir: std::path::PathBuf::from("/var/lib/hexabase/coordinator/manifests"),
+            kubeconfig: String::new(),
             chart_repo: "https://charts.loft.sh".to_string(),
             chart_version: "0.36.1".to_string(),
             pod_security: PodSecurityLevel::Baseline,

@@ -8,6 +8,8 @@
 //!   loopback, against a plain QUIC request/echo of the same size on the same machine.
 //! - `k3s-noop [--iterations N]`: wall time of applying a K3s spec the node already matches,
 //!   against reading the files such an apply must compare (the least any check can do).
+//! - `firewall-batch [--tenants 500] [--pod-ips 20000]`: one atomic iptables-restore/ipset-restore
+//!   batch against one `iptables`/`ipset` invocation per rule, in fresh network namespaces (root).
 //! - `placement [--nodes 1000,10000] [--tenants-per-node 10] [--seed 1]`: our placement against
 //!   first-fit-decreasing and Kubernetes' LeastAllocated and MostAllocated scoring, on the same
 //!   synthetic fleets.
@@ -46,6 +48,12 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         reports: usize,
     },
+    FirewallBatch {
+        #[arg(long, default_value_t = 500)]
+        tenants: usize,
+        #[arg(long, default_value_t = 20_000)]
+        pod_ips: usize,
+    },
     K3sNoop {
         #[arg(long, default_value_t = 2000)]
         iterations: usize,
@@ -75,6 +83,13 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
         Command::Placement { nodes, tenants_per_node, seed } => placement(&nodes, tenants_per_node, seed),
+        Command::FirewallBatch { tenants, pod_ips } => {
+            let figures = hexa_agent::isolation::firewall::bench::bench_batch_vs_per_rule(tenants, pod_ips)?;
+            let mut line = serde_json::to_value(&figures)?;
+            line["bench"] = json!("firewall_batch");
+            println!("{line}");
+            Ok(())
+        }
         Command::QuicFloor { addr, pin, token } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(quic_floor(addr, pin.parse()?, token))
@@ -86,7 +101,9 @@ fn main() -> anyhow::Result<()> {
                     Command::AgentFootprint { seconds, bin_dir } => agent_footprint(seconds, bin_dir).await,
                     Command::LinkLatency { nodes, reports } => link_latency(nodes, reports).await,
                     Command::K3sNoop { iterations } => k3s_noop(iterations).await,
-                    Command::QuicFloor { .. } | Command::Placement { .. } => unreachable!("handled above"),
+                    Command::QuicFloor { .. } | Command::Placement { .. } | Command::FirewallBatch { .. } => {
+                        unreachable!("handled above")
+                    }
                 }
             })
         }

@@ -170,7 +170,8 @@ pub fn bench_batch_vs_per_rule(tenants: usize, pod_ips: usize) -> Result<BenchFi
             }
         }
         for jump in &desired.jumps {
-            let mut args = vec!["-w".to_string(), "-I".to_string(), jump.chain.clone(), (jump.position + 1).to_string()];
+            let mut args =
+                vec!["-w".to_string(), "-I".to_string(), jump.chain.clone(), (jump.position + 1).to_string()];
             args.extend(tokenize(&jump.rule));
             firewall.run(&iptables, &args.iter().map(String::as_str).collect::<Vec<_>>(), None)?;
             invocations += 1;

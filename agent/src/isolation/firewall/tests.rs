@@ -66,7 +66,10 @@ fn rules_are_normalised_to_iptables_save_spelling() {
         ("--source 10.1.0.0/16 --destination 10.2.0.0/16 --jump HEXA-POD", "-s 10.1.0.0/16 -d 10.2.0.0/16 -j HEXA-POD"),
         ("-p 6 -j DROP", "-p tcp -j DROP"),
         ("-p UDP -j DROP", "-p udp -j DROP"),
-        ("-m conntrack --ctstate ESTABLISHED,RELATED -j RETURN", "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"),
+        (
+            "-m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        ),
         ("-m state --state established,new,invalid", "-m state --state INVALID,NEW,ESTABLISHED"),
         ("-m comment --comment tenant:acme -j RETURN", "-m comment --comment tenant:acme -j RETURN"),
         ("-m comment --comment \"tenant acme\"  -j RETURN", "-m comment --comment \"tenant acme\" -j RETURN"),
@@ -188,7 +191,10 @@ fn our_jumps_come_first_and_foreign_rules_are_left_alone() {
     reconcile_spec(&fw, &small_spec()).unwrap();
     let save = fw.iptables_save();
     let forward: Vec<&str> = save.lines().filter(|l| l.starts_with("-A FORWARD")).collect();
-    assert_eq!(forward, ["-A FORWARD -j HEXA-FWD", "-A FORWARD -j KUBE-FORWARD", "-A FORWARD -s 10.42.0.0/16 -j ACCEPT"]);
+    assert_eq!(
+        forward,
+        ["-A FORWARD -j HEXA-FWD", "-A FORWARD -j KUBE-FORWARD", "-A FORWARD -s 10.42.0.0/16 -j ACCEPT"]
+    );
     let input: Vec<&str> = save.lines().filter(|l| l.starts_with("-A INPUT")).collect();
     assert_eq!(input, ["-A INPUT -j HEXA-IN", "-A INPUT -j KUBE-FIREWALL"]);
     assert_eq!(foreign_lines(&save), before);
@@ -200,7 +206,10 @@ fn our_jumps_come_first_and_foreign_rules_are_left_alone() {
     let Reconciled::Applied { drift } = reconcile_spec(&fw, &small_spec()).unwrap() else { panic!("no drift found") };
     assert_eq!(drift.to_string(), "jump FORWARD -j HEXA-FWD not rule 1; unexpected jump FORWARD -j HEXA-FWD at rule 2");
     let writes = fw.writes();
-    assert_eq!(writes[0].iptables, "*filter\n-D FORWARD -j HEXA-FWD\n-D INPUT -j HEXA-IN\n-I FORWARD 1 -j HEXA-FWD\n-I INPUT 1 -j HEXA-IN\nCOMMIT\n");
+    assert_eq!(
+        writes[0].iptables,
+        "*filter\n-D FORWARD -j HEXA-FWD\n-D INPUT -j HEXA-IN\n-I FORWARD 1 -j HEXA-FWD\n-I INPUT 1 -j HEXA-IN\nCOMMIT\n"
+    );
     assert!(writes[0].ipset_prepare.is_empty() && writes[0].ipset_cleanup.is_empty());
     let save = fw.inner().iptables_save();
     assert!(save.contains("-A FORWARD -j HEXA-FWD\n-A FORWARD -j KUBE-ROUTER-FORWARD\n"), "{save}");
@@ -328,11 +337,7 @@ const NAMES: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
 
 /// Specs over a small address pool: each address belongs to one tenant, the system, or nobody.
 fn spec_strategy() -> impl Strategy<Value = IsolationSpec> {
-    (
-        proptest::collection::vec(0usize..6, 24),
-        proptest::collection::vec(any::<bool>(), NAMES.len()),
-        any::<bool>(),
-    )
+    (proptest::collection::vec(0usize..6, 24), proptest::collection::vec(any::<bool>(), NAMES.len()), any::<bool>())
         .prop_map(|(owners, hosted, management)| {
             let mut spec = IsolationSpec {
                 pod_cidr: "10.42.0.0/16".parse().unwrap(),
