@@ -1,7 +1,10 @@
 //! Tenant isolation on the node, from the `IsolationSpec` in the node's desired state
 //! (`hexa_shared::isolation`).
 //!
+//! - [`cgroup`]: keeps each tenant's pods within the tenant's allocation on this node (memory,
+//!   pids and cpu caps, cpu split by demand, reclaim pressure), on cgroup v2 and v1.
 //! - [`firewall`]: iptables chains `HEXA-*` and ipsets `hx-*` that keep tenants' pods apart and away
 //!   from the management networks, applied as one atomic batch and reconciled against drift.
 
+pub mod cgroup;
 pub mod firewall;
