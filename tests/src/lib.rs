@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod artifacts;
+pub mod fake_kube;
 pub mod inproc;
 pub mod netns;
 pub mod procs;

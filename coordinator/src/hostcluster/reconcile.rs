@@ -40,6 +40,8 @@ pub enum HostClusterError {
     Render(#[from] render::RenderError),
     #[error("manifests directory {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    InstallFailed(String),
 }
 
 impl HostClusterError {
@@ -71,6 +73,7 @@ impl HostClusterError {
             HostClusterError::Kube { what, source } => {
                 ("ApiServerUnreachable", format!("{what}: cannot reach the host cluster's API server: {source}"))
             }
+            HostClusterError::InstallFailed(message) => ("DeployFailed", message.clone()),
             other => ("RenderFailed", other.to_string()),
         }
     }
@@ -334,18 +337,10 @@ impl HostCluster {
         let job = jobs.get_opt(&job_name).await.map_err(kube_err(format!("reading Job {job_name}")))?;
         let conditions = job.and_then(|j| j.status).and_then(|s| s.conditions).unwrap_or_default();
         if let Some(failed) = conditions.iter().find(|c| c.type_ == "Failed" && c.status == "True") {
-            return Err(HostClusterError::Kube {
-                what: format!("installing vcluster for {}", tenant.name),
-                source: kube::Error::Api(Box::new(kube::core::Status {
-                    code: 500,
-                    message: format!(
-                        "the install Job {job_name} failed: {}; see `kubectl -n {HELM_CHART_NAMESPACE} logs job/{job_name}`",
-                        failed.message.clone().unwrap_or_default()
-                    ),
-                    reason: "DeployFailed".into(),
-                    ..Default::default()
-                })),
-            });
+            return Err(HostClusterError::InstallFailed(format!(
+                "the install Job {job_name} failed: {}; see `kubectl -n {HELM_CHART_NAMESPACE} logs job/{job_name}`",
+                failed.message.clone().unwrap_or_default()
+            )));
         }
         let installed = conditions.iter().any(|c| c.type_ == "Complete" && c.status == "True");
         if !installed {

@@ -6,6 +6,8 @@
 //!   floor any agent on this transport pays).
 //! - `link-latency [--nodes N] [--reports N]`: enrollment latency and report round trip on
 //!   loopback, against a plain QUIC request/echo of the same size on the same machine.
+//! - `hostcluster [--tenants 1000]`: realising tenants on the fake Kubernetes API server, from
+//!   scratch and again with nothing to change, against applying every object every pass.
 //! - `k3s-noop [--iterations N]`: wall time of applying a K3s spec the node already matches,
 //!   against reading the files such an apply must compare (the least any check can do).
 //! - `firewall-batch [--tenants 500] [--pod-ips 20000]`: one atomic iptables-restore/ipset-restore
@@ -54,6 +56,10 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         pod_ips: usize,
     },
+    Hostcluster {
+        #[arg(long, default_value_t = 1000)]
+        tenants: usize,
+    },
     K3sNoop {
         #[arg(long, default_value_t = 2000)]
         iterations: usize,
@@ -101,6 +107,7 @@ fn main() -> anyhow::Result<()> {
                     Command::AgentFootprint { seconds, bin_dir } => agent_footprint(seconds, bin_dir).await,
                     Command::LinkLatency { nodes, reports } => link_latency(nodes, reports).await,
                     Command::K3sNoop { iterations } => k3s_noop(iterations).await,
+                    Command::Hostcluster { tenants } => hostcluster(tenants).await,
                     Command::QuicFloor { .. } | Command::Placement { .. } | Command::FirewallBatch { .. } => {
                         unreachable!("handled above")
                     }
@@ -121,6 +128,129 @@ fn placement(fleets: &[usize], tenants_per_node: usize, seed: u64) -> anyhow::Re
             line["algorithm"] = json!(algorithm.name());
             println!("{line}");
         }
+    }
+    Ok(())
+}
+
+/// Nodes enrolled by hand that report a large capacity every second, so a thousand tenants fit.
+async fn big_nodes(coordinator: &Coordinator, count: usize) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let (addr, pin) = (coordinator.running.quic_addr, coordinator.running.ca_hash);
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let name = format!("big-{i}");
+        let creds = raw::enroll_node(addr, pin, &coordinator.admin.token("shared", "10m").await, &name).await;
+        let mut link = raw::open_link(addr, creds.link_config()).await.map_err(anyhow::Error::msg)?;
+        link.send(&raw::hello(&name, PROTOCOL_VERSION)).await;
+        let _welcome: Option<CoordinatorMessage> = link.recv().await;
+        tasks.push(tokio::spawn(async move {
+            let mut recv = link.recv;
+            tokio::spawn(async move { while let Ok(Some(_)) = wire::read_payload(&mut recv).await {} });
+            for seq in 1.. {
+                let big = hexa_shared::report::Resources {
+                    cpu_millis: 1_000_000,
+                    memory_bytes: 1 << 42,
+                    ephemeral_bytes: 1 << 42,
+                    pods: 10_000,
+                };
+                let mut report = sample_report(seq);
+                if let AgentMessage::Report(r) = &mut report {
+                    r.capacity = big;
+                    r.allocatable = big;
+                    r.usage.memory_available_bytes = big.memory_bytes;
+                }
+                let Ok(frame) = wire::encode_frame(&report) else { return };
+                if link.send.write_all(&frame).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+async fn hostcluster(count: usize) -> anyhow::Result<()> {
+    use hexa_coordinator::hostcluster::reconcile::HostCluster;
+    use hexa_coordinator::hostcluster::render::{self, Mode, RenderSettings};
+    use hexa_tests::fake_kube::FakeKube;
+    let coordinator = production_coordinator().await;
+    let nodes = big_nodes(&coordinator, 10).await?;
+    let kube = FakeKube::start().await;
+    for i in 0..10 {
+        kube.add_node(&format!("big-{i}"), &[]).map_err(anyhow::Error::msg)?;
+    }
+    // Wait for the nodes' reports, then place the tenants.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let tenants = coordinator.running.tenants.clone();
+    for i in 0..count {
+        let plan = hexa_shared::tenant::Plan::Shared(hexa_shared::tenant::SharedPlan {
+            cpu_millis: 100,
+            memory_bytes: 128 << 20,
+            pods: 5,
+            replicas: 1,
+            spread: 1,
+        });
+        tenants.create(&format!("t{i:04}"), plan).await?;
+    }
+    let client = kube::Client::try_from(kube::Config::new(kube.url().parse()?))?;
+    let settings = RenderSettings { mode: Mode::Apply, ..RenderSettings::default() };
+    let classes = hexa_shared::tenant::NodeClass::defaults();
+    let ours = HostCluster::with_client(client.clone(), settings.clone(), classes.clone(), tenants.clone());
+
+    let mut figures = Vec::new();
+    for pass in ["from scratch", "no change"] {
+        let writes_before = kube.writes();
+        let began = Instant::now();
+        let report = ours.reconcile().await;
+        let seconds = began.elapsed().as_secs_f64();
+        // Namespaces and HelmCharts; node patches (one per node holding tenants) come on top.
+        let objects = 2 * count;
+        figures.push(json!({"bench": "hostcluster_reconcile", "subject": format!("hexa reconciler, {pass}"),
+            "tenants": count, "objects": objects, "seconds": (seconds * 1000.0).round() / 1000.0,
+            "objects_per_sec": (objects as f64 / seconds).round(), "writes": kube.writes() - writes_before,
+            "failures": report.failures}));
+    }
+    // Baseline: a reconciler without no-op detection server-side applies every object every pass.
+    let all = tenants.list().await;
+    let namespaces = kube::Api::<kube::api::DynamicObject>::all_with(
+        client.clone(),
+        &kube::core::ApiResource {
+            group: String::new(),
+            version: "v1".into(),
+            api_version: "v1".into(),
+            kind: "Namespace".into(),
+            plural: "namespaces".into(),
+        },
+    );
+    let charts = kube::Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        render::HELM_CHART_NAMESPACE,
+        &kube::core::ApiResource {
+            group: "helm.cattle.io".into(),
+            version: "v1".into(),
+            api_version: "helm.cattle.io/v1".into(),
+            kind: "HelmChart".into(),
+            plural: "helmcharts".into(),
+        },
+    );
+    let params = kube::api::PatchParams::apply(render::FIELD_MANAGER).force();
+    let writes_before = kube.writes();
+    let began = Instant::now();
+    for tenant in &all {
+        let ns = serde_json::to_value(render::namespace(tenant, &settings))?;
+        namespaces.patch(&render::namespace_name(&tenant.name), &params, &kube::api::Patch::Apply(&ns)).await?;
+        let chart = serde_json::to_value(render::helm_chart(tenant, &classes, &settings)?)?;
+        charts.patch(&render::release_name(&tenant.name), &params, &kube::api::Patch::Apply(&chart)).await?;
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    figures.push(json!({"bench": "hostcluster_reconcile", "subject": "baseline: apply every object, no change",
+        "tenants": count, "objects": 2 * count, "seconds": (seconds * 1000.0).round() / 1000.0,
+        "objects_per_sec": ((2 * count) as f64 / seconds).round(), "writes": kube.writes() - writes_before}));
+    for line in figures {
+        println!("{line}");
+    }
+    for task in nodes {
+        task.abort();
     }
     Ok(())
 }
