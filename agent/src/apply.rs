@@ -27,7 +27,18 @@ pub enum ApplyError {
     State(#[from] StateError),
     #[error("k3s: {0}")]
     K3s(#[from] K3sError),
+    #[error("firewall: {0}")]
+    Firewall(#[from] crate::isolation::firewall::FirewallError),
+    #[error("firewall task failed: {0}")]
+    Task(String),
 }
+
+/// A firewall the agent can share between its tasks.
+pub trait NodeFirewall: crate::isolation::firewall::Firewall + Send + Sync + std::fmt::Debug {}
+impl<F: crate::isolation::firewall::Firewall + Send + Sync + std::fmt::Debug> NodeFirewall for F {}
+
+/// The firewall seam as the agent holds it.
+pub type SharedFirewall = Arc<dyn NodeFirewall>;
 
 /// Everything applying a spec touches on this node.
 #[derive(Debug, Clone)]
@@ -38,17 +49,36 @@ pub struct Applier {
     pub systemd: Arc<dyn Systemd>,
     pub readiness: Arc<dyn NodeReadiness>,
     pub fetcher: Arc<Fetcher>,
+    pub firewall: SharedFirewall,
 }
 
 impl Applier {
-    /// Checks `spec`, makes the node match it, and records it as applied.
+    /// Checks `spec`, makes the node match it, and records it as applied. Isolation comes first:
+    /// it is fast, and nothing else should run on a node before its tenants are kept apart.
     pub async fn apply(&self, spec: &NodeSpec) -> Result<(), ApplyError> {
         check(spec)?;
+        self.enforce_isolation(spec).await?;
         if let Some(k3s_spec) = &spec.k3s {
             let outcome = k3s::apply(&self.root, k3s_spec, self.systemd.as_ref(), &self.fetcher).await?;
             tracing::info!(generation = spec.generation, change = ?outcome.change, "k3s applied");
         }
         record(&self.state, spec)
+    }
+
+    /// Brings the firewall in line with `spec`'s isolation (writing nothing when it already is).
+    /// Also run on a timer, to undo hand-made drift, and at start-up before any connection.
+    pub async fn enforce_isolation(&self, spec: &NodeSpec) -> Result<(), ApplyError> {
+        let Some(isolation) = spec.isolation.clone() else { return Ok(()) };
+        let firewall = self.firewall.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            crate::isolation::firewall::reconcile_spec(firewall.as_ref(), &isolation)
+        })
+        .await
+        .map_err(|e| ApplyError::Task(e.to_string()))??;
+        if let crate::isolation::firewall::Reconciled::Applied { drift } = outcome {
+            tracing::info!(generation = spec.generation, %drift, "firewall brought in line");
+        }
+        Ok(())
     }
 
     /// K3s on this node now: not installed, installing, running (its Node is Ready) or failed.

@@ -57,6 +57,7 @@ pub struct Host {
     pub root: PathBuf,
     pub systemd: Arc<dyn k3s::Systemd>,
     pub readiness: Arc<dyn k3s::NodeReadiness>,
+    pub firewall: apply::SharedFirewall,
 }
 
 impl Default for Host {
@@ -67,6 +68,7 @@ impl Default for Host {
             root: PathBuf::from("/"),
             systemd: Arc::new(k3s::Systemctl::default()),
             readiness: Arc::new(k3s::KubectlReadiness::under(Path::new("/"))),
+            firewall: Arc::new(isolation::firewall::SystemFirewall::new()),
         }
     }
 }
@@ -83,6 +85,7 @@ impl Host {
             systemd: self.systemd.clone(),
             readiness: self.readiness.clone(),
             fetcher: Arc::new(fetcher),
+            firewall: self.firewall.clone(),
         })
     }
 }
@@ -107,6 +110,13 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
     // (the link starts by re-applying it).
     let applied = state.load_spec()?;
     let applier = host.applier(state.clone())?;
+    if let Some(spec) = &applied {
+        // Fail-static: isolation is back in force before the first connection is even tried.
+        match applier.enforce_isolation(spec).await {
+            Ok(()) => tracing::info!(generation = spec.generation, "last applied isolation enforced"),
+            Err(e) => warn!(generation = spec.generation, error = %e, "cannot enforce the last applied isolation"),
+        }
+    }
 
     if !state.is_enrolled() {
         if config.token.is_empty() || config.ca_hash.is_empty() {

@@ -29,6 +29,8 @@ use crate::state::StateDir;
 const APPLY_RETRY: Duration = Duration::from_secs(30);
 /// K3s state is looked at this often (it runs `systemctl` and `kubectl`).
 const K3S_OBSERVE_EVERY: Duration = Duration::from_secs(15);
+/// The firewall is compared with the applied isolation this often, and hand-made drift undone.
+const FIREWALL_RECONCILE_EVERY: Duration = Duration::from_secs(30);
 
 /// First reconnect delay; doubles per failed attempt up to [`BACKOFF_MAX`].
 pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
@@ -107,6 +109,8 @@ pub struct Link {
     k3s_state: K3sState,
     observing: Option<JoinHandle<K3sState>>,
     observed_at: Option<Instant>,
+    /// When the firewall was last reconciled outside an apply.
+    firewall_checked_at: Instant,
 }
 
 /// Waits for a background job, or forever when there is none (for use in `select!`).
@@ -141,6 +145,7 @@ impl Link {
             k3s_state: K3sState::NotInstalled,
             observing: None,
             observed_at: None,
+            firewall_checked_at: Instant::now(),
         }
     }
 
@@ -384,13 +389,23 @@ impl Link {
         self.observed_at = None;
     }
 
-    /// Starts what is due: a queued or retried apply, a look at K3s.
+    /// Starts what is due: a queued or retried apply, a firewall drift check, a look at K3s.
     fn background_work(&mut self) {
         if self.applying.is_none() {
             if let Some(spec) = self.queued.take() {
                 self.start_apply(spec);
             } else if let Some((spec, _)) = self.retry.take_if(|(_, at)| *at <= Instant::now()) {
                 self.start_apply(spec);
+            } else if self.firewall_checked_at.elapsed() >= FIREWALL_RECONCILE_EVERY {
+                self.firewall_checked_at = Instant::now();
+                if let Some(spec) = self.applied.clone().filter(|s| s.isolation.is_some()) {
+                    let applier = self.applier.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = applier.enforce_isolation(&spec).await {
+                            warn!(error = %e, "firewall drift check failed");
+                        }
+                    });
+                }
             }
         }
         let due = self.observed_at.is_none_or(|at| at.elapsed() >= K3S_OBSERVE_EVERY);

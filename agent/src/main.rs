@@ -110,6 +110,8 @@ fn apply_once(config: &AgentConfig, spec_path: &std::path::Path, root: Option<Pa
                 root: root.clone(),
                 systemd: recorder.clone(),
                 readiness: Arc::new(hexa_agent::k3s::KubectlReadiness::under(root)),
+                // Under a root the node's own firewall is not touched either.
+                firewall: Arc::new(hexa_agent::isolation::firewall::MemoryFirewall::new()),
                 ..hexa_agent::Host::default()
             };
             (host, root.join(config.state_dir.strip_prefix("/").unwrap_or(&config.state_dir)))

@@ -26,6 +26,8 @@ pub struct NodeSpec {
     pub tenants: Vec<TenantAllocation>,
     /// K3s on this node; `None` when the coordinator does not manage K3s here.
     pub k3s: Option<K3sSpec>,
+    /// Tenant isolation this node enforces (firewall); `None` leaves the node's firewall alone.
+    pub isolation: Option<crate::isolation::IsolationSpec>,
 }
 
 /// One tenant's allocation on one node: the most its pods together may use here.
@@ -101,6 +103,7 @@ impl NodeSpec {
             taints,
             tenants,
             k3s: None,
+            isolation: None,
         }
     }
 

@@ -90,6 +90,8 @@ pub fn test_host(config: &AgentConfig) -> hexa_agent::Host {
         readiness: std::sync::Arc::new(hexa_agent::k3s::KubectlReadiness::under(&root)),
         root,
         systemd: std::sync::Arc::new(hexa_agent::k3s::RecordingSystemd::new()),
+        // The machine's firewall is left alone; firewall tests use network namespaces.
+        firewall: std::sync::Arc::new(hexa_agent::isolation::firewall::MemoryFirewall::new()),
         ..hexa_agent::Host::default()
     }
 }

@@ -1,0 +1,63 @@
+//! Fail-static: losing the coordinator never loosens isolation. An agent that starts while the
+//! coordinator is unreachable enforces the last isolation it applied before any connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hexa_agent::isolation::firewall::{Firewall, MemoryFirewall, tenant_set_name};
+use hexa_agent::state::StateDir;
+use hexa_coordinator::store::Health;
+use hexa_shared::isolation::{IsolationSpec, TenantAllocation, TenantIsolation};
+use hexa_tests::eventually;
+use hexa_tests::inproc::{Coordinator, test_host};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolation_is_back_in_force_before_the_first_connection() {
+    let c = Coordinator::start().await;
+    let agent = c.spawn_agent("fs-node").await;
+    let config = agent.config.clone();
+    eventually(Duration::from_secs(20), "spec applied", async || {
+        c.admin
+            .node("fs-node")
+            .await
+            .filter(|n| n.health == Health::Ready && n.applied_generation == Some(n.spec_generation))
+    })
+    .await;
+    agent.stop().await;
+
+    // The last spec this node applied carried isolation (written as the agent records it).
+    let state = StateDir::open(&config.state_dir).unwrap();
+    let mut spec = state.load_spec().unwrap().expect("a recorded spec");
+    spec.isolation = Some(IsolationSpec {
+        pod_cidr: "10.42.0.0/16".parse().unwrap(),
+        management_cidrs: vec!["192.0.2.0/24".parse().unwrap()],
+        system_pod_ips: ["10.42.0.10".parse().unwrap()].into(),
+        tenants: vec![TenantIsolation {
+            tenant: "acme".into(),
+            allocation: TenantAllocation { cpu_millis: 1000, memory_bytes: 1 << 30, pids: 1024 },
+            pod_ips: ["10.42.1.5".parse().unwrap(), "10.42.2.7".parse().unwrap()].into(),
+        }],
+    });
+    state.save_spec(&spec).unwrap();
+
+    // The coordinator is gone; the agent starts again.
+    let admin = c.admin.base.clone();
+    c.running.shutdown().await;
+    assert!(reqwest::get(format!("{admin}/healthz")).await.is_err(), "the coordinator is gone");
+    let firewall = Arc::new(MemoryFirewall::new());
+    let host = hexa_agent::Host { firewall: firewall.clone(), ..test_host(&config) };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(hexa_agent::run(config, host, stopped));
+
+    let rules = eventually(Duration::from_secs(10), "isolation enforced", async || {
+        let current = firewall.current().ok()?;
+        (!current.chains.is_empty()).then_some(current)
+    })
+    .await;
+    let set = rules.sets.get(&tenant_set_name("acme")).expect("the tenant's set");
+    assert_eq!(set.members.len(), 2, "{set:?}");
+    assert!(rules.chains.keys().all(|c| c.starts_with("HEXA-")), "{:?}", rules.chains.keys());
+    assert!(!task.is_finished(), "the agent keeps trying to reach its coordinator");
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
