@@ -8,6 +8,7 @@ pub mod enroll;
 pub mod isolation;
 pub mod k3s;
 pub mod link;
+pub mod pods;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -58,6 +59,7 @@ pub struct Host {
     pub systemd: Arc<dyn k3s::Systemd>,
     pub readiness: Arc<dyn k3s::NodeReadiness>,
     pub firewall: apply::SharedFirewall,
+    pub pods: Arc<dyn pods::PodSource>,
 }
 
 impl Default for Host {
@@ -69,6 +71,7 @@ impl Default for Host {
             systemd: Arc::new(k3s::Systemctl::default()),
             readiness: Arc::new(k3s::KubectlReadiness::under(Path::new("/"))),
             firewall: Arc::new(isolation::firewall::SystemFirewall::new()),
+            pods: Arc::new(pods::KubectlPodSource::under(Path::new("/"))),
         }
     }
 }
@@ -160,7 +163,7 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         eviction_memory_bytes: config.eviction_memory_bytes,
         max_pods: config.max_pods,
     });
-    let mut link = link::Link::new(endpoint.clone(), addr, state, collector, applier, applied);
+    let mut link = link::Link::new(endpoint.clone(), addr, state, collector, applier, applied, host.pods.clone());
     let result = link.run(shutdown).await;
     endpoint.close(hexa_shared::proto::close_code::DONE.into(), b"agent stopping");
     // Let the close frame leave before the socket goes.

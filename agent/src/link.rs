@@ -29,6 +29,8 @@ use crate::state::StateDir;
 const APPLY_RETRY: Duration = Duration::from_secs(30);
 /// K3s state is looked at this often (it runs `systemctl` and `kubectl`).
 const K3S_OBSERVE_EVERY: Duration = Duration::from_secs(15);
+/// The node's pods are listed this often (for the report; the coordinator builds IP sets from them).
+const PODS_EVERY: Duration = Duration::from_secs(5);
 /// The firewall is compared with the applied isolation this often, and hand-made drift undone.
 const FIREWALL_RECONCILE_EVERY: Duration = Duration::from_secs(30);
 
@@ -111,6 +113,10 @@ pub struct Link {
     observed_at: Option<Instant>,
     /// When the firewall was last reconciled outside an apply.
     firewall_checked_at: Instant,
+    pod_source: std::sync::Arc<dyn crate::pods::PodSource>,
+    pods: Vec<hexa_shared::report::PodInfo>,
+    listing: Option<JoinHandle<Result<Vec<hexa_shared::report::PodInfo>, String>>>,
+    listed_at: Option<Instant>,
 }
 
 /// Waits for a background job, or forever when there is none (for use in `select!`).
@@ -129,6 +135,7 @@ impl Link {
         collector: Collector,
         applier: Applier,
         applied: Option<NodeSpec>,
+        pod_source: std::sync::Arc<dyn crate::pods::PodSource>,
     ) -> Link {
         Link {
             endpoint,
@@ -146,6 +153,10 @@ impl Link {
             observing: None,
             observed_at: None,
             firewall_checked_at: Instant::now(),
+            pod_source,
+            pods: Vec::new(),
+            listing: None,
+            listed_at: None,
         }
     }
 
@@ -303,6 +314,18 @@ impl Link {
                     // The applied generation changed: report at once rather than at the next tick.
                     report_now = true;
                 }
+                listed = finished(&mut self.listing) => {
+                    self.listing = None;
+                    match listed {
+                        Ok(Ok(pods)) => {
+                            // A change in the node's pods is news for the coordinator's IP sets.
+                            report_now = pods != self.pods;
+                            self.pods = pods;
+                        }
+                        Ok(Err(e)) => warn!(error = %e, "cannot list this node's pods; reporting the last list"),
+                        Err(e) => warn!(error = %e, "pod listing task failed"),
+                    }
+                }
                 state = finished(&mut self.observing) => {
                     self.observing = None;
                     let state = state.unwrap_or_else(|e| K3sState::Failed { reason: format!("observing k3s failed: {e}") });
@@ -408,6 +431,12 @@ impl Link {
                 }
             }
         }
+        if self.listing.is_none() && self.listed_at.is_none_or(|at| at.elapsed() >= PODS_EVERY) {
+            self.listed_at = Some(Instant::now());
+            let source = self.pod_source.clone();
+            let node = self.applied.as_ref().map(|s| s.node_name.clone()).unwrap_or_default();
+            self.listing = Some(tokio::spawn(async move { source.pods(&node).await }));
+        }
         let due = self.observed_at.is_none_or(|at| at.elapsed() >= K3S_OBSERVE_EVERY);
         if due && self.applying.is_none() && self.observing.is_none() {
             self.observed_at = Some(Instant::now());
@@ -438,6 +467,7 @@ impl Link {
             cgroup_limits: sample.cgroup_limits,
             applied_generation: self.applied.as_ref().map_or(0, |s| s.generation),
             k3s: self.k3s_state.clone(),
+            pods: self.pods.clone(),
         })
     }
 }

@@ -46,6 +46,54 @@ pub struct CoordinatorConfig {
     pub k3s: K3sSettings,
     /// The tenants' objects on the host K3s cluster.
     pub hostcluster: crate::hostcluster::render::RenderSettings,
+    /// Tenant isolation the nodes enforce (firewall).
+    pub isolation: IsolationSettings,
+}
+
+/// What the coordinator asks shared and dedicated nodes to enforce between tenants.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IsolationSettings {
+    /// Send nodes an isolation spec (their firewall then keeps tenants' pods apart).
+    pub enabled: bool,
+    /// The cluster's pod CIDR (K3s' default is 10.42.0.0/16).
+    pub pod_cidr: String,
+    /// Networks pods must never reach: Proxmox API, coordinator, BMCs.
+    pub management_cidrs: Vec<String>,
+    /// Pids a tenant may run per pod of its quota.
+    pub pids_per_pod: u64,
+}
+
+impl Default for IsolationSettings {
+    fn default() -> Self {
+        IsolationSettings {
+            enabled: true,
+            pod_cidr: "10.42.0.0/16".into(),
+            management_cidrs: Vec::new(),
+            pids_per_pod: 1024,
+        }
+    }
+}
+
+impl IsolationSettings {
+    /// The parsed settings, or `None` when isolation is off.
+    pub fn plan(&self) -> Result<Option<crate::inventory::IsolationPlan>, String> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let parse = |key: &str, text: &str| {
+            text.parse::<hexa_shared::isolation::Ipv4Cidr>().map_err(|e| format!("isolation.{key} {text:?}: {e}"))
+        };
+        Ok(Some(crate::inventory::IsolationPlan {
+            pod_cidr: parse("pod_cidr", &self.pod_cidr)?,
+            management_cidrs: self
+                .management_cidrs
+                .iter()
+                .map(|c| parse("management_cidrs", c))
+                .collect::<Result<_, _>>()?,
+            pids_per_pod: self.pids_per_pod,
+        }))
+    }
 }
 
 /// How the coordinator has agents run K3s. Roles follow pools: nodes of the `server` pool run the
@@ -103,6 +151,7 @@ impl Default for CoordinatorConfig {
             placement: PlacementConfig::default(),
             k3s: K3sSettings::default(),
             hostcluster: crate::hostcluster::render::RenderSettings::default(),
+            isolation: IsolationSettings::default(),
         }
     }
 }
@@ -132,6 +181,7 @@ impl CoordinatorConfig {
         }
         self.placement.validate().map_err(|e| e.to_string())?;
         self.hostcluster.validate()?;
+        self.isolation.plan()?;
         Ok(())
     }
 }
@@ -161,7 +211,10 @@ mod tests {
                     documented(&format!("[{key}]"));
                     for (sub, value) in section {
                         match value {
-                            toml::Value::Array(_) => documented(&format!("[[{key}.{sub}]]")),
+                            // An array of tables is written [[key.sub]]; a plain list, sub = [...].
+                            toml::Value::Array(items) if items.iter().any(toml::Value::is_table) => {
+                                documented(&format!("[[{key}.{sub}]]"))
+                            }
                             _ => documented(&format!("{sub} =")),
                         }
                     }

@@ -92,6 +92,63 @@ pub struct Inventory {
     nodes: Mutex<BTreeMap<String, NodeEntry>>,
     metrics: Arc<Metrics>,
     k3s: K3sPlan,
+    isolation: Option<IsolationPlan>,
+}
+
+/// What tenant nodes' isolation specs are derived from.
+#[derive(Debug, Clone)]
+pub struct IsolationPlan {
+    pub pod_cidr: hexa_shared::isolation::Ipv4Cidr,
+    pub management_cidrs: Vec<hexa_shared::isolation::Ipv4Cidr>,
+    pub pids_per_pod: u64,
+}
+
+impl IsolationPlan {
+    /// Isolation for a node of `pool` holding `tenants`, from every node's reported pods: each
+    /// tenant's pod IPs cluster-wide, and kube-system's pods as system pods. Server nodes run no
+    /// tenants and get none.
+    fn spec_for(
+        &self,
+        pool: &Pool,
+        tenants: &[TenantAllocation],
+        nodes: &BTreeMap<String, NodeEntry>,
+    ) -> Option<hexa_shared::isolation::IsolationSpec> {
+        use hexa_shared::isolation::{IsolationSpec, TenantAllocation as Allocation, TenantIsolation};
+        if *pool == Pool::Server {
+            return None;
+        }
+        let mut system = std::collections::BTreeSet::new();
+        let mut by_tenant: BTreeMap<&str, std::collections::BTreeSet<std::net::Ipv4Addr>> = BTreeMap::new();
+        for pod in nodes.values().filter_map(|e| e.last_report.as_ref()).flat_map(|(r, _)| r.pods.iter()) {
+            let Some(ip) = pod.ip.filter(|ip| self.pod_cidr.contains(*ip)) else { continue };
+            if pod.namespace == "kube-system" {
+                system.insert(ip);
+            } else if let Some(tenant) = &pod.tenant {
+                by_tenant.entry(tenant).or_default().insert(ip);
+            }
+        }
+        let mut isolated: Vec<TenantIsolation> = Vec::new();
+        for allocation in tenants {
+            if isolated.iter().any(|t| t.tenant == allocation.tenant) {
+                continue;
+            }
+            isolated.push(TenantIsolation {
+                tenant: allocation.tenant.clone(),
+                allocation: Allocation {
+                    cpu_millis: allocation.cpu_millis,
+                    memory_bytes: allocation.memory_bytes,
+                    pids: u64::from(allocation.pods.max(1)) * self.pids_per_pod,
+                },
+                pod_ips: by_tenant.get(allocation.tenant.as_str()).cloned().unwrap_or_default(),
+            });
+        }
+        Some(IsolationSpec {
+            pod_cidr: self.pod_cidr,
+            management_cidrs: self.management_cidrs.clone(),
+            system_pod_ips: system,
+            tenants: isolated,
+        })
+    }
 }
 
 /// What every node's K3s spec is derived from.
@@ -169,6 +226,7 @@ impl Inventory {
         node_cert_validity: Duration,
         metrics: Arc<Metrics>,
         k3s: K3sPlan,
+        isolation: Option<IsolationPlan>,
     ) -> Result<Inventory, StoreError> {
         let now = Instant::now();
         let mut nodes = BTreeMap::new();
@@ -184,7 +242,8 @@ impl Inventory {
                 NodeEntry { record, last_report: None, silent_since: now, links: 0, applied: None, spec_tx },
             );
         }
-        let inventory = Inventory { store, ca, thresholds, node_cert_validity, nodes: Mutex::new(nodes), metrics, k3s };
+        let inventory =
+            Inventory { store, ca, thresholds, node_cert_validity, nodes: Mutex::new(nodes), metrics, k3s, isolation };
         // The K3s settings may have changed since the last run.
         inventory.respec_all(&mut inventory.nodes())?;
         Ok(inventory)
@@ -202,7 +261,9 @@ impl Inventory {
         let current = &entry.record.spec;
         let tenants = tenants.unwrap_or_else(|| current.tenants.clone());
         let k3s = self.k3s.spec_for(&entry.record, nodes);
-        let wanted = NodeSpec::build(name, &entry.record.pool, current.generation + 1, tenants).with_k3s(k3s);
+        let isolation = self.isolation.as_ref().and_then(|plan| plan.spec_for(&entry.record.pool, &tenants, nodes));
+        let mut wanted = NodeSpec::build(name, &entry.record.pool, current.generation + 1, tenants).with_k3s(k3s);
+        wanted.isolation = isolation;
         if current.same_content(&wanted) {
             return Ok(());
         }
@@ -402,11 +463,18 @@ impl Inventory {
         let now = Instant::now();
         let mut nodes = self.nodes();
         let Some(entry) = nodes.get_mut(name) else { return };
+        let pods_changed = entry.last_report.as_ref().is_none_or(|(previous, _)| previous.pods != report.pods);
         entry.last_report = Some((Box::new(report), now));
         entry.silent_since = now;
         self.metrics.reports.inc();
         if entry.record.health != Health::Ready {
             self.transition(entry, Health::Ready);
+        }
+        // Tenants' IP sets are cluster-wide: a node's new pods change other nodes' isolation too.
+        if pods_changed && self.isolation.is_some() {
+            if let Err(e) = self.respec_all(&mut nodes) {
+                tracing::error!(node = name, error = %e, "cannot update isolation after a pod change");
+            }
         }
     }
 

@@ -124,6 +124,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         config.node_cert_validity,
         metrics.clone(),
         k3s,
+        config.isolation.plan().map_err(StartError::Config)?,
     )?);
 
     let tenants = Arc::new(

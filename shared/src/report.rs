@@ -70,6 +70,19 @@ pub struct CapacityReport {
     pub applied_generation: u64,
     /// K3s on this node.
     pub k3s: crate::k3s::K3sState,
+    /// The pods running on this node, as its kubelet's API server knows them.
+    pub pods: Vec<PodInfo>,
+}
+
+/// One pod on a node, as isolation needs it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// The tenant the pod belongs to (host namespace `hx-<tenant>`), if any.
+    pub tenant: Option<String>,
 }
 
 #[cfg(test)]
@@ -128,6 +141,13 @@ pub(crate) mod strategies {
                     },
                     cgroup_limits: CgroupLimits { cpu_millis: limit, memory_bytes: limit },
                     applied_generation: generation,
+                    pods: vec![PodInfo {
+                        namespace: "hx-acme".into(),
+                        name: format!("pod-{seq}"),
+                        uid: "u".into(),
+                        ip: Some(std::net::Ipv4Addr::new(10, 42, 0, (seq % 250) as u8)),
+                        tenant: Some("acme".into()),
+                    }],
                     k3s: if generation % 2 == 0 {
                         crate::k3s::K3sState::Running { version: "v1.35.5+k3s1".into() }
                     } else {

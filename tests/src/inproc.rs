@@ -23,6 +23,8 @@ pub fn fast_config(state_dir: PathBuf) -> CoordinatorConfig {
         lost_after: Duration::from_secs(3),
         // Tests that exercise K3s turn it on with a local artifact server.
         k3s: hexa_coordinator::config::K3sSettings { manage: false, ..Default::default() },
+        // Isolation specs go to agents only in the tests about them.
+        isolation: hexa_coordinator::config::IsolationSettings { enabled: false, ..Default::default() },
         // Likewise the host cluster: tests that need one start a fake API server.
         hostcluster: hexa_coordinator::hostcluster::render::RenderSettings {
             mode: hexa_coordinator::hostcluster::render::Mode::Off,
@@ -92,6 +94,7 @@ pub fn test_host(config: &AgentConfig) -> hexa_agent::Host {
         systemd: std::sync::Arc::new(hexa_agent::k3s::RecordingSystemd::new()),
         // The machine's firewall is left alone; firewall tests use network namespaces.
         firewall: std::sync::Arc::new(hexa_agent::isolation::firewall::MemoryFirewall::new()),
+        pods: std::sync::Arc::new(hexa_agent::pods::StaticPodSource::default()),
         ..hexa_agent::Host::default()
     }
 }

@@ -68,7 +68,7 @@ pub fn fast_coordinator_config(dir: &Path, quic_port: u16, admin_port: u16) -> P
     let path = dir.join("coordinator.toml");
     let text = format!(
         "state_dir = \"{}\"\nquic_listen = \"127.0.0.1:{quic_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
-         report_interval = \"300ms\"\nunreachable_after = \"1s\"\nlost_after = \"3s\"\n[k3s]\nmanage = false\n[hostcluster]\nmode = \"off\"\n",
+         report_interval = \"300ms\"\nunreachable_after = \"1s\"\nlost_after = \"3s\"\n[k3s]\nmanage = false\n[hostcluster]\nmode = \"off\"\n[isolation]\nenabled = false\n",
         dir.join("state").display()
     );
     std::fs::write(&path, text).expect("write coordinator config");

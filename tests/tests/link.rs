@@ -58,6 +58,7 @@ fn report(seq: u64, claimed: &str, cpu_millis: u64) -> AgentMessage {
         cgroup_limits: Default::default(),
         applied_generation: 0,
         k3s: Default::default(),
+        pods: Vec::new(),
     }))
 }
 

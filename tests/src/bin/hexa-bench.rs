@@ -316,6 +316,7 @@ fn sample_report(seq: u64) -> AgentMessage {
         cgroup_limits: Default::default(),
         applied_generation: 1,
         k3s: Default::default(),
+        pods: Vec::new(),
     }))
 }
 
