@@ -163,7 +163,7 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         eviction_memory_bytes: config.eviction_memory_bytes,
         max_pods: config.max_pods,
     });
-    let mut link = link::Link::new(endpoint.clone(), addr, state, collector, applier, applied, host.pods.clone());
+    let mut link = link::Link::new(endpoint.clone(), addr, state, collector, applier, applied, &host);
     let result = link.run(shutdown).await;
     endpoint.close(hexa_shared::proto::close_code::DONE.into(), b"agent stopping");
     // Let the close frame leave before the socket goes.

@@ -31,6 +31,8 @@ const APPLY_RETRY: Duration = Duration::from_secs(30);
 const K3S_OBSERVE_EVERY: Duration = Duration::from_secs(15);
 /// The node's pods are listed this often (for the report; the coordinator builds IP sets from them).
 const PODS_EVERY: Duration = Duration::from_secs(5);
+/// Tenants' pod cgroups are brought in line with their allocations this often.
+const GOVERN_EVERY: Duration = Duration::from_secs(10);
 /// The firewall is compared with the applied isolation this often, and hand-made drift undone.
 const FIREWALL_RECONCILE_EVERY: Duration = Duration::from_secs(30);
 
@@ -117,6 +119,12 @@ pub struct Link {
     pods: Vec<hexa_shared::report::PodInfo>,
     listing: Option<JoinHandle<Result<Vec<hexa_shared::report::PodInfo>, String>>>,
     listed_at: Option<Instant>,
+    /// The cgroup governor; it runs on a blocking thread and comes back with the usage it read.
+    governor: Option<crate::isolation::cgroup::Governor>,
+    cgroup_root: std::path::PathBuf,
+    governing: Option<JoinHandle<(crate::isolation::cgroup::Governor, Vec<hexa_shared::report::TenantUsage>)>>,
+    governed_at: Option<Instant>,
+    tenant_usage: Vec<hexa_shared::report::TenantUsage>,
 }
 
 /// Waits for a background job, or forever when there is none (for use in `select!`).
@@ -135,7 +143,7 @@ impl Link {
         collector: Collector,
         applier: Applier,
         applied: Option<NodeSpec>,
-        pod_source: std::sync::Arc<dyn crate::pods::PodSource>,
+        host: &crate::Host,
     ) -> Link {
         Link {
             endpoint,
@@ -153,10 +161,15 @@ impl Link {
             observing: None,
             observed_at: None,
             firewall_checked_at: Instant::now(),
-            pod_source,
+            pod_source: host.pods.clone(),
             pods: Vec::new(),
             listing: None,
             listed_at: None,
+            governor: None,
+            cgroup_root: host.cgroup_root.clone(),
+            governing: None,
+            governed_at: None,
+            tenant_usage: Vec::new(),
         }
     }
 
@@ -326,6 +339,16 @@ impl Link {
                         Err(e) => warn!(error = %e, "pod listing task failed"),
                     }
                 }
+                governed = finished(&mut self.governing) => {
+                    self.governing = None;
+                    match governed {
+                        Ok((governor, usage)) => {
+                            self.governor = Some(governor);
+                            self.tenant_usage = usage;
+                        }
+                        Err(e) => warn!(error = %e, "cgroup governor task failed; starting it afresh"),
+                    }
+                }
                 state = finished(&mut self.observing) => {
                     self.observing = None;
                     let state = state.unwrap_or_else(|e| K3sState::Failed { reason: format!("observing k3s failed: {e}") });
@@ -358,6 +381,60 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Runs the cgroup governor when it is due and the node hosts tenants: every pod of a tenant
+    /// kept within the tenant's allocation here; the usage it reads goes into the reports.
+    fn govern_if_due(&mut self) {
+        let Some(spec) = self.applied.as_ref().filter(|s| !s.tenants.is_empty()) else { return };
+        if self.governing.is_some() || self.governed_at.is_some_and(|at| at.elapsed() < GOVERN_EVERY) {
+            return;
+        }
+        self.governed_at = Some(Instant::now());
+        let mut governor = match self.governor.take() {
+            Some(governor) => governor,
+            None => match crate::isolation::cgroup::Governor::open(&self.cgroup_root, Default::default()) {
+                Ok(governor) => governor,
+                Err(e) => {
+                    warn!(root = %self.cgroup_root.display(), error = %e, "cannot open the cgroup hierarchy; tenants are not governed");
+                    return;
+                }
+            },
+        };
+        let allocations = spec.tenants.clone();
+        let pods: Vec<crate::isolation::cgroup::PodTenant> = self
+            .pods
+            .iter()
+            .filter_map(|p| {
+                p.tenant.clone().map(|tenant| crate::isolation::cgroup::PodTenant { pod_uid: p.uid.clone(), tenant })
+            })
+            .collect();
+        self.governing = Some(tokio::task::spawn_blocking(move || {
+            let usage = match governor.reconcile(&allocations, &pods, std::time::Instant::now()) {
+                Ok(done) => {
+                    for failure in &done.failures {
+                        warn!(?failure, "cannot govern a pod");
+                    }
+                    done.usage
+                        .into_iter()
+                        .map(|u| hexa_shared::report::TenantUsage {
+                            tenant: u.tenant,
+                            pods: u.pods,
+                            cpu_millis: u.cpu_millis,
+                            memory_bytes: u.memory_bytes,
+                            pids: u.pids,
+                            cpu_split: u.cpu_split,
+                            memory_pressure: u.memory_pressure,
+                        })
+                        .collect()
+                }
+                Err(e) => {
+                    warn!(error = %e, "cgroup governor failed");
+                    Vec::new()
+                }
+            };
+            (governor, usage)
+        }));
     }
 
     /// Takes a spec from the coordinator: applied now, or after the one being applied.
@@ -437,6 +514,7 @@ impl Link {
             let node = self.applied.as_ref().map(|s| s.node_name.clone()).unwrap_or_default();
             self.listing = Some(tokio::spawn(async move { source.pods(&node).await }));
         }
+        self.govern_if_due();
         let due = self.observed_at.is_none_or(|at| at.elapsed() >= K3S_OBSERVE_EVERY);
         if due && self.applying.is_none() && self.observing.is_none() {
             self.observed_at = Some(Instant::now());
@@ -468,6 +546,7 @@ impl Link {
             applied_generation: self.applied.as_ref().map_or(0, |s| s.generation),
             k3s: self.k3s_state.clone(),
             pods: self.pods.clone(),
+            tenant_usage: self.tenant_usage.clone(),
         })
     }
 }

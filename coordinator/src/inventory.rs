@@ -81,6 +81,8 @@ pub struct NodeView {
     pub usage: Option<Usage>,
     /// K3s on the node, as its latest report says.
     pub k3s: Option<hexa_shared::k3s::K3sState>,
+    /// Each tenant's use of the node, from its pods' cgroups.
+    pub tenant_usage: Vec<hexa_shared::report::TenantUsage>,
 }
 
 #[derive(Debug)]
@@ -566,6 +568,7 @@ impl Inventory {
             allocatable: report.map(|(r, _)| r.allocatable),
             usage: report.map(|(r, _)| r.usage),
             k3s: report.map(|(r, _)| r.k3s.clone()),
+            tenant_usage: report.map(|(r, _)| r.tenant_usage.clone()).unwrap_or_default(),
         }
     }
 

@@ -72,6 +72,23 @@ pub struct CapacityReport {
     pub k3s: crate::k3s::K3sState,
     /// The pods running on this node, as its kubelet's API server knows them.
     pub pods: Vec<PodInfo>,
+    /// Each tenant's use of this node, read from its pods' cgroups.
+    pub tenant_usage: Vec<TenantUsage>,
+}
+
+/// One tenant's use of one node.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TenantUsage {
+    pub tenant: String,
+    /// The tenant's pods found on the node.
+    pub pods: u32,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub pids: u64,
+    /// The tenant pressed against its cpu share and its quota is split among its pods.
+    pub cpu_split: bool,
+    /// The tenant is at or near its memory share and reclaim pressure is on.
+    pub memory_pressure: bool,
 }
 
 /// One pod on a node, as isolation needs it.
@@ -147,6 +164,15 @@ pub(crate) mod strategies {
                         uid: "u".into(),
                         ip: Some(std::net::Ipv4Addr::new(10, 42, 0, (seq % 250) as u8)),
                         tenant: Some("acme".into()),
+                    }],
+                    tenant_usage: vec![TenantUsage {
+                        tenant: "acme".into(),
+                        pods: 1,
+                        cpu_millis: cpu,
+                        memory_bytes: mem,
+                        pids: seq,
+                        cpu_split: seq % 2 == 0,
+                        memory_pressure: seq % 3 == 0,
                     }],
                     k3s: if generation % 2 == 0 {
                         crate::k3s::K3sState::Running { version: "v1.35.5+k3s1".into() }

@@ -59,6 +59,7 @@ fn report(seq: u64, claimed: &str, cpu_millis: u64) -> AgentMessage {
         applied_generation: 0,
         k3s: Default::default(),
         pods: Vec::new(),
+        tenant_usage: Vec::new(),
     }))
 }
 

@@ -317,6 +317,7 @@ fn sample_report(seq: u64) -> AgentMessage {
         applied_generation: 1,
         k3s: Default::default(),
         pods: Vec::new(),
+        tenant_usage: Vec::new(),
     }))
 }
 
