@@ -4,15 +4,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hexa_agent::isolation::firewall::{Firewall, MemoryFirewall, tenant_set_name};
+use hexa_agent::isolation::firewall::{Firewall, SystemFirewall, tenant_set_name};
 use hexa_agent::state::StateDir;
 use hexa_coordinator::store::Health;
 use hexa_shared::isolation::{IsolationSpec, TenantAllocation, TenantIsolation};
 use hexa_tests::eventually;
 use hexa_tests::inproc::{Coordinator, test_host};
+use hexa_tests::netns::{self, Topology};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolation_is_back_in_force_before_the_first_connection() {
+    if let Some(why) = netns::unavailable(&["ip", "iptables", "ipset"]) {
+        eprintln!("skipped isolation_is_back_in_force_before_the_first_connection: {why}");
+        return;
+    }
+    // The node's network: a namespace of its own, with the real iptables and ipset.
+    let topology = Topology::builder().node("fs", "10.42.1.0/24").build().unwrap();
     let c = Coordinator::start().await;
     let agent = c.spawn_agent("fs-node").await;
     let config = agent.config.clone();
@@ -44,7 +51,7 @@ async fn isolation_is_back_in_force_before_the_first_connection() {
     let admin = c.admin.base.clone();
     c.running.shutdown().await;
     assert!(reqwest::get(format!("{admin}/healthz")).await.is_err(), "the coordinator is gone");
-    let firewall = Arc::new(MemoryFirewall::new());
+    let firewall = Arc::new(SystemFirewall::in_netns(topology.netns("fs")));
     let host = hexa_agent::Host { firewall: firewall.clone(), ..test_host(&config) };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(hexa_agent::run(config, host, stopped));
@@ -57,6 +64,12 @@ async fn isolation_is_back_in_force_before_the_first_connection() {
     let set = rules.sets.get(&tenant_set_name("acme")).expect("the tenant's set");
     assert_eq!(set.members.len(), 2, "{set:?}");
     assert!(rules.chains.keys().all(|c| c.starts_with("HEXA-")), "{:?}", rules.chains.keys());
+    let saved = topology.exec("fs", &["iptables-save"]).unwrap();
+    let saved = String::from_utf8_lossy(&saved.stdout);
+    assert!(
+        saved.lines().any(|l| l.starts_with("-A FORWARD") && l.contains("-j HEXA-")),
+        "no jump into our chains: {saved}"
+    );
     assert!(!task.is_finished(), "the agent keeps trying to reach its coordinator");
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
