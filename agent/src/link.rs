@@ -416,17 +416,6 @@ impl Link {
                         warn!(?failure, "cannot govern a pod");
                     }
                     done.usage
-                        .into_iter()
-                        .map(|u| hexa_shared::report::TenantUsage {
-                            tenant: u.tenant,
-                            pods: u.pods,
-                            cpu_millis: u.cpu_millis,
-                            memory_bytes: u.memory_bytes,
-                            pids: u.pids,
-                            cpu_split: u.cpu_split,
-                            memory_pressure: u.memory_pressure,
-                        })
-                        .collect()
                 }
                 Err(e) => {
                     warn!(error = %e, "cgroup governor failed");

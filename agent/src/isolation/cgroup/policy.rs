@@ -61,21 +61,8 @@ impl TenantShare {
     }
 }
 
-/// One tenant's use of this node, for the report.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TenantUsage {
-    pub tenant: String,
-    /// The tenant's pod cgroups found on this node.
-    pub pods: u32,
-    /// Average cpu use over the last interval (0 on the first reconcile, which has no interval).
-    pub cpu_millis: u64,
-    pub memory_bytes: u64,
-    pub pids: u64,
-    /// The tenant's cpu quota is split among its pods (it pressed against its cpu share).
-    pub cpu_split: bool,
-    /// `memory.high` pressure is on (the tenant is at or near its memory share).
-    pub memory_pressure: bool,
-}
+/// One tenant's use of this node: the report's own type, so the governor's reading goes out as is.
+pub use hexa_shared::report::TenantUsage;
 
 /// One pod of a governed tenant, as sampled in this reconcile.
 #[derive(Debug, Clone, PartialEq, Eq)]
