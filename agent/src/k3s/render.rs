@@ -192,7 +192,7 @@ pub fn env_file(spec: &K3sSpec) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use hexa_shared::k3s::JoinToken;
     use hexa_shared::spec::TaintEffect;

@@ -234,30 +234,10 @@ pub fn server_spec(source: ArtifactSource, version: &str) -> K3sSpec {
     spec
 }
 
-/// A dedicated node's agent: tenant label and taint, reservations, node id, a proxy.
+/// A dedicated node's agent (the same spec the rendering tests snapshot), installing `version`
+/// from `source`.
 pub fn agent_spec(source: ArtifactSource, version: &str) -> K3sSpec {
-    use hexa_shared::spec::{Taint, TaintEffect};
-    let mut spec = K3sSpec {
-        token: Some(JoinToken::new("K10f00d::server:0123456789abcdef")),
-        version: version.to_string(),
-        node_name: Some("dedicated-7".into()),
-        with_node_id: true,
-        artifacts: source,
-        ..K3sSpec::new(K3sRole::Agent { server_url: "https://10.0.0.10:6443".into() })
-    };
-    spec.node_labels.insert("hexabase.ai/pool".into(), "dedicated".into());
-    spec.node_labels.insert("tenant.hexabase.ai/acme".into(), "true".into());
-    spec.node_taints.push(Taint {
-        key: "hexabase.ai/dedicated".into(),
-        value: "acme".into(),
-        effect: TaintEffect::NoSchedule,
-    });
-    spec.kubelet_args.insert("system-reserved".into(), "cpu=500m,memory=1Gi".into());
-    spec.kubelet_args.insert("kube-reserved".into(), "cpu=250m,memory=512Mi".into());
-    spec.kubelet_args.insert("eviction-hard".into(), "memory.available<500Mi,nodefs.available<10%".into());
-    spec.environment.insert("HTTPS_PROXY".into(), "http://proxy.internal:3128".into());
-    spec.environment.insert("NO_PROXY".into(), "10.0.0.0/8,.svc,.cluster.local".into());
-    spec
+    K3sSpec { version: version.to_string(), artifacts: source, ..super::render::tests::dedicated_agent() }
 }
 
 /// One entry under a root: a directory, or a file with its mode, size and modification time.
