@@ -17,6 +17,9 @@ pub struct AgentConfig {
     pub coordinator: String,
     /// Bootstrap token for the first enrollment; ignored once the node holds a certificate.
     pub token: String,
+    /// File holding the bootstrap token, read when `token` is empty (keeps the token out of
+    /// `/proc/<pid>/cmdline`).
+    pub token_file: PathBuf,
     /// Pin of the coordinator CA, `sha256:<hex>`, as `hexa-coordinator` prints it. Needed to enroll.
     pub ca_hash: String,
     /// Where the node key (0600), certificate, CA and last applied spec live.
@@ -54,6 +57,7 @@ impl Default for AgentConfig {
         AgentConfig {
             coordinator: "127.0.0.1:7443".into(),
             token: String::new(),
+            token_file: PathBuf::new(),
             ca_hash: String::new(),
             state_dir: PathBuf::from("/var/lib/hexabase/agent"),
             node_name: String::new(),
@@ -63,6 +67,37 @@ impl Default for AgentConfig {
             reserved: Reserved::default(),
             log_format: LogFormat::Text,
         }
+    }
+}
+
+/// Why the bootstrap token cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error(
+        "cannot read the bootstrap token file {path} (token_file): {source}; check the path and that it is readable by the agent"
+    )]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    #[error(
+        "the bootstrap token file {path} (token_file) is empty: write the token from `hexactl token create` into it"
+    )]
+    Empty { path: PathBuf },
+}
+
+impl AgentConfig {
+    /// The bootstrap token: `token`, or else the contents of `token_file`, or empty when neither
+    /// is set.
+    pub fn bootstrap_token(&self) -> Result<String, TokenFileError> {
+        if !self.token.is_empty() || self.token_file.as_os_str().is_empty() {
+            return Ok(self.token.clone());
+        }
+        let path = &self.token_file;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| TokenFileError::Unreadable { path: path.clone(), source })?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(TokenFileError::Empty { path: path.clone() });
+        }
+        Ok(token.to_string())
     }
 }
 
@@ -93,6 +128,23 @@ mod tests {
                 _ => assert!(documented(key), "{key}"),
             }
         }
+    }
+
+    #[test]
+    fn the_token_comes_from_its_file_when_not_given_inline() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "abcdef.0123456789abcdef\n").unwrap();
+        let config = AgentConfig { token_file: file.clone(), ..AgentConfig::default() };
+        assert_eq!(config.bootstrap_token().unwrap(), "abcdef.0123456789abcdef");
+        let inline = AgentConfig { token: "t".into(), ..config.clone() };
+        assert_eq!(inline.bootstrap_token().unwrap(), "t");
+        std::fs::write(&file, "  \n").unwrap();
+        assert!(config.bootstrap_token().unwrap_err().to_string().contains("is empty"));
+        let missing = AgentConfig { token_file: dir.path().join("nope"), ..AgentConfig::default() };
+        let err = missing.bootstrap_token().unwrap_err().to_string();
+        assert!(err.contains("nope") && err.contains("token_file"), "{err}");
+        assert_eq!(AgentConfig::default().bootstrap_token().unwrap(), "");
     }
 
     #[test]

@@ -122,10 +122,12 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
     }
 
     if !state.is_enrolled() {
-        if config.token.is_empty() || config.ca_hash.is_empty() {
+        let token = config.bootstrap_token().map_err(|e| AgentError::Config(e.to_string()))?;
+        if token.is_empty() || config.ca_hash.is_empty() {
             return Err(AgentError::Config(format!(
                 "this node is not enrolled (no certificate in {}) and no bootstrap token and CA hash were given: \
-                 pass --token and --ca-hash (from `hexactl token create` and the coordinator's start-up output)",
+                 pass --token-file (or --token) and --ca-hash (from `hexactl token create` and the coordinator's \
+                 start-up output)",
                 config.state_dir.display()
             )));
         }
@@ -133,7 +135,7 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         let facts = NodeFacts::of_this_machine(&config.node_name);
         let mut attempt = 0;
         loop {
-            match enroll::enroll(&endpoint, addr, &config.token, pin, &facts, &state).await {
+            match enroll::enroll(&endpoint, addr, &token, pin, &facts, &state).await {
                 Ok(_) => break,
                 // A refusal is final: retrying a used or wrong token cannot succeed.
                 Err(e @ (AgentError::Refused(_) | AgentError::State(_) | AgentError::Crypto(_))) => return Err(e),

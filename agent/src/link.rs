@@ -236,9 +236,9 @@ impl Link {
             Ok(Ok(Some(CoordinatorMessage::Refused(refusal)))) => {
                 return match refusal.code {
                     // Retrying cannot fix these: the operator must act.
-                    RefusalCode::UnsupportedVersion | RefusalCode::CertificateSuperseded => {
-                        Err(AgentError::Refused(refusal))
-                    }
+                    RefusalCode::UnsupportedVersion
+                    | RefusalCode::CertificateSuperseded
+                    | RefusalCode::CertificateRevoked => Err(AgentError::Refused(refusal)),
                     _ => Ok(SessionEnd::Failed(refusal.to_string())),
                 };
             }

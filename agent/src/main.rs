@@ -18,9 +18,13 @@ struct Args {
     /// Coordinator QUIC address (config: coordinator)
     #[arg(long, value_name = "HOST:PORT")]
     coordinator: Option<String>,
-    /// Bootstrap token for the first enrollment (config: token)
+    /// Bootstrap token for the first enrollment (config: token); visible to every local user in
+    /// /proc, so prefer --token-file
     #[arg(long, value_name = "T")]
     token: Option<String>,
+    /// File holding the bootstrap token (config: token_file)
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Coordinator CA pin, sha256:<hex> (config: ca_hash)
     #[arg(long, value_name = "sha256:<hex>")]
     ca_hash: Option<String>,
@@ -67,6 +71,9 @@ fn main() -> anyhow::Result<()> {
     set(&mut config.node_name, args.node_name);
     if let Some(dir) = args.state_dir {
         config.state_dir = dir;
+    }
+    if let Some(file) = args.token_file {
+        config.token_file = file;
     }
     if let Some(format) = args.log_format {
         config.log_format = format;

@@ -154,9 +154,10 @@ impl StateDir {
         }
     }
 
+    /// Saves the applied spec, private to root: it carries the node's K3s join token.
     pub fn save_spec(&self, spec: &NodeSpec) -> Result<(), StateError> {
         let text = serde_json::to_vec_pretty(spec).unwrap_or_default();
-        fsutil::write_atomic(&self.path(SPEC), &text, PUBLIC_MODE)?;
+        fsutil::write_atomic(&self.path(SPEC), &text, SECRET_MODE)?;
         Ok(())
     }
 }
@@ -164,6 +165,20 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_applied_spec_is_private_even_over_an_old_public_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        std::fs::write(state.path(SPEC), "{}").unwrap();
+        std::fs::set_permissions(state.path(SPEC), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let spec = NodeSpec::for_pool("n1", &hexa_shared::names::Pool::Shared, 3);
+        state.save_spec(&spec).unwrap();
+        let mode = std::fs::metadata(state.path(SPEC)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(state.load_spec().unwrap().map(|s| s.generation), Some(3));
+    }
 
     #[test]
     fn pem_blocks_round_trip() {

@@ -130,7 +130,9 @@ pub fn router(ctx: Arc<AdminContext>) -> Router {
     let authed = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{name}", get(get_node))
+        .route("/v1/nodes/{name}", get(get_node).delete(delete_node))
+        .route("/v1/nodes/{name}/revoke", post(revoke_node))
+        .route("/v1/nodes/{name}/reenroll", post(reenroll_node))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", delete(revoke_token))
         .route("/v1/nodes/{name}/cordon", post(cordon_node))
@@ -190,6 +192,55 @@ async fn get_node(
     ctx.inventory.get(&name).map(Json).ok_or_else(|| ApiError::not_found(format!("no node named {name:?}")))
 }
 
+/// Deletes a node: revoked, its shares moved, its host-cluster marks removed, forgotten.
+async fn delete_node(
+    State(ctx): State<Arc<AdminContext>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(ctx.tenants.delete_node(&name).await?))
+}
+
+/// Revokes a node's certificates and closes its link; the record stays.
+async fn revoke_node(
+    State(ctx): State<Arc<AdminContext>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    ctx.inventory
+        .revoke(&name)
+        .map_err(|e| internal(&e))?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no node named {name:?}")))
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct ReenrollRequest {
+    /// e.g. `1h`, `30m`; the coordinator's `token_ttl` when absent.
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+/// Mints the one kind of token that enrolls an existing node again (as itself, in its pool).
+async fn reenroll_node(
+    State(ctx): State<Arc<AdminContext>>,
+    Path(name): Path<String>,
+    body: Option<Json<ReenrollRequest>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let req = body.map(|Json(req)| req).unwrap_or_default();
+    let ttl = parse_ttl(req.ttl.as_deref(), ctx.default_token_ttl)?;
+    let record = ctx.inventory.record(&name).ok_or_else(|| ApiError::not_found(format!("no node named {name:?}")))?;
+    let created = tokens::create_reenroll(&ctx.store, &record, ttl)?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+fn parse_ttl(text: Option<&str>, default: Duration) -> Result<Duration, ApiError> {
+    match text {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| ApiError::bad_request(format!("ttl {text:?} is not a duration such as 30m or 1h: {e}"))),
+    }
+}
+
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct CreateTokenRequest {
@@ -212,11 +263,7 @@ async fn create_token(
     let Json(req) = body?;
     let pool: Pool =
         req.pool.parse().map_err(|e: hexa_shared::names::NameError| ApiError::bad_request(e.to_string()))?;
-    let ttl = match req.ttl.as_deref() {
-        None => ctx.default_token_ttl,
-        Some(text) => humantime::parse_duration(text)
-            .map_err(|e| ApiError::bad_request(format!("ttl {text:?} is not a duration such as 30m or 1h: {e}")))?,
-    };
+    let ttl = parse_ttl(req.ttl.as_deref(), ctx.default_token_ttl)?;
     let request = tokens::TokenRequest { pool, ttl, description: req.description, node_class: req.node_class };
     let created = tokens::create(&ctx.store, request, &ctx.node_classes)?;
     Ok((StatusCode::CREATED, Json(created)))
@@ -362,6 +409,19 @@ pub fn openapi_document() -> serde_json::Value {
             "/v1/nodes/{name}": {"get": {
                 "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
                 "responses": with(json!({"200": {"description": "the node", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Node"}}}},
+                    "404": {"description": "no such node", "content": {"application/json": {"schema": error}}}}))},
+                "delete": {
+                "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": with(json!({"200": {"description": "deleted: revoked, shares moved, forgotten; the node as last seen", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Node"}}}},
+                    "404": {"description": "no such node", "content": {"application/json": {"schema": error}}}}))}},
+            "/v1/nodes/{name}/revoke": {"post": {"parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": with(json!({"200": {"description": "the node, its certificates revoked and its link closed"},
+                    "404": {"description": "no such node", "content": {"application/json": {"schema": error}}}}))}},
+            "/v1/nodes/{name}/reenroll": {"post": {"parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": false,
+                    "properties": {"ttl": {"type": "string", "example": "1h"}}}}}},
+                "responses": with(json!({"201": {"description": "a token that enrolls this node again, shown once"},
+                    "400": {"description": "bad ttl", "content": {"application/json": {"schema": error}}},
                     "404": {"description": "no such node", "content": {"application/json": {"schema": error}}}}))}},
             "/v1/tokens": {
                 "get": {"responses": with(json!({"200": {"description": "tokens, without secrets"}}))},

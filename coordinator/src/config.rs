@@ -107,6 +107,10 @@ pub struct K3sSettings {
     pub version: String,
     /// Where agents download K3s: a server laid out like K3s' GitHub releases.
     pub artifact_base: String,
+    /// sha256 (hex) of the K3s binary for the nodes' architecture, pinned by the operator. Agents
+    /// check the download against it instead of the release's checksum file. Required when
+    /// `artifact_base` is plain `http://`, where both files could be swapped in transit.
+    pub sha256: String,
     /// A directory present on every node with the release files, instead of downloading.
     pub airgap_dir: String,
     /// The URL K3s agents and joining servers use, `https://HOST:6443`. Empty: the address the
@@ -116,12 +120,43 @@ pub struct K3sSettings {
     pub kubelet_args: std::collections::BTreeMap<String, String>,
 }
 
+impl K3sSettings {
+    pub fn validate(&self) -> Result<(), String> {
+        let hex_sha256 = self.sha256.len() == 64 && self.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        if !self.sha256.is_empty() && !hex_sha256 {
+            return Err(format!("k3s.sha256 {:?} is not a sha256 in hex (64 characters)", self.sha256));
+        }
+        let plain_http = self.artifact_base.starts_with("http://");
+        if self.manage && self.airgap_dir.is_empty() && plain_http && self.sha256.is_empty() {
+            return Err(format!(
+                "k3s.artifact_base {:?} is plain http, where the binary and its checksum file could both be \
+                 swapped on the way: serve the release over https, or pin the binary with k3s.sha256 = \
+                 \"<sha256 of the k3s binary>\"",
+                self.artifact_base
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where agents take the release from, as their specs say it.
+    pub fn artifact_source(&self) -> hexa_shared::k3s::ArtifactSource {
+        use hexa_shared::k3s::ArtifactSource;
+        if self.airgap_dir.is_empty() {
+            let sha256 = (!self.sha256.is_empty()).then(|| self.sha256.to_ascii_lowercase());
+            ArtifactSource::Url { base: self.artifact_base.clone(), sha256 }
+        } else {
+            ArtifactSource::AirGap { dir: self.airgap_dir.clone().into() }
+        }
+    }
+}
+
 impl Default for K3sSettings {
     fn default() -> Self {
         K3sSettings {
             manage: true,
             version: hexa_shared::k3s::DEFAULT_VERSION.to_string(),
             artifact_base: hexa_shared::k3s::DEFAULT_RELEASE_BASE.to_string(),
+            sha256: String::new(),
             airgap_dir: String::new(),
             server_url: String::new(),
             kubelet_args: [
@@ -179,6 +214,7 @@ impl CoordinatorConfig {
         if self.node_cert_validity < Duration::from_secs(10) {
             return Err("node_cert_validity must be at least 10s".into());
         }
+        self.k3s.validate()?;
         self.placement.validate().map_err(|e| e.to_string())?;
         self.hostcluster.validate()?;
         self.isolation.plan()?;
@@ -223,6 +259,34 @@ mod tests {
             }
         }
         assert!(CoordinatorConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn k3s_over_plain_http_needs_a_pinned_checksum() {
+        let http = |sha256: &str| CoordinatorConfig {
+            k3s: K3sSettings {
+                artifact_base: "http://mirror.internal/k3s".into(),
+                sha256: sha256.into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = http("").validate().unwrap_err();
+        assert!(err.contains("plain http") && err.contains("k3s.sha256"), "{err}");
+        assert!(http(&"ab".repeat(32)).validate().is_ok());
+        assert!(http("abc").validate().unwrap_err().contains("not a sha256"));
+        let pinned = http(&"AB".repeat(32)).k3s.artifact_source();
+        assert_eq!(
+            pinned,
+            hexa_shared::k3s::ArtifactSource::Url {
+                base: "http://mirror.internal/k3s".into(),
+                sha256: Some("ab".repeat(32))
+            }
+        );
+        // Not managing K3s, or installing from a directory, downloads nothing.
+        let mut unmanaged = http("");
+        unmanaged.k3s.manage = false;
+        assert!(unmanaged.validate().is_ok());
     }
 
     #[test]

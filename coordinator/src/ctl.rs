@@ -60,6 +60,18 @@ pub enum NodeCommand {
     Uncordon { name: String },
     /// Cordon the node and move every share off it
     Drain { name: String },
+    /// Delete the node: revoke its certificate (its link closes), move its shares, remove its
+    /// host-cluster labels and taints, and forget it
+    Delete { name: String },
+    /// Revoke the node's certificate and close its link, keeping its record
+    Revoke { name: String },
+    /// Mint the token that enrolls this node again, as itself (its old certificate then dies)
+    Reenroll {
+        name: String,
+        /// How long the token stays usable, e.g. 30m, 1h [default: the coordinator's token_ttl]
+        #[arg(long)]
+        ttl: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -280,7 +292,7 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
                 match &n.k3s {
                     None | Some(hexa_shared::k3s::K3sState::NotInstalled) => "-".into(),
                     Some(hexa_shared::k3s::K3sState::Installing) => "installing".into(),
-                    Some(hexa_shared::k3s::K3sState::Running { version }) => version.clone(),
+                    Some(hexa_shared::k3s::K3sState::Running { version, .. }) => version.clone(),
                     Some(hexa_shared::k3s::K3sState::Failed { .. }) => "failed".into(),
                 },
             ]
@@ -359,12 +371,29 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
             let nodes: Vec<NodeView> = client.call(Method::GET, "/v1/nodes", None).await?;
             if json_out { pretty(&json!(nodes)) } else { nodes_table(&nodes) }
         }
+        Command::Node(NodeCommand::Reenroll { name, ttl }) => {
+            let path = format!("/v1/nodes/{name}/reenroll");
+            let created: serde_json::Value = client.call(Method::POST, &path, Some(json!({"ttl": ttl}))).await?;
+            if json_out {
+                pretty(&created)
+            } else {
+                eprintln!(
+                    "re-enrollment token {} for node {name} expires {}; it is shown only now",
+                    created["id"].as_str().unwrap_or_default(),
+                    created["expires_at_unix"]
+                );
+                format!("{}\n", created["token"].as_str().unwrap_or_default())
+            }
+        }
         Command::Node(command) => {
             let (method, path) = match &command {
                 NodeCommand::Get { name } => (Method::GET, format!("/v1/nodes/{name}")),
                 NodeCommand::Cordon { name } => (Method::POST, format!("/v1/nodes/{name}/cordon")),
                 NodeCommand::Uncordon { name } => (Method::POST, format!("/v1/nodes/{name}/uncordon")),
                 NodeCommand::Drain { name } => (Method::POST, format!("/v1/nodes/{name}/drain")),
+                NodeCommand::Delete { name } => (Method::DELETE, format!("/v1/nodes/{name}")),
+                NodeCommand::Revoke { name } => (Method::POST, format!("/v1/nodes/{name}/revoke")),
+                NodeCommand::Reenroll { .. } => unreachable!("handled above"),
             };
             let node: NodeView = client.call(method, &path, None).await?;
             if json_out { pretty(&json!(node)) } else { nodes_table(std::slice::from_ref(&node)) }

@@ -9,18 +9,19 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use hexa_shared::names::{Pool, node_name_from_hostname, validate_node_name};
+use hexa_shared::names::Pool;
 use hexa_shared::proto::{EnrollRequest, Enrolled, ProviderIdentity, Refusal, RefusalCode};
 use hexa_shared::report::{CapacityReport, Resources, Usage};
 use hexa_shared::spec::{AppliedStatus, ApplyOutcome, NodeSpec, TenantAllocation};
 
-use crate::bootstrap::{CertificateAuthority, hashes_equal, parse_token, sha256_hex};
+use crate::bootstrap::CertificateAuthority;
 use crate::config::K3sSettings;
+use crate::enroll::{Enroller, refusal};
 use crate::metrics::Metrics;
 use crate::placement;
-use crate::store::{Health, NodeRecord, Store, StoreError, TokenState};
+use crate::store::{Health, NodeRecord, Store, StoreError};
 use crate::tokens::now_unix;
-use hexa_shared::k3s::{ArtifactSource, JoinToken, K3sRole, K3sSpec};
+use hexa_shared::k3s::{JoinToken, K3sRole, K3sSpec};
 
 /// Thresholds that turn silence into health.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +52,72 @@ struct NodeEntry {
     links: u32,
     applied: Option<AppliedStatus>,
     spec_tx: watch::Sender<NodeSpec>,
+    /// Which certificates open a link; every open link watches it and closes when its own
+    /// certificate no longer does. Dropped when the node is forgotten, which closes them too.
+    auth_tx: watch::Sender<CertAuth>,
+}
+
+/// The certificates of a node that open a link right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertAuth {
+    current: String,
+    /// The certificate a renewal replaced, until the node first connects with the new one.
+    previous: Option<String>,
+    revoked: bool,
+}
+
+impl CertAuth {
+    fn of(record: &NodeRecord) -> CertAuth {
+        CertAuth {
+            current: record.cert_serial.clone(),
+            previous: record.previous_cert_serial.clone(),
+            revoked: record.revoked_at_unix.is_some(),
+        }
+    }
+
+    /// Why the certificate with `serial` opens nothing, or `None` when it is valid.
+    pub fn refuses(&self, node: &str, serial: &str) -> Option<Refusal> {
+        if self.revoked {
+            return Some(refusal(
+                RefusalCode::CertificateRevoked,
+                format!("the certificate of node {node} was revoked: re-enroll with `hexactl node reenroll {node}`"),
+            ));
+        }
+        if self.current == serial || self.previous.as_deref() == Some(serial) {
+            return None;
+        }
+        Some(refusal(
+            RefusalCode::CertificateSuperseded,
+            format!("this certificate of node {node} has been superseded (node re-enrolled or renewed); enroll again"),
+        ))
+    }
+}
+
+impl NodeEntry {
+    fn new(record: NodeRecord, silent_since: Instant) -> NodeEntry {
+        let (spec_tx, _) = watch::channel(record.spec.clone());
+        let (auth_tx, _) = watch::channel(CertAuth::of(&record));
+        NodeEntry { record, last_report: None, silent_since, links: 0, applied: None, spec_tx, auth_tx }
+    }
+
+    /// Makes `record` this node's record, telling links and the node what changed.
+    fn set_record(&mut self, record: NodeRecord) {
+        let auth = CertAuth::of(&record);
+        self.auth_tx.send_if_modified(|current| {
+            let changed = *current != auth;
+            *current = auth;
+            changed
+        });
+        self.record = record;
+    }
+}
+
+/// What a link admitted by [`Inventory::admit_link`] runs with.
+#[derive(Debug)]
+pub struct Admission {
+    pub pool: Pool,
+    pub spec: watch::Receiver<NodeSpec>,
+    pub auth: watch::Receiver<CertAuth>,
 }
 
 /// A node as the admin API shows it.
@@ -67,6 +134,9 @@ pub struct NodeView {
     pub enrolled_at_unix: i64,
     pub cert_not_after_unix: i64,
     pub cordoned: bool,
+    /// When an operator revoked the node's certificate; a revoked node opens no link.
+    #[serde(default)]
+    pub revoked_at_unix: Option<i64>,
     pub node_class: Option<String>,
     /// Tenants placed on this node and their allocations (the desired state sent to it).
     pub tenants: Vec<TenantAllocation>,
@@ -88,12 +158,13 @@ pub struct NodeView {
 #[derive(Debug)]
 pub struct Inventory {
     store: Store,
-    ca: Arc<CertificateAuthority>,
+    enroller: Enroller,
     thresholds: HealthThresholds,
-    node_cert_validity: Duration,
     nodes: Mutex<BTreeMap<String, NodeEntry>>,
     metrics: Arc<Metrics>,
     k3s: K3sPlan,
+    /// The K3s cluster CA's hash, once the first server has reported it (persisted).
+    cluster_ca_sha256: Mutex<Option<String>>,
     isolation: Option<IsolationPlan>,
 }
 
@@ -153,27 +224,54 @@ impl IsolationPlan {
     }
 }
 
+/// State-database keys of the K3s cluster's two secrets. The server secret is what `server` nodes
+/// join with and what K3s' `/v1-k3s/server-bootstrap` (the cluster's CA keys) accepts; agents get
+/// only the agent secret.
+pub const K3S_SERVER_SECRET: &str = "k3s_join_token";
+pub const K3S_AGENT_SECRET: &str = "k3s_agent_token";
+/// State-database key of the cluster CA's hash, as the first server reported it.
+const K3S_CA_SHA256: &str = "k3s_cluster_ca_sha256";
+
 /// What every node's K3s spec is derived from.
 #[derive(Debug, Clone)]
 pub struct K3sPlan {
     pub settings: K3sSettings,
-    /// The cluster's join token. It leaves the coordinator only inside NodeSpecs, on mTLS links.
-    pub token: JoinToken,
+    /// The secrets leave the coordinator only inside NodeSpecs, on mTLS links.
+    pub server_secret: String,
+    pub agent_secret: String,
+}
+
+/// K3s' secure token format: `K10<sha256 of the cluster CA>::<user>:<secret>`. A node joining
+/// with it checks the server's CA against the hash before it sends the secret.
+fn secure_token(ca_sha256: &str, user: &str, secret: &str) -> JoinToken {
+    JoinToken::new(format!("K10{ca_sha256}::{user}:{secret}"))
 }
 
 impl K3sPlan {
-    /// K3s for `record`, given every node: the earliest-enrolled server initialises the cluster,
-    /// the rest join it. `None` when K3s is not managed, or when the node must join a cluster
-    /// whose address is not known yet (the first server has not connected).
-    fn spec_for(&self, record: &NodeRecord, nodes: &BTreeMap<String, NodeEntry>) -> Option<K3sSpec> {
-        if !self.settings.manage {
-            return None;
-        }
-        let first_server = nodes
+    /// The server that initialises the cluster: the earliest-enrolled node of the `server` pool.
+    fn first_server(nodes: &BTreeMap<String, NodeEntry>) -> Option<&NodeRecord> {
+        nodes
             .values()
             .map(|e| &e.record)
             .filter(|r| r.pool == Pool::Server)
-            .min_by_key(|r| (r.enrolled_at_unix, r.name.clone()));
+            .min_by_key(|r| (r.enrolled_at_unix, r.name.clone()))
+    }
+
+    /// K3s for `record`, given every node and the cluster CA's hash once the first server has
+    /// reported it: the first server initialises the cluster with both secrets; every other node
+    /// joins it with a secure token that pins that CA, servers with the server secret and agents
+    /// with the agent secret only. `None` when K3s is not managed, or when the node must join a
+    /// cluster whose address or CA is not known yet.
+    fn spec_for(
+        &self,
+        record: &NodeRecord,
+        nodes: &BTreeMap<String, NodeEntry>,
+        ca_sha256: Option<&str>,
+    ) -> Option<K3sSpec> {
+        if !self.settings.manage {
+            return None;
+        }
+        let first_server = Self::first_server(nodes);
         let url = if self.settings.server_url.is_empty() {
             first_server.and_then(|s| s.address).map(|ip| match ip {
                 std::net::IpAddr::V4(v4) => format!("https://{v4}:6443"),
@@ -182,41 +280,39 @@ impl K3sPlan {
         } else {
             Some(self.settings.server_url.clone())
         };
-        let role = match (&record.pool, first_server) {
-            (Pool::Server, Some(first)) if first.name == record.name => {
-                K3sRole::Server { cluster_init: true, server_url: None }
-            }
-            (Pool::Server, _) => K3sRole::Server { cluster_init: false, server_url: Some(url?) },
-            _ => K3sRole::Agent { server_url: url? },
+        let server_agent_token = Some(JoinToken::new(self.agent_secret.clone()));
+        let (role, token, agent_token) = match (&record.pool, first_server) {
+            (Pool::Server, Some(first)) if first.name == record.name => (
+                K3sRole::Server { cluster_init: true, server_url: None },
+                JoinToken::new(self.server_secret.clone()),
+                server_agent_token,
+            ),
+            (Pool::Server, _) => (
+                K3sRole::Server { cluster_init: false, server_url: Some(url?) },
+                secure_token(ca_sha256?, "server", &self.server_secret),
+                server_agent_token,
+            ),
+            _ => (K3sRole::Agent { server_url: url? }, secure_token(ca_sha256?, "node", &self.agent_secret), None),
         };
         // Registration labels and taints come from the pool only: tenant labels change often and
         // are applied through the API, where changing them restarts nothing.
         let pool_spec = NodeSpec::for_pool(&record.name, &record.pool, 0);
         let mut spec = K3sSpec::new(role);
-        spec.token = Some(self.token.clone());
+        spec.token = Some(token);
+        spec.agent_token = agent_token;
         spec.version = self.settings.version.clone();
         spec.node_name = Some(record.name.clone());
         spec.node_labels = pool_spec.labels;
         spec.node_taints = pool_spec.taints;
         spec.kubelet_args = self.settings.kubelet_args.clone();
-        spec.artifacts = if self.settings.airgap_dir.is_empty() {
-            ArtifactSource::Url { base: self.settings.artifact_base.clone() }
-        } else {
-            ArtifactSource::AirGap { dir: self.settings.airgap_dir.clone().into() }
-        };
+        spec.artifacts = self.settings.artifact_source();
         Some(spec)
     }
 }
 
-fn refusal(code: RefusalCode, message: impl Into<String>) -> Refusal {
-    Refusal { code, message: message.into() }
-}
-
-impl From<StoreError> for Refusal {
-    fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "state database failed during a node request");
-        refusal(RefusalCode::Internal, "the coordinator could not record the request; try again")
-    }
+/// Whether `hash` looks like a sha256 in lowercase hex, as a report must give it.
+fn is_sha256_hex(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl Inventory {
@@ -238,14 +334,20 @@ impl Inventory {
                 record.health_since_unix = now_unix();
                 store.put_node(&record)?;
             }
-            let (spec_tx, _) = watch::channel(record.spec.clone());
-            nodes.insert(
-                name,
-                NodeEntry { record, last_report: None, silent_since: now, links: 0, applied: None, spec_tx },
-            );
+            nodes.insert(name, NodeEntry::new(record, now));
         }
-        let inventory =
-            Inventory { store, ca, thresholds, node_cert_validity, nodes: Mutex::new(nodes), metrics, k3s, isolation };
+        let enroller = Enroller::new(store.clone(), ca, node_cert_validity);
+        let cluster_ca_sha256 = Mutex::new(store.meta::<String>(K3S_CA_SHA256)?);
+        let inventory = Inventory {
+            store,
+            enroller,
+            thresholds,
+            nodes: Mutex::new(nodes),
+            metrics,
+            k3s,
+            cluster_ca_sha256,
+            isolation,
+        };
         // The K3s settings may have changed since the last run.
         inventory.respec_all(&mut inventory.nodes())?;
         Ok(inventory)
@@ -262,7 +364,8 @@ impl Inventory {
         let Some(entry) = nodes.get(name) else { return Ok(()) };
         let current = &entry.record.spec;
         let tenants = tenants.unwrap_or_else(|| current.tenants.clone());
-        let k3s = self.k3s.spec_for(&entry.record, nodes);
+        let ca = self.cluster_ca_sha256.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let k3s = self.k3s.spec_for(&entry.record, nodes, ca.as_deref());
         let isolation = self.isolation.as_ref().and_then(|plan| plan.spec_for(&entry.record.pool, &tenants, nodes));
         let mut wanted = NodeSpec::build(name, &entry.record.pool, current.generation + 1, tenants).with_k3s(k3s);
         wanted.isolation = isolation;
@@ -300,110 +403,31 @@ impl Inventory {
         self.nodes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Admits a node: checks and consumes its bootstrap token, chooses its name, signs its CSR and
-    /// records it, all in one transaction, so a token admits exactly one node even under races.
+    /// Admits a node (see [`crate::enroll`]) and starts serving it. When the node existed, every
+    /// link still holding its old certificate is closed at once.
     pub fn enroll(&self, req: &EnrollRequest) -> Result<Enrolled, Refusal> {
-        let Some((token_id, secret)) = parse_token(&req.token) else {
-            return Err(refusal(
-                RefusalCode::TokenUnknown,
-                "the bootstrap token is not of the form <6 chars>.<16 chars>",
-            ));
-        };
-        let base_name = match &req.requested_name {
-            Some(name) => {
-                validate_node_name(name).map_err(|e| refusal(RefusalCode::MalformedRequest, e.to_string()))?;
-                name.clone()
-            }
-            None => node_name_from_hostname(&req.hostname).unwrap_or_else(|| "node".to_string()),
-        };
-        let now = now_unix();
-        let (record, issued) = self.store.write(|tx| {
-            let unknown = || {
-                refusal(RefusalCode::TokenUnknown, format!("bootstrap token {token_id} is not known: mint one with `hexactl token create`"))
-            };
-            let mut token = tx.token(token_id)?.ok_or_else(unknown)?;
-            if !hashes_equal(&token.secret_sha256, &sha256_hex(secret)) {
-                return Err(unknown());
-            }
-            match &token.state {
-                TokenState::Used { node, .. } => {
-                    return Err(refusal(
-                        RefusalCode::TokenUsed,
-                        format!("bootstrap token {token_id} was already used by node {node}; tokens are single use: mint a new one"),
-                    ));
-                }
-                TokenState::Revoked { .. } => {
-                    return Err(refusal(RefusalCode::TokenRevoked, format!("bootstrap token {token_id} was revoked")));
-                }
-                TokenState::Active if token.expires_at_unix <= now => {
-                    return Err(refusal(
-                        RefusalCode::TokenExpired,
-                        format!("bootstrap token {token_id} expired {}s ago: mint a new one", now - token.expires_at_unix),
-                    ));
-                }
-                TokenState::Active => {}
-            }
-            let name = choose_name(tx, &base_name, &req.machine_id)?;
-            let issued = self
-                .ca
-                .sign_node_csr(&req.csr_der, &name, self.node_cert_validity)
-                .map_err(|e| refusal(RefusalCode::MalformedRequest, e.to_string()))?;
-            let previous = tx.node(&name)?;
-            let generation = previous.as_ref().map_or(0, |p| p.spec.generation) + 1;
-            // A re-enrolled node keeps the tenants placed on it; a new pool's labels apply.
-            let tenants = previous.as_ref().map(|p| p.spec.tenants.clone()).unwrap_or_default();
-            let record = NodeRecord {
-                name: name.clone(),
-                pool: token.pool.clone(),
-                hostname: req.hostname.clone(),
-                machine_id: req.machine_id.clone(),
-                provider: req.provider.clone(),
-                enrolled_at_unix: now,
-                token_id: token_id.to_string(),
-                cert_serial: issued.serial.clone(),
-                previous_cert_serial: None,
-                cert_not_after_unix: issued.not_after_unix,
-                health: Health::Pending,
-                health_since_unix: now,
-                spec: NodeSpec::build(&name, &token.pool, generation, tenants),
-                cordoned: previous.as_ref().is_some_and(|p| p.cordoned),
-                node_class: token.node_class.clone(),
-                address: None,
-            };
-            tx.put_node(&record)?;
-            token.state = TokenState::Used { node: name, at_unix: now };
-            tx.put_token(&token)?;
-            Ok((record, issued))
-        })?;
-        tracing::info!(node = %record.name, pool = %record.pool, token_id, hostname = %req.hostname, "node enrolled");
-        let enrolled = Enrolled {
-            node_name: record.name.clone(),
-            pool: record.pool.clone(),
-            cert_chain_der: vec![issued.cert_der.to_vec()],
-            ca_der: self.ca.cert_der().to_vec(),
-        };
+        let admitted = self.enroller.enroll(req)?;
+        let record = admitted.record;
+        tracing::info!(
+            node = %record.name,
+            pool = %record.pool,
+            token_id = %record.token_id,
+            hostname = %req.hostname,
+            reenrolled = admitted.replaced.is_some(),
+            "node enrolled"
+        );
         let mut nodes = self.nodes();
         match nodes.get_mut(&record.name) {
-            // Re-enrollment of a known node: connected links keep running until they fail the
-            // serial check on their next connection; the new spec reaches a new link.
             Some(entry) => {
                 entry.spec_tx.send_replace(record.spec.clone());
-                entry.record = record;
+                entry.set_record(record);
                 entry.silent_since = Instant::now();
             }
             None => {
-                let (spec_tx, _) = watch::channel(record.spec.clone());
-                let entry = NodeEntry {
-                    record,
-                    last_report: None,
-                    silent_since: Instant::now(),
-                    links: 0,
-                    applied: None,
-                    spec_tx,
-                };
-                nodes.insert(entry.record.name.clone(), entry);
+                nodes.insert(record.name.clone(), NodeEntry::new(record, Instant::now()));
             }
         }
+        let enrolled = admitted.enrolled;
         // A new server can change who joins where; anyone else only needs its own K3s spec.
         let result = if enrolled.pool == Pool::Server {
             self.respec_all(&mut nodes)
@@ -414,43 +438,99 @@ impl Inventory {
         Ok(enrolled)
     }
 
-    /// Checks that `serial` is the certificate `name` must present, and returns its pool and a
-    /// subscription to its desired state.
-    pub fn admit_link(
-        &self,
-        name: &str,
-        serial: &str,
-        address: std::net::IpAddr,
-    ) -> Result<(Pool, watch::Receiver<NodeSpec>), Refusal> {
+    /// Checks that `serial` is a certificate that opens a link for `name`, and returns what the
+    /// link runs with: the node's pool, its desired state, and the certificates still valid.
+    pub fn admit_link(&self, name: &str, serial: &str, address: std::net::IpAddr) -> Result<Admission, Refusal> {
         let mut nodes = self.nodes();
         let entry = nodes.get_mut(name).ok_or_else(|| {
             refusal(RefusalCode::CertificateSuperseded, format!("node {name} is not enrolled here; enroll it again"))
         })?;
-        if entry.record.cert_serial == serial {
-            if entry.record.previous_cert_serial.is_some() {
-                // The node uses its renewed certificate: the old one is retired for good.
-                entry.record.previous_cert_serial = None;
-                self.store.put_node(&entry.record)?;
-            }
-        } else if entry.record.previous_cert_serial.as_deref() != Some(serial) {
-            return Err(refusal(
-                RefusalCode::CertificateSuperseded,
-                format!(
-                    "this certificate of node {name} has been superseded (node re-enrolled or renewed); enroll again"
-                ),
-            ));
+        if let Some(refused) = entry.auth_tx.borrow().refuses(name, serial) {
+            return Err(refused);
+        }
+        let mut record = entry.record.clone();
+        if record.cert_serial == serial {
+            // The node uses its renewed certificate: the old one is retired for good (and a link
+            // still open with it is closed).
+            record.previous_cert_serial = None;
+        }
+        record.address = Some(address);
+        let address_changed = entry.record.address != Some(address);
+        if record != entry.record {
+            self.store.put_node(&record)?;
+            entry.set_record(record);
         }
         entry.links += 1;
-        let admitted = (entry.record.pool.clone(), entry.spec_tx.subscribe());
-        if entry.record.address != Some(address) {
-            entry.record.address = Some(address);
-            self.store.put_node(&entry.record)?;
-            if entry.record.pool == Pool::Server {
-                // The first server's address is where the others join.
-                self.respec_all(&mut nodes)?;
-            }
+        let admitted = Admission {
+            pool: entry.record.pool.clone(),
+            spec: entry.spec_tx.subscribe(),
+            auth: entry.auth_tx.subscribe(),
+        };
+        if address_changed && entry.record.pool == Pool::Server {
+            // The first server's address is where the others join.
+            self.respec_all(&mut nodes)?;
         }
         Ok(admitted)
+    }
+
+    /// Moves `name`'s desired state past `applied`, the generation its agent says it applied, when
+    /// that is ahead of ours (a restored state database, a node record made anew): the agent
+    /// refuses specs older than what it has, so without this the node would never get one again.
+    pub fn catch_up_generation(&self, name: &str, applied: u64) -> Result<(), StoreError> {
+        let mut nodes = self.nodes();
+        let Some(entry) = nodes.get_mut(name) else { return Ok(()) };
+        if applied <= entry.record.spec.generation {
+            return Ok(());
+        }
+        let mut record = entry.record.clone();
+        record.spec.generation = applied + 1;
+        self.store.put_node(&record)?;
+        tracing::warn!(
+            node = name,
+            applied,
+            generation = record.spec.generation,
+            "node applied a generation ahead of the coordinator's; moved past it"
+        );
+        entry.spec_tx.send_replace(record.spec.clone());
+        entry.set_record(record);
+        Ok(())
+    }
+
+    /// Revokes `name`'s certificates: every link it has is closed and none opens again until the
+    /// node is re-enrolled. The record stays (and with it the node's place in the inventory).
+    pub fn revoke(&self, name: &str) -> Result<Option<NodeView>, StoreError> {
+        let mut nodes = self.nodes();
+        let Some(entry) = nodes.get_mut(name) else { return Ok(None) };
+        if entry.record.revoked_at_unix.is_none() {
+            let mut record = entry.record.clone();
+            record.revoked_at_unix = Some(now_unix());
+            self.store.put_node(&record)?;
+            entry.set_record(record);
+            tracing::warn!(node = name, "node certificate revoked; its links are closed");
+        }
+        Ok(Some(Self::view_of(entry, Instant::now())))
+    }
+
+    /// Forgets `name`: its record is deleted and every link it has is closed. Returns the record
+    /// it had, or `None` when there was no such node.
+    pub fn forget(&self, name: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let mut nodes = self.nodes();
+        if !nodes.contains_key(name) {
+            return Ok(None);
+        }
+        self.store.write(|tx| tx.remove_node(name))?;
+        // Dropping the entry drops its senders: links watching them close.
+        let entry = nodes.remove(name);
+        tracing::warn!(node = name, "node deleted from the inventory");
+        if entry.as_ref().is_some_and(|e| e.record.pool == Pool::Server) {
+            self.respec_all(&mut nodes)?;
+        }
+        Ok(entry.map(|e| e.record))
+    }
+
+    /// The record of `name`, as persisted.
+    pub fn record(&self, name: &str) -> Option<NodeRecord> {
+        self.nodes().get(name).map(|e| e.record.clone())
     }
 
     pub fn link_closed(&self, name: &str) {
@@ -466,17 +546,51 @@ impl Inventory {
         let mut nodes = self.nodes();
         let Some(entry) = nodes.get_mut(name) else { return };
         let pods_changed = entry.last_report.as_ref().is_none_or(|(previous, _)| previous.pods != report.pods);
+        let reported_ca = match &report.k3s {
+            hexa_shared::k3s::K3sState::Running { cluster_ca_sha256: Some(hash), .. } => Some(hash.clone()),
+            _ => None,
+        };
         entry.last_report = Some((Box::new(report), now));
         entry.silent_since = now;
         self.metrics.reports.inc();
         if entry.record.health != Health::Ready {
             self.transition(entry, Health::Ready);
         }
+        if let Some(hash) = reported_ca {
+            if K3sPlan::first_server(&nodes).is_some_and(|first| first.name == name) {
+                self.learn_cluster_ca(&mut nodes, name, hash);
+            }
+        }
         // Tenants' IP sets are cluster-wide: a node's new pods change other nodes' isolation too.
         if pods_changed && self.isolation.is_some() {
             if let Err(e) = self.respec_all(&mut nodes) {
                 tracing::error!(node = name, error = %e, "cannot update isolation after a pod change");
             }
+        }
+    }
+
+    /// Takes the cluster CA's hash from the first server's report; the nodes waiting for it to
+    /// join get their K3s specs. Only the server that initialised the cluster speaks for its CA.
+    fn learn_cluster_ca(&self, nodes: &mut BTreeMap<String, NodeEntry>, server: &str, hash: String) {
+        let mut known = self.cluster_ca_sha256.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if known.as_deref() == Some(hash.as_str()) {
+            return;
+        }
+        if !is_sha256_hex(&hash) {
+            tracing::warn!(node = server, "ignoring a cluster CA hash that is not a sha256 in hex");
+            return;
+        }
+        if let Err(e) = self.store.set_meta(K3S_CA_SHA256, &hash) {
+            tracing::error!(node = server, error = %e, "cannot record the K3s cluster CA hash");
+            return;
+        }
+        match known.replace(hash.clone()) {
+            None => tracing::info!(node = server, ca_sha256 = %hash, "K3s cluster CA learned from the first server"),
+            Some(old) => tracing::warn!(node = server, old = %old, new = %hash, "the K3s cluster CA changed"),
+        }
+        drop(known);
+        if let Err(e) = self.respec_all(nodes) {
+            tracing::error!(error = %e, "cannot update K3s specs after learning the cluster CA");
         }
     }
 
@@ -489,22 +603,24 @@ impl Inventory {
         }
     }
 
-    /// Signs a renewal CSR for `name` and makes the new certificate the current one.
-    pub fn renew(&self, name: &str, csr_der: &[u8]) -> Result<Vec<Vec<u8>>, Refusal> {
-        let issued = self
-            .ca
-            .sign_node_csr(csr_der, name, self.node_cert_validity)
-            .map_err(|e| refusal(RefusalCode::MalformedRequest, e.to_string()))?;
+    /// Signs a renewal CSR for `name`, asked on a link that presented the certificate `serial`,
+    /// and makes the new certificate the current one. A certificate that no longer opens a link
+    /// cannot renew itself back.
+    pub fn renew(&self, name: &str, serial: &str, csr_der: &[u8]) -> Result<Vec<Vec<u8>>, Refusal> {
         let mut nodes = self.nodes();
         let entry = nodes
             .get_mut(name)
             .ok_or_else(|| refusal(RefusalCode::CertificateSuperseded, format!("node {name} is no longer enrolled")))?;
+        if let Some(refused) = entry.auth_tx.borrow().refuses(name, serial) {
+            return Err(refused);
+        }
+        let issued = self.enroller.sign_renewal(name, csr_der)?;
         let mut record = entry.record.clone();
-        record.previous_cert_serial = Some(record.cert_serial.clone());
+        record.previous_cert_serial = Some(serial.to_string());
         record.cert_serial = issued.serial.clone();
         record.cert_not_after_unix = issued.not_after_unix;
         self.store.put_node(&record)?;
-        entry.record = record;
+        entry.set_record(record);
         tracing::info!(node = name, serial = %issued.serial, not_after_unix = issued.not_after_unix, "node certificate renewed");
         Ok(vec![issued.cert_der.to_vec()])
     }
@@ -557,6 +673,7 @@ impl Inventory {
             enrolled_at_unix: entry.record.enrolled_at_unix,
             cert_not_after_unix: entry.record.cert_not_after_unix,
             cordoned: entry.record.cordoned,
+            revoked_at_unix: entry.record.revoked_at_unix,
             node_class: entry.record.node_class.clone(),
             tenants: entry.record.spec.tenants.clone(),
             spec_generation: entry.record.spec.generation,
@@ -589,7 +706,7 @@ impl Inventory {
             let mut record = entry.record.clone();
             record.cordoned = cordoned;
             self.store.put_node(&record)?;
-            entry.record = record;
+            entry.set_record(record);
             tracing::info!(node = name, cordoned, "node schedulability changed");
         }
         Ok(Some(Self::view_of(entry, Instant::now())))
@@ -634,27 +751,137 @@ impl Inventory {
     }
 }
 
-/// `base`, or `base-2`, `base-3`... when another machine holds it. The same machine enrolling
-/// again gets its old name back (a re-imaged node keeps its identity).
-fn choose_name(tx: &crate::store::Tx<'_>, base: &str, machine_id: &str) -> Result<String, Refusal> {
-    for n in 1u32.. {
-        let candidate = if n == 1 { base.to_string() } else { format!("{}-{n}", truncate(base, 56)) };
-        match tx.node(&candidate)? {
-            None => return Ok(candidate),
-            Some(existing) if existing.machine_id == machine_id && !machine_id.is_empty() => return Ok(candidate),
-            Some(_) => {}
-        }
-    }
-    Err(refusal(RefusalCode::Internal, "no free node name"))
-}
-
-fn truncate(s: &str, n: usize) -> &str {
-    &s[..s.len().min(n)]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokens::{self, TokenRequest};
+    use hexa_shared::proto::PROTOCOL_VERSION;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Store,
+        inventory: Inventory,
+    }
+
+    fn fixture(k3s: K3sSettings) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let (ca, _) = CertificateAuthority::load_or_create(dir.path()).unwrap();
+        let plan = K3sPlan { settings: k3s, server_secret: "s".repeat(32), agent_secret: "a".repeat(32) };
+        let inventory =
+            Inventory::load(store.clone(), Arc::new(ca), T, Duration::from_secs(3600), Default::default(), plan, None)
+                .unwrap();
+        Fixture { _dir: dir, store, inventory }
+    }
+
+    fn csr() -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::default().serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    fn enroll(f: &Fixture, token: &str, name: &str) -> String {
+        let req = EnrollRequest {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            token: token.into(),
+            csr_der: csr(),
+            hostname: name.into(),
+            machine_id: "m".into(),
+            requested_name: Some(name.into()),
+            provider: ProviderIdentity::None,
+        };
+        f.inventory.enroll(&req).unwrap();
+        f.inventory.record(name).unwrap().cert_serial
+    }
+
+    fn token(f: &Fixture, pool: Pool) -> String {
+        let req = TokenRequest { pool, ttl: Duration::from_secs(60), description: String::new(), node_class: None };
+        tokens::create(&f.store, req, &[]).unwrap().token
+    }
+
+    const ADDR: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn a_superseded_certificate_loses_its_link_and_cannot_renew() {
+        let f = fixture(K3sSettings { manage: false, ..Default::default() });
+        let old = enroll(&f, &token(&f, Pool::Shared), "n1");
+        let mut link = f.inventory.admit_link("n1", &old, ADDR).unwrap();
+        assert!(link.auth.borrow_and_update().refuses("n1", &old).is_none());
+        let record = f.inventory.record("n1").unwrap();
+        let again = tokens::create_reenroll(&f.store, &record, Duration::from_secs(60)).unwrap();
+        let new = enroll(&f, &again.token, "n1");
+        // The open link hears of it at once, and its certificate no longer renews.
+        assert!(link.auth.has_changed().unwrap());
+        let refused = link.auth.borrow_and_update().refuses("n1", &old).unwrap();
+        assert_eq!(refused.code, RefusalCode::CertificateSuperseded);
+        assert_eq!(f.inventory.renew("n1", &old, &csr()).unwrap_err().code, RefusalCode::CertificateSuperseded);
+        assert!(f.inventory.admit_link("n1", &old, ADDR).is_err());
+        // The current one renews; the renewing link keeps working until the new one is used.
+        let mut current = f.inventory.admit_link("n1", &new, ADDR).unwrap();
+        f.inventory.renew("n1", &new, &csr()).unwrap();
+        assert!(current.auth.borrow_and_update().refuses("n1", &new).is_none());
+        let renewed = f.inventory.record("n1").unwrap().cert_serial;
+        f.inventory.admit_link("n1", &renewed, ADDR).unwrap();
+        assert!(current.auth.borrow_and_update().refuses("n1", &new).is_some(), "retired with its first use");
+    }
+
+    #[test]
+    fn revocation_and_deletion_close_links() {
+        let f = fixture(K3sSettings { manage: false, ..Default::default() });
+        let serial = enroll(&f, &token(&f, Pool::Shared), "n1");
+        let mut link = f.inventory.admit_link("n1", &serial, ADDR).unwrap();
+        let view = f.inventory.revoke("n1").unwrap().unwrap();
+        assert!(view.revoked_at_unix.is_some());
+        let refused = link.auth.borrow_and_update().refuses("n1", &serial).unwrap();
+        assert_eq!(refused.code, RefusalCode::CertificateRevoked);
+        assert_eq!(f.inventory.admit_link("n1", &serial, ADDR).unwrap_err().code, RefusalCode::CertificateRevoked);
+        let serial = enroll(&f, &token(&f, Pool::Shared), "n2");
+        let link = f.inventory.admit_link("n2", &serial, ADDR).unwrap();
+        assert!(f.inventory.forget("n2").unwrap().is_some());
+        assert!(link.auth.has_changed().is_err(), "the sender is gone, which closes the link");
+        assert!(f.inventory.get("n2").is_none() && !f.store.nodes().unwrap().contains_key("n2"));
+        assert!(f.inventory.forget("n2").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_generation_ahead_of_ours_is_overtaken() {
+        let f = fixture(K3sSettings { manage: false, ..Default::default() });
+        enroll(&f, &token(&f, Pool::Shared), "n1");
+        let before = f.inventory.record("n1").unwrap().spec.generation;
+        assert!(before < 1000);
+        f.inventory.catch_up_generation("n1", 1000).unwrap();
+        assert_eq!(f.inventory.record("n1").unwrap().spec.generation, 1001);
+        assert_eq!(f.store.nodes().unwrap()["n1"].spec.generation, 1001, "persisted");
+        f.inventory.catch_up_generation("n1", 3).unwrap();
+        assert_eq!(f.inventory.record("n1").unwrap().spec.generation, 1001, "never backwards");
+    }
+
+    #[test]
+    fn agents_join_with_the_agent_token_pinned_to_the_ca_the_first_server_reports() {
+        let f = fixture(K3sSettings::default());
+        enroll(&f, &token(&f, Pool::Server), "cp-1");
+        let server = f.inventory.record("cp-1").unwrap().spec.k3s.unwrap();
+        assert_eq!(server.token.as_ref().map(JoinToken::expose), Some("s".repeat(32).as_str()));
+        assert_eq!(server.agent_token.as_ref().map(JoinToken::expose), Some("a".repeat(32).as_str()));
+        let serial = f.inventory.record("cp-1").unwrap().cert_serial;
+        f.inventory.admit_link("cp-1", &serial, ADDR).unwrap();
+        enroll(&f, &token(&f, Pool::Shared), "w-1");
+        assert!(f.inventory.record("w-1").unwrap().spec.k3s.is_none(), "waits for the cluster CA");
+        let report = |name: &str, ca: &str| CapacityReport {
+            node_name: name.into(),
+            k3s: hexa_shared::k3s::K3sState::Running { version: "v1".into(), cluster_ca_sha256: Some(ca.into()) },
+            ..Default::default()
+        };
+        // Only the first server speaks for the cluster's CA.
+        f.inventory.record_report("w-1", report("w-1", &"e".repeat(64)));
+        assert!(f.inventory.record("w-1").unwrap().spec.k3s.is_none());
+        f.inventory.record_report("cp-1", report("cp-1", &"c".repeat(64)));
+        let agent = f.inventory.record("w-1").unwrap().spec.k3s.unwrap();
+        let want = format!("K10{}::node:{}", "c".repeat(64), "a".repeat(32));
+        assert_eq!(agent.token.as_ref().map(JoinToken::expose), Some(want.as_str()));
+        assert_eq!(agent.agent_token, None);
+        assert!(!format!("{agent:?}").contains(&"a".repeat(32)), "Debug shows no token");
+    }
 
     const T: HealthThresholds =
         HealthThresholds { unreachable_after: Duration::from_secs(3), lost_after: Duration::from_secs(30) };

@@ -7,7 +7,9 @@ pub mod admin;
 pub mod bootstrap;
 pub mod config;
 pub mod ctl;
+pub mod enroll;
 pub mod hostcluster;
+pub mod http_server;
 pub mod inventory;
 pub mod link;
 pub mod metrics;
@@ -93,15 +95,15 @@ fn admin_token_hash(config: &CoordinatorConfig, store: &Store) -> Result<String,
     Ok(hash)
 }
 
-/// The K3s cluster's join token: made on first start, then kept in the state database (in the
-/// coordinator's private state directory), because every K3s node must present the same one.
-fn k3s_join_token(store: &Store) -> Result<hexa_shared::k3s::JoinToken, StartError> {
-    if let Some(token) = store.meta::<String>("k3s_join_token")? {
-        return Ok(hexa_shared::k3s::JoinToken::new(token));
+/// One of the K3s cluster's secrets: made on first start, then kept in the state database (in the
+/// coordinator's private state directory), because every node must keep presenting the same one.
+fn k3s_secret(store: &Store, key: &str) -> Result<String, StartError> {
+    if let Some(secret) = store.meta::<String>(key)? {
+        return Ok(secret);
     }
-    let token = bootstrap::random_secret();
-    store.set_meta("k3s_join_token", &token)?;
-    Ok(hexa_shared::k3s::JoinToken::new(token))
+    let secret = bootstrap::random_secret();
+    store.set_meta(key, &secret)?;
+    Ok(secret)
 }
 
 pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
@@ -116,7 +118,11 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
     let admin_token_sha256 = admin_token_hash(&config, &store)?;
     let metrics = Arc::new(Metrics::default());
     let thresholds = HealthThresholds { unreachable_after: config.unreachable_after, lost_after: config.lost_after };
-    let k3s = inventory::K3sPlan { settings: config.k3s.clone(), token: k3s_join_token(&store)? };
+    let k3s = inventory::K3sPlan {
+        settings: config.k3s.clone(),
+        server_secret: k3s_secret(&store, inventory::K3S_SERVER_SECRET)?,
+        agent_secret: k3s_secret(&store, inventory::K3S_AGENT_SECRET)?,
+    };
     let inventory = Arc::new(Inventory::load(
         store.clone(),
         ca.clone(),
@@ -177,6 +183,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         report_interval: config.report_interval,
         silence_limit: config.unreachable_after,
+        limits: link::AdmissionLimits::default(),
     });
     tasks.push(tokio::spawn(link::serve(endpoint, link_ctx, shutdown_rx.clone())));
 
@@ -189,15 +196,12 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         tenants: tenants.clone(),
         node_classes: config.placement.node_classes.clone(),
     });
-    let mut admin_shutdown = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let serve = axum::serve(listener, admin::router(admin_ctx)).with_graceful_shutdown(async move {
-            let _ = admin_shutdown.changed().await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "admin API stopped");
-        }
-    }));
+    tasks.push(tokio::spawn(http_server::serve(
+        listener,
+        admin::router(admin_ctx),
+        http_server::HttpLimits::default(),
+        shutdown_rx.clone(),
+    )));
 
     let tick_every = (config.report_interval / 4).min(Duration::from_millis(250));
     let ticker_inventory = inventory.clone();

@@ -15,13 +15,83 @@ use hexa_shared::proto::{
     ALPN_ENROLL, ALPN_LINK, AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse, Hello, PROTOCOL_VERSION,
     Refusal, RefusalCode, Welcome, close_code,
 };
-use hexa_shared::wire::{self, FrameError};
+use hexa_shared::wire::{self, FrameError, MAX_ENROLL_FRAME_LEN, MAX_FRAME_LEN};
 
-use crate::inventory::Inventory;
+use crate::inventory::{Admission, Inventory};
 use crate::metrics::Metrics;
 
 /// A peer gets this long to finish the handshake and send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An enrollment must be sent whole within this of the handshake.
+const ENROLL_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bounds on connections that have not authenticated yet (handshakes, enrollments, links before
+/// their certificate is checked against the inventory): what anyone on the network can make the
+/// coordinator hold.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmissionLimits {
+    /// At most this many at once, from everyone.
+    pub max_unauthenticated: usize,
+    /// At most this many at once from one IP address.
+    pub max_per_address: usize,
+    /// Above this many at once, a new peer must first prove it receives at its address (QUIC
+    /// Retry) before the coordinator keeps any state for it.
+    pub retry_above: usize,
+}
+
+impl Default for AdmissionLimits {
+    fn default() -> Self {
+        AdmissionLimits { max_unauthenticated: 256, max_per_address: 32, retry_above: 64 }
+    }
+}
+
+/// Counts unauthenticated connections, in total and per address.
+#[derive(Debug, Default)]
+struct Gate {
+    counts: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+}
+
+/// One admitted unauthenticated connection; leaves the gate when dropped.
+#[derive(Debug)]
+struct Pass {
+    gate: Arc<Gate>,
+    ip: std::net::IpAddr,
+}
+
+impl Gate {
+    fn in_flight(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    fn enter(self: &Arc<Self>, ip: std::net::IpAddr, limits: AdmissionLimits) -> Result<Pass, &'static str> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per_address) = &mut *counts;
+        if *total >= limits.max_unauthenticated {
+            return Err("too_many_unauthenticated");
+        }
+        let mine = per_address.entry(ip).or_default();
+        if *mine >= limits.max_per_address {
+            return Err("too_many_from_address");
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(Pass { gate: self.clone(), ip })
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let mut counts = self.gate.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per_address) = &mut *counts;
+        *total = total.saturating_sub(1);
+        if let Some(mine) = per_address.get_mut(&self.ip) {
+            *mine -= 1;
+            if *mine == 0 {
+                per_address.remove(&self.ip);
+            }
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct LinkContext {
@@ -31,19 +101,36 @@ pub struct LinkContext {
     /// A link with nothing received for this long is closed: the node is Unreachable by then, and
     /// a peer that was killed never says goodbye.
     pub silence_limit: Duration,
+    pub limits: AdmissionLimits,
 }
 
 /// Accepts connections until `shutdown` turns true.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<LinkContext>, mut shutdown: watch::Receiver<bool>) {
+    let gate = Arc::new(Gate::default());
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
             _ = shutdown.changed() => None,
         };
         let Some(incoming) = incoming else { break };
+        let peer = incoming.remote_address();
+        if gate.in_flight() >= ctx.limits.retry_above && !incoming.remote_address_validated() && incoming.may_retry() {
+            // Under load: no state for this peer until it shows it receives at its address.
+            ctx.metrics.refused("retry_under_load");
+            let _ = incoming.retry();
+            continue;
+        }
+        let pass = match gate.enter(peer.ip(), ctx.limits) {
+            Ok(pass) => pass,
+            Err(reason) => {
+                ctx.metrics.refused(reason);
+                debug!(%peer, reason, "connection refused before the handshake");
+                incoming.refuse();
+                continue;
+            }
+        };
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
-        let peer = incoming.remote_address();
         tokio::spawn(
             async move {
                 let conn = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, incoming).await {
@@ -60,8 +147,8 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<LinkContext>, mut shutdow
                     }
                 };
                 match pki::negotiated_alpn(&conn).as_deref() {
-                    Some(ALPN_ENROLL) => serve_enrollment(conn, &ctx).await,
-                    Some(ALPN_LINK) => serve_link(conn, &ctx, shutdown).await,
+                    Some(ALPN_ENROLL) => serve_enrollment(conn, &ctx, pass).await,
+                    Some(ALPN_LINK) => serve_link(conn, &ctx, pass, shutdown).await,
                     // rustls refuses unknown ALPNs during the handshake; this is belt and braces.
                     _ => conn.close(close_code::PROTOCOL.into(), b"unknown application protocol"),
                 }
@@ -95,15 +182,17 @@ async fn refuse_after_answer(
     conn.close(code.into(), reason.as_bytes());
 }
 
-/// Reads the first message of a stream, which must open with our protocol version.
-async fn read_opening<T: serde::de::DeserializeOwned>(
+/// Reads the first message of a stream, which must open with our protocol version and fit in
+/// `LIMIT` bytes, within `within`.
+async fn read_opening<T: serde::de::DeserializeOwned, const LIMIT: usize>(
     recv: &mut quinn::RecvStream,
+    within: Duration,
 ) -> Result<T, (u32, Refusal, &'static str)> {
     let protocol = |label: &'static str, message: String| {
         (close_code::PROTOCOL, Refusal { code: RefusalCode::MalformedRequest, message }, label)
     };
-    let payload = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, wire::read_payload(recv)).await {
-        Err(_) => return Err(protocol("timeout", "no opening message within 10s".into())),
+    let payload = match tokio::time::timeout(within, wire::read_payload_within(recv, LIMIT)).await {
+        Err(_) => return Err(protocol("timeout", format!("no opening message within {}s", within.as_secs()))),
         Ok(Err(e)) => return Err(protocol(frame_label(&e), e.to_string())),
         Ok(Ok(None)) => return Err(protocol("empty", "stream closed before the opening message".into())),
         Ok(Ok(Some(payload))) => payload,
@@ -120,7 +209,7 @@ async fn read_opening<T: serde::de::DeserializeOwned>(
             ));
         }
     }
-    wire::decode_payload(&payload).map_err(|e| protocol(frame_label(&e), e.to_string()))
+    wire::decode_payload_within::<T, LIMIT>(&payload).map_err(|e| protocol(frame_label(&e), e.to_string()))
 }
 
 fn frame_label(e: &FrameError) -> &'static str {
@@ -133,12 +222,12 @@ fn frame_label(e: &FrameError) -> &'static str {
     }
 }
 
-async fn serve_enrollment(conn: quinn::Connection, ctx: &LinkContext) {
-    let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, conn.accept_bi()).await else {
+async fn serve_enrollment(conn: quinn::Connection, ctx: &LinkContext, pass: Pass) {
+    let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(ENROLL_READ_TIMEOUT, conn.accept_bi()).await else {
         debug!("enrollment connection opened no stream");
         return;
     };
-    let req: EnrollRequest = match read_opening(&mut recv).await {
+    let req: EnrollRequest = match read_opening::<_, MAX_ENROLL_FRAME_LEN>(&mut recv, ENROLL_READ_TIMEOUT).await {
         Ok(req) => req,
         Err((code, refusal, label)) => {
             let _ = wire::write_frame(&mut send, &EnrollResponse::Refused(refusal.clone())).await;
@@ -147,7 +236,14 @@ async fn serve_enrollment(conn: quinn::Connection, ctx: &LinkContext) {
     };
     let token_id = req.token.split('.').next().unwrap_or_default().to_string();
     let span = info_span!("enroll", token_id, hostname = %req.hostname);
-    let response = match span.in_scope(|| ctx.inventory.enroll(&req)) {
+    // The enrollment writes to the state database and signs: off the async worker threads.
+    let inventory = ctx.inventory.clone();
+    let enroll_span = span.clone();
+    let outcome = tokio::task::spawn_blocking(move || enroll_span.in_scope(|| inventory.enroll(&req))).await;
+    let outcome = outcome.unwrap_or_else(|e| {
+        Err(Refusal { code: RefusalCode::Internal, message: format!("enrollment failed inside the coordinator: {e}") })
+    });
+    let response = match outcome {
         Ok(enrolled) => {
             ctx.metrics.enrollments_accepted.inc();
             EnrollResponse::Accepted(enrolled)
@@ -162,11 +258,13 @@ async fn serve_enrollment(conn: quinn::Connection, ctx: &LinkContext) {
         warn!(error = %e, "cannot send enrollment response");
     }
     let _ = send.finish();
+    // Answered: what is left is waiting for the peer to go, which costs the gate nothing.
+    drop(pass);
     // Give the response time to reach the agent before the connection goes; the agent closes first.
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
 }
 
-async fn serve_link(conn: quinn::Connection, ctx: &LinkContext, mut shutdown: watch::Receiver<bool>) {
+async fn serve_link(conn: quinn::Connection, ctx: &LinkContext, pass: Pass, mut shutdown: watch::Receiver<bool>) {
     let metrics = &ctx.metrics;
     let Some(chain) = pki::peer_certificates(&conn) else {
         return refuse(
@@ -185,14 +283,30 @@ async fn serve_link(conn: quinn::Connection, ctx: &LinkContext, mut shutdown: wa
     let node = identity.common_name.clone();
     let span = info_span!("link", %node);
     async {
-        let (pool, spec_rx) = match ctx.inventory.admit_link(&node, &identity.serial, conn.remote_address().ip()) {
+        let admission = match ctx.inventory.admit_link(&node, &identity.serial, conn.remote_address().ip()) {
             Ok(admitted) => admitted,
             Err(refusal) => {
-                return refuse(&conn, metrics, close_code::UNAUTHORIZED, &refusal.message, "certificate_superseded");
+                let label = match refusal.code {
+                    RefusalCode::CertificateRevoked => "certificate_revoked",
+                    _ => "certificate_superseded",
+                };
+                // Answer the hello with the refusal, so that the agent knows retrying cannot help
+                // (an agent opens its stream with the hello at once; a peer that does not is just
+                // closed with the reason).
+                let Ok(Ok((mut send, _recv))) = tokio::time::timeout(Duration::from_secs(2), conn.accept_bi()).await
+                else {
+                    return refuse(&conn, metrics, close_code::UNAUTHORIZED, &refusal.message, label);
+                };
+                let _ = wire::write_frame(&mut send, &CoordinatorMessage::Refused(refusal.clone())).await;
+                return refuse_after_answer(&conn, send, metrics, close_code::UNAUTHORIZED, &refusal.message, label)
+                    .await;
             }
         };
+        // Authenticated: the node no longer counts against the bounds on strangers.
+        drop(pass);
         metrics.links_open.fetch_add(1, Ordering::Relaxed);
-        run_link(&conn, ctx, &node, pool, spec_rx, &mut shutdown).await;
+        let peer = LinkPeer { node: &node, serial: &identity.serial };
+        run_link(&conn, ctx, peer, admission, &mut shutdown).await;
         metrics.links_open.fetch_sub(1, Ordering::Relaxed);
         ctx.inventory.link_closed(&node);
     }
@@ -200,19 +314,27 @@ async fn serve_link(conn: quinn::Connection, ctx: &LinkContext, mut shutdown: wa
     .await
 }
 
+/// Who is on the other end of a link: the node and the certificate it presented.
+#[derive(Debug, Clone, Copy)]
+struct LinkPeer<'a> {
+    node: &'a str,
+    serial: &'a str,
+}
+
 async fn run_link(
     conn: &quinn::Connection,
     ctx: &LinkContext,
-    node: &str,
-    pool: hexa_shared::names::Pool,
-    mut spec_rx: watch::Receiver<hexa_shared::spec::NodeSpec>,
+    peer: LinkPeer<'_>,
+    admission: Admission,
     shutdown: &mut watch::Receiver<bool>,
 ) {
+    let node = peer.node;
+    let Admission { pool, spec: mut spec_rx, auth: mut auth_rx } = admission;
     let metrics = &ctx.metrics;
     let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, conn.accept_bi()).await else {
         return refuse(conn, metrics, close_code::PROTOCOL, "no control stream opened within 10s", "timeout");
     };
-    let hello: Hello = match read_opening(&mut recv).await {
+    let hello: Hello = match read_opening::<_, MAX_FRAME_LEN>(&mut recv, FIRST_MESSAGE_TIMEOUT).await {
         Ok(hello) => hello,
         Err((code, refusal, label)) => {
             let _ = wire::write_frame(&mut send, &CoordinatorMessage::Refused(refusal.clone())).await;
@@ -223,6 +345,9 @@ async fn run_link(
         warn!(claimed = %hello.node_name, "agent calls itself by another name; its certificate decides");
     }
     info!(agent_version = %hello.agent_version, applied_generation = hello.applied_generation, "node connected");
+    if let Err(e) = ctx.inventory.catch_up_generation(node, hello.applied_generation) {
+        warn!(error = %e, "cannot move the node's generation past the one it applied");
+    }
     let welcome = CoordinatorMessage::Welcome(Welcome {
         node_name: node.to_string(),
         pool,
@@ -273,7 +398,7 @@ async fn run_link(
                 }
                 Some(Ok(msg)) => {
                     last_heard = tokio::time::Instant::now();
-                    let reply = handle(ctx, node, msg);
+                    let reply = handle(ctx, peer, msg);
                     if let Some(reply) = reply {
                         if wire::write_frame(&mut send, &reply).await.is_err() {
                             break;
@@ -282,6 +407,21 @@ async fn run_link(
                 }
             },
             changed = spec_rx.changed() => if changed.is_err() { break },
+            changed = auth_rx.changed() => {
+                // Re-enrolled, renewed and retired, revoked, or deleted: a certificate that no longer
+                // opens a link does not keep the one it has.
+                let refused = match changed {
+                    Ok(()) => auth_rx.borrow_and_update().refuses(node, peer.serial),
+                    Err(_) => Some(Refusal {
+                        code: RefusalCode::CertificateSuperseded,
+                        message: format!("node {node} was deleted from the inventory"),
+                    }),
+                };
+                if let Some(refusal) = refused {
+                    refuse(conn, metrics, close_code::UNAUTHORIZED, &refusal.message, "link_closed_superseded");
+                    break;
+                }
+            },
             _ = watchdog.tick() => if last_heard.elapsed() >= ctx.silence_limit {
                 let reason = format!("nothing received for {}ms", last_heard.elapsed().as_millis());
                 warn!(%reason, "closing silent link");
@@ -301,7 +441,8 @@ async fn run_link(
     reader.abort();
 }
 
-fn handle(ctx: &LinkContext, node: &str, msg: AgentMessage) -> Option<CoordinatorMessage> {
+fn handle(ctx: &LinkContext, peer: LinkPeer<'_>, msg: AgentMessage) -> Option<CoordinatorMessage> {
+    let node = peer.node;
     match msg {
         AgentMessage::Report(report) => {
             let seq = report.seq;
@@ -316,9 +457,10 @@ fn handle(ctx: &LinkContext, node: &str, msg: AgentMessage) -> Option<Coordinato
             ctx.inventory.record_applied(node, status);
             None
         }
-        AgentMessage::RenewCertificate { csr_der } => Some(match ctx.inventory.renew(node, &csr_der) {
+        AgentMessage::RenewCertificate { csr_der } => Some(match ctx.inventory.renew(node, peer.serial, &csr_der) {
             Ok(cert_chain_der) => CoordinatorMessage::CertificateRenewed { cert_chain_der },
             Err(refusal) => {
+                ctx.metrics.refused("renewal_refused");
                 warn!(reason = %refusal.message, "certificate renewal refused");
                 CoordinatorMessage::RenewalRefused(refusal)
             }

@@ -70,6 +70,19 @@ pub struct TokenRecord {
     pub created_at_unix: i64,
     pub expires_at_unix: i64,
     pub state: TokenState,
+    /// Set on re-enrollment tokens (`hexactl node reenroll NAME`): the only token that may enroll
+    /// as an existing node, and only as that node, in its pool.
+    #[serde(default)]
+    pub reenroll: Option<ReenrollBinding>,
+}
+
+/// The node a re-enrollment token is for.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ReenrollBinding {
+    pub node: String,
+    /// For a machine the coordinator knows by its provider identity (a Proxmox VM), the identity
+    /// the enrolling machine must present; [`ProviderIdentity::None`] binds to the name only.
+    pub provider: ProviderIdentity,
 }
 
 /// Node health as the inventory judges it from the reports it receives.
@@ -117,6 +130,10 @@ pub struct NodeRecord {
     /// The address the node's link last came from (the K3s server URL of the first server).
     #[serde(default)]
     pub address: Option<std::net::IpAddr>,
+    /// When an operator revoked the node's certificate (`hexactl node revoke`): it opens nothing
+    /// until the node is enrolled again with a re-enrollment token.
+    #[serde(default)]
+    pub revoked_at_unix: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +201,11 @@ impl Tx<'_> {
 
     pub fn tenant(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
         self.get(TENANTS, name)
+    }
+
+    pub fn remove_node(&self, name: &str) -> Result<(), StoreError> {
+        self.txn.open_table(NODES)?.remove(name)?;
+        Ok(())
     }
 
     pub fn remove_tenant(&self, name: &str) -> Result<(), StoreError> {
@@ -297,6 +319,7 @@ mod tests {
             created_at_unix: 1,
             expires_at_unix: 2,
             state: TokenState::Active,
+            reenroll: None,
         }
     }
 

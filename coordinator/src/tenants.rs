@@ -291,6 +291,24 @@ impl Tenants {
         self.inventory.get(node).ok_or_else(|| TenantsError::NoNode(node.to_string()))
     }
 
+    /// Deletes a node: its certificate is revoked (its link closes at once), every share moves
+    /// off it as a drain would, and then it is forgotten, so that the host cluster's next pass
+    /// removes the labels and taints it carried for tenants. Returns the node as it was last seen.
+    pub async fn delete_node(&self, node: &str) -> Result<NodeView, TenantsError> {
+        let mut book = self.book.lock().await;
+        self.inventory.revoke(node)?.ok_or_else(|| TenantsError::NoNode(node.to_string()))?;
+        self.inventory.set_cordoned(node, true)?;
+        self.refresh_nodes(&mut book)?;
+        let decision = book.placement.decide(&Request::NodeLost { node: node.to_string() })?;
+        self.commit(&mut book, &decision)?;
+        let last = self.inventory.get(node).ok_or_else(|| TenantsError::NoNode(node.to_string()))?;
+        self.inventory.forget(node)?;
+        book.placement.remove_node(node)?;
+        book.views.remove(node);
+        tracing::info!(node, moved = decision.tenants.len(), stuck = decision.unplaced.len(), "node deleted");
+        Ok(last)
+    }
+
     /// One pass of the control loop: fresh node views into placement, shares off Lost nodes,
     /// dedicated nodes bound as they register, degraded tenants retried.
     pub async fn reconcile(&self) -> Result<(), TenantsError> {

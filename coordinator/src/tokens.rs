@@ -9,7 +9,7 @@ use hexa_shared::names::Pool;
 use hexa_shared::tenant::NodeClass;
 
 use crate::bootstrap::{MintedToken, sha256_hex};
-use crate::store::{Store, StoreError, TokenRecord, TokenState};
+use crate::store::{NodeRecord, ReenrollBinding, Store, StoreError, TokenRecord, TokenState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -48,6 +48,8 @@ pub struct TokenView {
     /// active, expired, used or revoked
     pub status: &'static str,
     pub used_by: Option<String>,
+    /// For re-enrollment tokens: the node they enroll again.
+    pub reenrolls: Option<String>,
 }
 
 pub fn now_unix() -> i64 {
@@ -65,11 +67,16 @@ pub struct TokenRequest {
     pub node_class: Option<String>,
 }
 
-pub fn create(store: &Store, req: TokenRequest, classes: &[NodeClass]) -> Result<CreatedToken, TokenError> {
-    let TokenRequest { pool, ttl, description, node_class } = req;
+fn check_ttl(ttl: Duration) -> Result<(), TokenError> {
     if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(365 * 24 * 3600) {
         return Err(TokenError::BadTtl(humantime::format_duration(ttl).to_string()));
     }
+    Ok(())
+}
+
+pub fn create(store: &Store, req: TokenRequest, classes: &[NodeClass]) -> Result<CreatedToken, TokenError> {
+    let TokenRequest { pool, ttl, description, node_class } = req;
+    check_ttl(ttl)?;
     if let Some(class) = &node_class {
         if !matches!(pool, Pool::Dedicated { .. }) {
             return Err(TokenError::BadClass(format!("a node class only applies to dedicated pools, not {pool}")));
@@ -82,9 +89,35 @@ pub fn create(store: &Store, req: TokenRequest, classes: &[NodeClass]) -> Result
             )));
         }
     }
+    let minted = mint(store, &pool, &description, node_class.as_ref(), ttl, None)?;
+    tracing::info!(token_id = %minted.id, %pool, expires_at_unix = minted.expires_at_unix, "bootstrap token created");
+    Ok(CreatedToken {
+        id: minted.id.clone(),
+        token: minted.token.text(),
+        pool,
+        description,
+        node_class,
+        expires_at_unix: minted.expires_at_unix,
+    })
+}
+
+struct Minted {
+    id: String,
+    token: MintedToken,
+    expires_at_unix: i64,
+}
+
+fn mint(
+    store: &Store,
+    pool: &Pool,
+    description: &str,
+    node_class: Option<&String>,
+    ttl: Duration,
+    reenroll: Option<ReenrollBinding>,
+) -> Result<Minted, StoreError> {
     let now = now_unix();
     let expires_at_unix = now + ttl.as_secs() as i64;
-    let minted = store.write(|tx| {
+    store.write(|tx| {
         // Ids are short; on the rare collision draw again rather than overwrite.
         loop {
             let minted = MintedToken::generate();
@@ -93,18 +126,36 @@ pub fn create(store: &Store, req: TokenRequest, classes: &[NodeClass]) -> Result
                     id: minted.id.clone(),
                     secret_sha256: sha256_hex(&minted.secret),
                     pool: pool.clone(),
-                    description: description.clone(),
-                    node_class: node_class.clone(),
+                    description: description.to_string(),
+                    node_class: node_class.cloned(),
                     created_at_unix: now,
                     expires_at_unix,
                     state: TokenState::Active,
+                    reenroll: reenroll.clone(),
                 })?;
-                return Ok::<_, StoreError>(minted);
+                return Ok(Minted { id: minted.id.clone(), token: minted, expires_at_unix });
             }
         }
-    })?;
-    tracing::info!(token_id = %minted.id, %pool, expires_at_unix, "bootstrap token created");
-    Ok(CreatedToken { id: minted.id.clone(), token: minted.text(), pool, description, node_class, expires_at_unix })
+    })
+}
+
+/// A token that enrolls `node` again, and nothing else: its name, its pool and class, and for a
+/// machine known by its provider identity, that identity. The node's current certificate stops
+/// opening anything once the token is used.
+pub fn create_reenroll(store: &Store, node: &NodeRecord, ttl: Duration) -> Result<CreatedToken, TokenError> {
+    check_ttl(ttl)?;
+    let description = format!("re-enrollment of node {}", node.name);
+    let binding = ReenrollBinding { node: node.name.clone(), provider: node.provider.clone() };
+    let minted = mint(store, &node.pool, &description, node.node_class.as_ref(), ttl, Some(binding))?;
+    tracing::info!(token_id = %minted.id, node = %node.name, pool = %node.pool, "re-enrollment token created");
+    Ok(CreatedToken {
+        id: minted.id,
+        token: minted.token.text(),
+        pool: node.pool.clone(),
+        description,
+        node_class: node.node_class.clone(),
+        expires_at_unix: minted.expires_at_unix,
+    })
 }
 
 pub fn view(record: &TokenRecord, now: i64) -> TokenView {
@@ -123,6 +174,7 @@ pub fn view(record: &TokenRecord, now: i64) -> TokenView {
         expires_at_unix: record.expires_at_unix,
         status,
         used_by,
+        reenrolls: record.reenroll.as_ref().map(|b| b.node.clone()),
     }
 }
 
@@ -205,6 +257,7 @@ mod tests {
             created_at_unix: 0,
             expires_at_unix: 10,
             state: TokenState::Active,
+            reenroll: None,
         };
         assert_eq!(view(&record, 10).status, "expired");
         assert_eq!(view(&record, 9).status, "active");

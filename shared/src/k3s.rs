@@ -35,6 +35,11 @@ pub struct K3sSpec {
     /// the server that initialises the cluster, which then uses it as the cluster's token.
     #[serde(default)]
     pub token: Option<JoinToken>,
+    /// Servers only: the separate token agents join with (K3s' `agent-token`). Unlike the server
+    /// token it does not open `/v1-k3s/server-bootstrap`, where the cluster's CA keys are served,
+    /// so a K3s agent node never holds the keys to the cluster.
+    #[serde(default)]
+    pub agent_token: Option<JoinToken>,
     /// A K3s release tag, e.g. `v1.35.5+k3s1`.
     #[serde(default = "default_version")]
     pub version: String,
@@ -133,8 +138,13 @@ pub enum K3sAction {
 #[serde(rename_all = "snake_case")]
 pub enum ArtifactSource {
     /// A server with K3s' release layout: `<base>/<version>/k3s<arch suffix>` and
-    /// `<base>/<version>/sha256sum-<arch>.txt`.
-    Url { base: String },
+    /// `<base>/<version>/sha256sum-<arch>.txt`. With `sha256` (pinned by the operator) the binary
+    /// is checked against it and the checksum file is not used.
+    Url {
+        base: String,
+        #[serde(default)]
+        sha256: Option<String>,
+    },
     /// A directory on the node with the same layout: `<dir>/<version>/k3s`,
     /// `<dir>/<version>/sha256sum-amd64.txt`.
     AirGap { dir: PathBuf },
@@ -142,7 +152,7 @@ pub enum ArtifactSource {
 
 impl Default for ArtifactSource {
     fn default() -> Self {
-        ArtifactSource::Url { base: DEFAULT_RELEASE_BASE.to_string() }
+        ArtifactSource::Url { base: DEFAULT_RELEASE_BASE.to_string(), sha256: None }
     }
 }
 
@@ -176,8 +186,14 @@ pub enum K3sState {
     NotInstalled,
     /// Installed and started; the node's Node object is not Ready yet.
     Installing,
-    /// The Node object is Ready.
-    Running { version: String },
+    /// The Node object is Ready. On a server, `cluster_ca_sha256` is the sha256 (hex) of the
+    /// cluster's server CA certificate as K3s keeps it on disk: the hash secure join tokens
+    /// (`K10<hash>::...`) pin.
+    Running {
+        version: String,
+        #[serde(default)]
+        cluster_ca_sha256: Option<String>,
+    },
     /// The last apply failed, or the service is down; `reason` says why and what to do.
     Failed { reason: String },
 }
@@ -187,7 +203,7 @@ impl fmt::Display for K3sState {
         match self {
             K3sState::NotInstalled => f.write_str("not installed"),
             K3sState::Installing => f.write_str("installing"),
-            K3sState::Running { version } => write!(f, "running {version}"),
+            K3sState::Running { version, .. } => write!(f, "running {version}"),
             K3sState::Failed { reason } => write!(f, "failed: {reason}"),
         }
     }
@@ -206,6 +222,8 @@ pub enum K3sSpecError {
     MissingToken { role: RoleKind },
     #[error("the join token {0}; use the token of the cluster's first server (its /var/lib/rancher/k3s/server/token)")]
     BadToken(&'static str),
+    #[error("only a K3s server takes an `agent_token`; an agent joins with `token` alone")]
+    AgentTokenOnAgent,
     #[error("server URL {url:?} {why}: expected https://HOST:6443, the address of a K3s server")]
     BadServerUrl { url: String, why: &'static str },
     #[error(
@@ -225,6 +243,8 @@ pub enum K3sSpecError {
     BadEnvironment { key: String, why: &'static str },
     #[error("artifact base URL {base:?} {why}: expected http(s)://HOST/PATH laid out like {DEFAULT_RELEASE_BASE}")]
     BadArtifactBase { base: String, why: &'static str },
+    #[error("pinned K3s checksum {0:?} is not a sha256 in lowercase hex (64 characters)")]
+    BadArtifactPin(String),
     #[error("air-gap directory {0:?} must be an absolute path on the node")]
     RelativeAirGapDir(PathBuf),
 }
@@ -235,6 +255,7 @@ impl K3sSpec {
         K3sSpec {
             role,
             token: None,
+            agent_token: None,
             version: default_version(),
             node_name: None,
             node_labels: BTreeMap::new(),
@@ -270,6 +291,12 @@ impl K3sSpec {
         if let Some(token) = &self.token {
             validate_token(token.expose())?;
         }
+        if let Some(token) = &self.agent_token {
+            if self.role.kind() != RoleKind::Server {
+                return Err(K3sSpecError::AgentTokenOnAgent);
+            }
+            validate_token(token.expose())?;
+        }
         if let Some(name) = &self.node_name {
             validate_node_name(name)
                 .map_err(|e| K3sSpecError::BadNodeName { name: name.clone(), why: e.to_string() })?;
@@ -291,7 +318,12 @@ impl K3sSpec {
             validate_environment(key, value)?;
         }
         match &self.artifacts {
-            ArtifactSource::Url { base } => validate_artifact_base(base),
+            ArtifactSource::Url { sha256: Some(pin), .. }
+                if !(pin.len() == 64 && pin.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) =>
+            {
+                Err(K3sSpecError::BadArtifactPin(pin.clone()))
+            }
+            ArtifactSource::Url { base, .. } => validate_artifact_base(base),
             ArtifactSource::AirGap { dir } if !dir.is_absolute() => Err(K3sSpecError::RelativeAirGapDir(dir.clone())),
             ArtifactSource::AirGap { .. } => Ok(()),
         }
@@ -460,7 +492,7 @@ mod tests {
         assert_eq!(spec.version, "v1.35.5+k3s1");
         assert_eq!(
             spec.artifacts,
-            ArtifactSource::Url { base: "https://github.com/k3s-io/k3s/releases/download".into() }
+            ArtifactSource::Url { base: "https://github.com/k3s-io/k3s/releases/download".into(), sha256: None }
         );
         assert_eq!(spec.action, K3sAction::Install);
         spec.validate().unwrap();
@@ -493,7 +525,7 @@ mod tests {
         for state in [
             K3sState::NotInstalled,
             K3sState::Installing,
-            K3sState::Running { version: DEFAULT_VERSION.into() },
+            K3sState::Running { version: DEFAULT_VERSION.into(), cluster_ca_sha256: Some("ab".repeat(32)) },
             K3sState::Failed { reason: "checksum mismatch".into() },
         ] {
             let bytes = bincode::serde::encode_to_vec(&state, config).unwrap();
@@ -544,7 +576,14 @@ mod tests {
             (with(&|s| _ = s.kubelet_args.insert("x".into(), "a\nb".into())), "control characters"),
             (with(&|s| _ = s.environment.insert("PATH".into(), "/bin".into())), "is not one K3s reads"),
             (with(&|s| _ = s.environment.insert("K3S_X".into(), "a\nb".into())), "control characters"),
-            (with(&|s| s.artifacts = ArtifactSource::Url { base: "ftp://x".into() }), "http:// or https://"),
+            (
+                with(&|s| s.artifacts = ArtifactSource::Url { base: "ftp://x".into(), sha256: None }),
+                "http:// or https://",
+            ),
+            (
+                with(&|s| s.artifacts = ArtifactSource::Url { base: "http://x".into(), sha256: Some("ABC".into()) }),
+                "not a sha256",
+            ),
             (with(&|s| s.artifacts = ArtifactSource::AirGap { dir: "k3s".into() }), "must be an absolute path"),
         ];
         for (spec, expected) in cases {
@@ -575,7 +614,8 @@ mod tests {
 
     #[test]
     fn states_read_well() {
-        assert_eq!(K3sState::Running { version: "v1.35.5+k3s1".into() }.to_string(), "running v1.35.5+k3s1");
+        let running = K3sState::Running { version: "v1.35.5+k3s1".into(), cluster_ca_sha256: None };
+        assert_eq!(running.to_string(), "running v1.35.5+k3s1");
         assert_eq!(K3sState::NotInstalled.to_string(), "not installed");
         assert_eq!(RoleKind::Agent.to_string(), "agent");
     }

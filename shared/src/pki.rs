@@ -115,6 +115,9 @@ pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok().and_then(|hd| hd.protocol)
 }
 
+/// Flow-control window of a stream (bytes).
+const RECEIVE_WINDOW: u32 = 256 * 1024;
+
 /// QUIC transport settings: idle timeout, keep-alive (client side), and no more streams than the
 /// protocols use, so a peer cannot make us hold state for streams we never read.
 pub fn transport_config(keep_alive: bool) -> Arc<quinn::TransportConfig> {
@@ -125,7 +128,13 @@ pub fn transport_config(keep_alive: bool) -> Arc<quinn::TransportConfig> {
         ))
         .keep_alive_interval(keep_alive.then_some(KEEP_ALIVE_INTERVAL))
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(1))
-        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        // Neither protocol uses datagrams; a peer must not be able to fill a buffer with them.
+        .datagram_receive_buffer_size(None)
+        // What a peer may have in flight before we read it. A 1 MiB spec still flows, a window at
+        // a time; an unauthenticated peer cannot park more than this in our memory.
+        .stream_receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW))
+        .receive_window(quinn::VarInt::from_u32(2 * RECEIVE_WINDOW));
     Arc::new(transport)
 }
 

@@ -109,6 +109,12 @@ pub enum RefusalCode {
     CertificateRequired,
     CertificateSuperseded,
     Internal,
+    /// The name belongs to an enrolled node; only a re-enrollment token for it may take it.
+    NameTaken,
+    /// The token is bound to another node name or provider identity than the request's.
+    IdentityMismatch,
+    /// The node's certificate was revoked by an operator.
+    CertificateRevoked,
 }
 
 /// Opening message of the link.

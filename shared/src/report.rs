@@ -53,7 +53,7 @@ pub struct CgroupLimits {
     pub memory_bytes: Option<u64>,
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 pub struct CapacityReport {
     /// Increases by one per report on a connection; echoed in the coordinator's ack.
     pub seq: u64,
@@ -175,7 +175,7 @@ pub(crate) mod strategies {
                         memory_pressure: seq % 3 == 0,
                     }],
                     k3s: if generation % 2 == 0 {
-                        crate::k3s::K3sState::Running { version: "v1.35.5+k3s1".into() }
+                        crate::k3s::K3sState::Running { version: "v1.35.5+k3s1".into(), cluster_ca_sha256: None }
                     } else {
                         crate::k3s::K3sState::Failed { reason: format!("seq {seq}") }
                     },

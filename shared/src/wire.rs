@@ -9,8 +9,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Largest frame payload either side accepts (1 MiB).
+/// Largest frame payload either side accepts on the link (1 MiB).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
+
+/// Largest enrollment request the coordinator reads (16 KiB). An enrollment is a token, a CSR, a
+/// hostname and a few identifiers, well under 2 KiB; anyone may open an enrollment connection, so
+/// what one costs before it is authenticated must stay this small.
+pub const MAX_ENROLL_FRAME_LEN: usize = 16 << 10;
 
 fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_FRAME_LEN>()
@@ -47,10 +52,17 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
 
 /// Decodes one frame payload (without its length prefix); the message must use every byte.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    if payload.len() > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge { len: payload.len(), max: MAX_FRAME_LEN });
+    decode_payload_within::<T, MAX_FRAME_LEN>(payload)
+}
+
+/// [`decode_payload`] with a tighter cap: nothing inside the message may claim more than `LIMIT`
+/// bytes either, so a small frame cannot ask for a large allocation.
+pub fn decode_payload_within<T: DeserializeOwned, const LIMIT: usize>(payload: &[u8]) -> Result<T, FrameError> {
+    if payload.len() > LIMIT {
+        return Err(FrameError::TooLarge { len: payload.len(), max: LIMIT });
     }
-    let (msg, consumed) = bincode::serde::decode_from_slice(payload, bincode_config())?;
+    let config = bincode::config::standard().with_limit::<LIMIT>();
+    let (msg, consumed) = bincode::serde::decode_from_slice(payload, config)?;
     if consumed != payload.len() {
         return Err(FrameError::TrailingBytes { consumed, extra: payload.len() - consumed });
     }
@@ -65,6 +77,15 @@ pub fn peek_protocol_version(payload: &[u8]) -> Option<u32> {
 
 /// Reads one frame's payload. `Ok(None)` is a clean end of stream at a frame boundary.
 pub async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
+    read_payload_within(reader, MAX_FRAME_LEN).await
+}
+
+/// [`read_payload`] for frames of at most `max` bytes: a longer length prefix is refused before
+/// anything is allocated for it.
+pub async fn read_payload_within<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> Result<Option<Vec<u8>>, FrameError> {
     let mut len_buf = [0u8; 4];
     let mut got = 0;
     while got < len_buf.len() {
@@ -75,8 +96,8 @@ pub async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option
         got += n;
     }
     let len = u32::from_be_bytes(len_buf) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge { len, max: MAX_FRAME_LEN });
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
     }
     let mut payload = vec![0u8; len];
     let mut got = 0;

@@ -49,6 +49,14 @@ impl ReleaseServer {
         });
         ReleaseServer { base, dir, task }
     }
+
+    /// The sha256 of `version`'s binary, as an operator pins it (`[k3s] sha256`) when serving a
+    /// release over plain http.
+    pub fn sha256(&self, version: &str) -> String {
+        let listing = std::fs::read_to_string(self.dir.path().join(version).join("sha256sum-amd64.txt"))
+            .expect("the release's checksum file");
+        listing.split_whitespace().next().unwrap_or_default().to_string()
+    }
 }
 
 /// One HTTP/1.1 GET: the file under `root`, or 404. Enough for the installer's client.

@@ -8,10 +8,13 @@
 pub mod admin;
 pub mod artifacts;
 pub mod fake_kube;
+pub mod hostile;
 pub mod inproc;
+pub mod k3s_supervisor;
 pub mod netns;
 pub mod procs;
 pub mod raw;
+pub mod trust_bench;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

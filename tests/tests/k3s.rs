@@ -8,21 +8,32 @@ use hexa_shared::k3s::K3sState;
 use hexa_tests::artifacts::ReleaseServer;
 use hexa_tests::eventually;
 use hexa_tests::inproc::{Agent, Coordinator};
+use hexa_tests::k3s_supervisor::Supervisor;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_get_k3s_roles_from_their_pool_and_report_it_running() {
     let releases = ReleaseServer::start(&["v1.35.5+k3s1"]).await;
     let base = releases.base.clone();
+    let pin = releases.sha256("v1.35.5+k3s1");
     let c = Coordinator::start_tuned(|config| {
         config.k3s.manage = true;
         config.k3s.artifact_base = base;
+        // The release server speaks plain http: the operator pins the binary.
+        config.k3s.sha256 = pin;
     })
     .await;
     let server_token = c.admin.token("server", "10m").await;
-    let server = Agent::spawn(c.agent_config("cp-1", &server_token));
+    let server_config = c.agent_config("cp-1", &server_token);
+    // What the K3s server writes when it first starts: the cluster CA that secure tokens pin.
+    let ca_pem = "-----BEGIN CERTIFICATE-----\nMIIBcluster-ca\n-----END CERTIFICATE-----\n";
+    let ca_file = server_config.state_dir.with_extension("root").join("var/lib/rancher/k3s/server/tls/server-ca.crt");
+    std::fs::create_dir_all(ca_file.parent().unwrap()).unwrap();
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let ca_hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(ca_pem.as_bytes()));
+    let server = Agent::spawn(server_config);
     let worker = c.spawn_agent("worker-1").await;
 
-    for (name, want) in [("cp-1", "v1.35.5+k3s1"), ("worker-1", "v1.35.5+k3s1")] {
+    for (name, want_ca) in [("cp-1", Some(ca_hash.clone())), ("worker-1", None)] {
         let node = eventually(Duration::from_secs(30), "k3s running", async || {
             c.admin.node(name).await.filter(|n| {
                 n.health == Health::Ready
@@ -30,7 +41,8 @@ async fn nodes_get_k3s_roles_from_their_pool_and_report_it_running() {
             })
         })
         .await;
-        assert_eq!(node.k3s, Some(K3sState::Running { version: want.into() }), "{name}");
+        let want = K3sState::Running { version: "v1.35.5+k3s1".into(), cluster_ca_sha256: want_ca };
+        assert_eq!(node.k3s, Some(want), "{name}");
         assert_eq!(node.applied_generation, Some(node.spec_generation), "{name}: {:?}", node.apply_error);
     }
 
@@ -55,18 +67,42 @@ async fn nodes_get_k3s_roles_from_their_pool_and_report_it_running() {
         "{worker_config}"
     );
 
-    // Both got the same join token over their link; it is private on disk and the API never shows it.
-    let token_line = |config: &str| config.lines().find(|l| l.starts_with("token:")).map(str::to_string);
-    let token = token_line(&server_config).expect("server has the token");
-    assert_eq!(token_line(&worker_config).as_ref(), Some(&token));
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(worker_root.join("etc/rancher/k3s/config.yaml")).unwrap().permissions(),
-    );
-    assert_eq!(mode & 0o777, 0o600);
-    let secret = token.trim_start_matches("token:").trim().trim_matches('"').to_string();
-    assert!(secret.len() >= 32, "{secret}");
+    // The server holds the server token and the agent token; the worker only the agent token, in
+    // the secure form that pins the cluster CA the first server reported.
+    let value = |config: &str, key: &str| {
+        config.lines().find_map(|l| l.strip_prefix(&format!("{key}: "))).map(|v| v.trim().trim_matches('"').to_string())
+    };
+    let server_secret = value(&server_config, "token").expect("server has the server token");
+    let agent_secret = value(&server_config, "agent-token").expect("server has the agent token");
+    assert!(server_secret.len() >= 32 && agent_secret.len() >= 32 && server_secret != agent_secret);
+    let worker_token = value(&worker_config, "token").expect("worker has a token");
+    assert_eq!(worker_token, format!("K10{ca_hash}::node:{agent_secret}"));
+    assert!(!worker_config.contains(&server_secret), "the server token reached an agent node:\n{worker_config}");
+    assert!(!worker_config.contains("agent-token"), "{worker_config}");
+    let mode = |path: std::path::PathBuf| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions()) & 0o777
+    };
+    for root in [&server_root, &worker_root] {
+        assert_eq!(mode(root.join("etc/rancher/k3s/config.yaml")), 0o600, "{}", root.display());
+    }
+    for agent in [&server, &worker] {
+        assert_eq!(mode(agent.config.state_dir.join("spec.json")), 0o600, "spec.json holds the join token");
+    }
+
+    // What each token opens on a K3s server: the agent token joins, but never reaches the
+    // bootstrap data holding the cluster's CA keys; the server token does.
+    let supervisor = Supervisor::start(ca_pem, &server_secret, &agent_secret).await;
+    assert_eq!(supervisor.present(&worker_token, "/v1-k3s/client-kubelet.crt").await, Ok(200));
+    assert_eq!(supervisor.present(&worker_token, "/v1-k3s/server-bootstrap").await, Ok(401));
+    assert_eq!(supervisor.present(&server_secret, "/v1-k3s/server-bootstrap").await, Ok(200));
+    let forged = format!("K10{}::node:{agent_secret}", "0".repeat(64));
+    assert!(supervisor.present(&forged, "/v1-k3s/client-kubelet.crt").await.unwrap_err().contains("CA hash mismatch"));
+
+    // Neither secret shows in the API or the coordinator's reports of the nodes.
     let (_, nodes) = c.admin.request(reqwest::Method::GET, "/v1/nodes", None).await;
-    assert!(!nodes.to_string().contains(&secret), "the join token leaked into the API");
+    for secret in [&server_secret, &agent_secret] {
+        assert!(!nodes.to_string().contains(secret.as_str()), "a join token leaked into the API");
+    }
 
     server.stop().await;
     worker.stop().await;
@@ -81,7 +117,7 @@ async fn hexa_agent_apply_installs_under_a_root_once_and_then_does_nothing() {
     let mut k3s = K3sSpec::new(K3sRole::Server { cluster_init: true, server_url: None });
     k3s.token = Some(JoinToken::new("0123456789abcdef0123456789abcdef"));
     k3s.node_name = Some("debug-node".into());
-    k3s.artifacts = ArtifactSource::Url { base: releases.base.clone() };
+    k3s.artifacts = ArtifactSource::Url { base: releases.base.clone(), sha256: None };
     let spec =
         hexa_shared::spec::NodeSpec::for_pool("debug-node", &hexa_shared::names::Pool::Server, 4).with_k3s(Some(k3s));
     let spec_file = dir.path().join("spec.json");

@@ -525,9 +525,53 @@ async fn observe_reports_each_state() {
         [(root.path().join("var/lib/rancher/k3s/agent/kubelet.kubeconfig"), "n1".to_string())]
     );
     let ready = ScriptedReadiness::new([Ok(true)]);
-    assert_eq!(observe(root.path(), &systemd, &ready, "n1").await, K3sState::Running { version: V2.into() });
+    let running = K3sState::Running { version: V2.into(), cluster_ca_sha256: None };
+    assert_eq!(observe(root.path(), &systemd, &ready, "n1").await, running, "an agent speaks for no CA");
 
     systemd.set_active("k3s-agent.service", false);
     let K3sState::Failed { reason } = observe(root.path(), &systemd, &ready, "n1").await else { panic!("not failed") };
     assert!(reason.contains("k3s-agent.service is not running: see `journalctl -u k3s-agent.service`"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_running_server_reports_the_hash_of_its_cluster_ca() {
+    testkit::init();
+    let server = ArtifactServer::start(&[V2]).await;
+    let systemd = RecordingSystemd::new();
+    let root = installed(&server_spec(server.source(), V2), &systemd).await;
+    systemd.set_active("k3s.service", true);
+    let ready = ScriptedReadiness::new([Ok(true)]);
+    let running = |ca| K3sState::Running { version: V2.into(), cluster_ca_sha256: ca };
+    // Before K3s has written its CA there is nothing to speak for.
+    assert_eq!(observe(root.path(), &systemd, &ready, "s1").await, running(None));
+    let pem = b"-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
+    let ca = root.path().join("var/lib/rancher/k3s/server/tls/server-ca.crt");
+    std::fs::create_dir_all(ca.parent().unwrap()).unwrap();
+    std::fs::write(&ca, pem).unwrap();
+    // The hash K3s' own secure tokens carry: sha256 of the PEM file as it is on disk.
+    let want = hex::encode(Sha256::digest(pem));
+    assert_eq!(observe(root.path(), &systemd, &ready, "s1").await, running(Some(want)));
+}
+
+#[tokio::test]
+async fn a_pinned_checksum_is_trusted_over_the_release_listing() {
+    testkit::init();
+    let server = ArtifactServer::start(&[V2]).await;
+    let ArtifactSource::Url { base, .. } = server.source() else { panic!("a URL source") };
+    let good = hex::encode(Sha256::digest(testkit::stand_in(V2, "amd64")));
+    // The listing is wrong, as a tampered mirror's would be; the operator's pin decides.
+    server.set_fault(Fault::WrongChecksum);
+    let pinned =
+        |sha256: &str| server_spec(ArtifactSource::Url { base: base.clone(), sha256: Some(sha256.into()) }, V2);
+    let systemd = RecordingSystemd::new();
+    let root = tempfile::tempdir().unwrap();
+    apply(root.path(), &pinned(&good), &systemd, &testkit::fetcher(quick_policy())).await.unwrap();
+    assert_eq!(testkit::run_installed(root.path()), format!("k3s stand-in {V2}"));
+    let other = tempfile::tempdir().unwrap();
+    let err = apply(other.path(), &pinned(&"0".repeat(64)), &systemd, &testkit::fetcher(quick_policy()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pin in the coordinator's [k3s] sha256") && err.contains(&"0".repeat(64)), "{err}");
+    assert!(!other.path().join("usr/local/bin/k3s").exists(), "nothing installed from a mismatch");
 }

@@ -127,8 +127,9 @@ pub enum FetchError {
     #[error("the checksum file {listing} has no sha256 for {file}: is {file} published for this architecture?")]
     NoChecksum { listing: String, file: String },
     #[error(
-        "{what} has sha256 {actual}, but the release's checksum file says {expected}: the artifact or \
-         its mirror is wrong, so nothing was installed from it"
+        "{what} has sha256 {actual}, but the release's checksum (its checksum file, or the pin in the \
+         coordinator's [k3s] sha256) says {expected}: the artifact or its mirror is wrong, so nothing was \
+         installed from it"
     )]
     ChecksumMismatch { what: String, expected: String, actual: String },
     #[error("air-gap file {path} is missing: copy K3s' release file {file} for this version there")]
@@ -231,7 +232,9 @@ impl Fetcher {
     ) -> Result<String, FetchError> {
         let checksum_name = self.arch.checksum_name();
         let (listing, where_) = match source {
-            ArtifactSource::Url { base } => {
+            // The operator's pin is the trusted source; the release's own listing is not asked.
+            ArtifactSource::Url { sha256: Some(pin), .. } => return Ok(pin.clone()),
+            ArtifactSource::Url { base, sha256: None } => {
                 let url = Fetcher::url(base, version, &checksum_name);
                 let body = self.with_retries(&url, || self.get_small(&url, version)).await?;
                 (String::from_utf8_lossy(&body).into_owned(), url)
@@ -266,7 +269,7 @@ impl Fetcher {
         let staged = download_dir.join(format!("k3s-{expected}.part"));
         remove_other_downloads(download_dir, &staged);
         match source {
-            ArtifactSource::Url { base } => {
+            ArtifactSource::Url { base, .. } => {
                 let url = Fetcher::url(base, version, self.arch.binary_name());
                 self.download_verified(&url, version, &staged, expected).await?;
             }

@@ -505,9 +505,20 @@ pub async fn observe(root: &Path, systemd: &dyn Systemd, readiness: &dyn NodeRea
     }
     let kubeconfig = paths::under(root, Path::new(paths::kubeconfig(m.role)));
     match readiness.node_ready(&kubeconfig, node_name).await {
-        Ok(true) => K3sState::Running { version: m.version },
+        Ok(true) => K3sState::Running { version: m.version, cluster_ca_sha256: cluster_ca_sha256(root, m.role) },
         Ok(false) | Err(_) => K3sState::Installing,
     }
+}
+
+/// On a server, the sha256 (hex) of the cluster's server CA file exactly as K3s wrote it: the hash
+/// K3s' secure tokens carry (`K10<hash>::...`), which agents then pin when they join.
+fn cluster_ca_sha256(root: &Path, role: RoleKind) -> Option<String> {
+    use sha2::Digest;
+    if role != RoleKind::Server {
+        return None;
+    }
+    let pem = fs::read(paths::under(root, Path::new(paths::SERVER_CA))).ok()?;
+    Some(hex::encode(sha2::Sha256::digest(&pem)))
 }
 
 /// The record of what the agent installed under `root`, if anything.

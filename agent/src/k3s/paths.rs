@@ -19,6 +19,8 @@ pub const DOWNLOAD_DIR: &str = "/var/lib/hexabase/agent/k3s-download";
 pub const SERVER_KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";
 /// The kubelet's kubeconfig on a K3s agent.
 pub const AGENT_KUBECONFIG: &str = "/var/lib/rancher/k3s/agent/kubelet.kubeconfig";
+/// The cluster's server CA, written by the K3s server; secure join tokens pin its sha256.
+pub const SERVER_CA: &str = "/var/lib/rancher/k3s/server/tls/server-ca.crt";
 
 /// `node_path` (absolute on the node) under `root`.
 pub fn under(root: &Path, node_path: &Path) -> PathBuf {

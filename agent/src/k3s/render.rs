@@ -90,6 +90,9 @@ pub fn config_yaml(spec: &K3sSpec) -> String {
     if let Some(token) = &spec.token {
         scalar("token", yaml_string(token.expose()));
     }
+    if let Some(token) = &spec.agent_token {
+        scalar("agent-token", yaml_string(token.expose()));
+    }
     if let Some(name) = &spec.node_name {
         scalar("node-name", yaml_string(name));
     }
@@ -227,6 +230,15 @@ pub(crate) mod tests {
         spec.node_labels.insert("hexabase.ai/pool".into(), "server".into());
         spec.kubelet_args.insert("system-reserved".into(), "cpu=1,memory=2Gi".into());
         spec
+    }
+
+    #[test]
+    fn a_server_holds_the_agent_token_beside_its_own() {
+        let spec = K3sSpec { agent_token: Some(JoinToken::new("0123456789abcdef-agent")), ..first_server() };
+        let yaml = config_yaml(&spec);
+        assert!(yaml.contains("\ntoken: \"K10f00d::server:0123456789abcdef\"\n"), "{yaml}");
+        assert!(yaml.contains("\nagent-token: \"0123456789abcdef-agent\"\n"), "{yaml}");
+        assert!(!config_yaml(&dedicated_agent()).contains("agent-token"));
     }
 
     #[test]

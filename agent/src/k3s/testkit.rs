@@ -108,7 +108,7 @@ impl ArtifactServer {
     }
 
     pub fn source(&self) -> ArtifactSource {
-        ArtifactSource::Url { base: self.base.clone() }
+        ArtifactSource::Url { base: self.base.clone(), sha256: None }
     }
 }
 

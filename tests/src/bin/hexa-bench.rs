@@ -12,6 +12,10 @@
 //!   against reading the files such an apply must compare (the least any check can do).
 //! - `firewall-batch [--tenants 500] [--pod-ips 20000]`: one atomic iptables-restore/ipset-restore
 //!   batch against one `iptables`/`ipset` invocation per rule, in fresh network namespaces (root).
+//! - `hostile-enroll [--peers 1000] [--honest 20]`: the coordinator's peak memory while honest
+//!   agents enroll and report, alone and beside a flood of hostile enrollment connections.
+//! - `slow-headers [--slow 300] [--requests 200]`: `/healthz` latency alone and beside
+//!   connections that never finish their request headers.
 //! - `placement [--nodes 1000,10000] [--tenants-per-node 10] [--seed 1]`: our placement against
 //!   first-fit-decreasing and Kubernetes' LeastAllocated and MostAllocated scoring, on the same
 //!   synthetic fleets.
@@ -64,6 +68,18 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         iterations: usize,
     },
+    HostileEnroll {
+        #[arg(long, default_value_t = 1000)]
+        peers: usize,
+        #[arg(long, default_value_t = 20)]
+        honest: usize,
+    },
+    SlowHeaders {
+        #[arg(long, default_value_t = 300)]
+        slow: usize,
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+    },
     Placement {
         /// Fleet sizes, comma separated
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
@@ -108,6 +124,12 @@ fn main() -> anyhow::Result<()> {
                     Command::LinkLatency { nodes, reports } => link_latency(nodes, reports).await,
                     Command::K3sNoop { iterations } => k3s_noop(iterations).await,
                     Command::Hostcluster { tenants } => hostcluster(tenants).await,
+                    Command::HostileEnroll { peers, honest } => {
+                        hexa_tests::trust_bench::hostile_enroll(peers, honest).await
+                    }
+                    Command::SlowHeaders { slow, requests } => {
+                        hexa_tests::trust_bench::slow_headers(slow, requests).await
+                    }
                     Command::QuicFloor { .. } | Command::Placement { .. } | Command::FirewallBatch { .. } => {
                         unreachable!("handled above")
                     }
@@ -267,7 +289,7 @@ async fn k3s_noop(iterations: usize) -> anyhow::Result<()> {
     spec.node_name = Some("bench".into());
     spec.node_labels.insert("hexabase.ai/pool".into(), "shared".into());
     spec.kubelet_args.insert("system-reserved".into(), "cpu=250m,memory=512Mi".into());
-    spec.artifacts = ArtifactSource::Url { base: releases.base.clone() };
+    spec.artifacts = ArtifactSource::Url { base: releases.base.clone(), sha256: None };
     k3s::apply(root.path(), &spec, &systemd, &fetcher).await?;
     systemd.take_calls();
 
