@@ -17,6 +17,7 @@
 //! every report carries.
 
 pub mod fetch;
+pub mod kubectl;
 pub mod manifest;
 pub mod paths;
 pub mod readiness;
@@ -41,9 +42,14 @@ use hexa_shared::fsutil::{self, FsError};
 use hexa_shared::k3s::{K3sAction, K3sSpec, K3sSpecError, K3sState, RoleKind};
 
 pub use fetch::{Arch, FetchError, FetchPolicy, Fetcher};
+pub use kubectl::{Kubectl, KubectlError, KubectlOutput};
 pub use manifest::Manifest;
-pub use readiness::{KubectlReadiness, NodeReadiness, ReadinessError, ScriptedReadiness, wait_ready};
-pub use systemd::{RecordingSystemd, Systemctl, Systemd, SystemdCall, SystemdError};
+#[cfg(any(test, feature = "testing"))]
+pub use readiness::ScriptedReadiness;
+pub use readiness::{KubectlReadiness, NodeReadiness, ReadinessError, wait_ready};
+#[cfg(any(test, feature = "testing"))]
+pub use systemd::RecordingSystemd;
+pub use systemd::{DryRunSystemd, Systemctl, Systemd, SystemdCall, SystemdError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum K3sError {
