@@ -27,7 +27,7 @@ pub mod systemd;
 #[cfg(test)]
 mod apply_tests;
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -54,7 +54,7 @@ pub use systemd::{DryRunSystemd, Systemctl, Systemd, SystemdCall, SystemdError};
 #[derive(Debug, thiserror::Error)]
 pub enum K3sError {
     #[error("invalid K3s spec: {0}")]
-    Spec(#[from] K3sSpecError),
+    Spec(K3sSpecError),
     #[error(
         "K3s is installed on this node as {installed} ({unit}) and the spec asks for {requested}: \
          changing a node's role replaces its K3s installation; set the spec's action to reinstall to do that"
@@ -63,7 +63,7 @@ pub enum K3sError {
     #[error("cannot get k3s {version}: {error}; {kept}")]
     Fetch {
         version: String,
-        #[source]
+        /// Named in the message, so not also the `source`: a printed chain names it once.
         error: FetchError,
         /// What is left running, e.g. "k3s v1.35.4+k3s1 is left installed and running".
         kept: String,
@@ -76,7 +76,20 @@ pub enum K3sError {
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error("{0}; the files are in place and the next apply retries")]
-    Systemd(#[from] SystemdError),
+    Systemd(SystemdError),
+}
+
+// Spec and systemd errors are named in the message, so they are not also the error's `source`.
+impl From<K3sSpecError> for K3sError {
+    fn from(error: K3sSpecError) -> Self {
+        K3sError::Spec(error)
+    }
+}
+
+impl From<SystemdError> for K3sError {
+    fn from(error: SystemdError) -> Self {
+        K3sError::Systemd(error)
+    }
 }
 
 impl K3sError {
