@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod backoff;
+pub mod cgroup;
 pub mod collector;
 pub mod config;
 pub mod enroll;
