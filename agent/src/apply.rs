@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use hexa_shared::k3s::K3sState;
-use hexa_shared::names::validate_node_name;
+use hexa_shared::names::{NameError, validate_node_name};
 use hexa_shared::spec::NodeSpec;
 
 use crate::isolation::firewall::FirewallError;
@@ -21,7 +21,7 @@ pub enum ApplyError {
     #[error("spec generation 0 is not valid: generations start at 1")]
     ZeroGeneration,
     #[error("spec names node {0:?}: {1}")]
-    BadNodeName(String, String),
+    BadNodeName(String, NameError),
     #[error("label {key:?}={value:?} is not a valid Kubernetes label")]
     BadLabel { key: String, value: String },
     #[error(transparent)]
@@ -31,7 +31,7 @@ pub enum ApplyError {
     #[error("firewall: {0}")]
     Firewall(FirewallError),
     #[error("firewall task failed: {0}")]
-    Task(String),
+    Task(tokio::task::JoinError),
 }
 
 // The K3s and firewall errors are named in the message, so they are not also the error's `source`:
@@ -89,7 +89,7 @@ impl Applier {
             crate::isolation::firewall::reconcile_spec(firewall.as_ref(), &isolation)
         })
         .await
-        .map_err(|e| ApplyError::Task(e.to_string()))??;
+        .map_err(ApplyError::Task)??;
         if let crate::isolation::firewall::Reconciled::Applied { drift } = outcome {
             tracing::info!(generation = spec.generation, %drift, "firewall brought in line");
         }
@@ -124,7 +124,7 @@ pub fn check(spec: &NodeSpec) -> Result<(), ApplyError> {
     if spec.generation == 0 {
         return Err(ApplyError::ZeroGeneration);
     }
-    validate_node_name(&spec.node_name).map_err(|e| ApplyError::BadNodeName(spec.node_name.clone(), e.to_string()))?;
+    validate_node_name(&spec.node_name).map_err(|e| ApplyError::BadNodeName(spec.node_name.clone(), e))?;
     for (key, value) in spec.labels.iter().chain(spec.taints.iter().map(|t| (&t.key, &t.value))) {
         if !valid_label_key(key) || !valid_label_value(value) {
             return Err(ApplyError::BadLabel { key: key.clone(), value: value.clone() });

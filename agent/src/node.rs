@@ -240,7 +240,7 @@ impl std::fmt::Debug for Supervisor {
 
 impl Supervisor {
     /// A supervisor that starts by applying `applied` again (the last applied spec, fail-static).
-    pub fn new(
+    fn new(
         applier: Applier,
         collector: Collector,
         pod_source: Arc<dyn PodSource>,
