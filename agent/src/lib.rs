@@ -1,5 +1,12 @@
 //! The Hexabase node agent: enrolls the node with the coordinator, keeps a mutual-TLS QUIC link to
 //! it, reports the node's capacity every interval and applies the desired state it receives.
+//!
+//! - [`link`]: the session with the coordinator (connect, hello, exchange, certificate renewal);
+//! - [`node`]: the node supervisor, which outlives sessions: the spec queue and its retries, and the
+//!   periodic jobs (K3s observation, pod listing, cgroup governor, firewall drift check);
+//! - [`apply`]: applying one spec; [`k3s`], [`isolation`] and [`cgroup`] the parts it touches;
+//! - [`collector`] and [`pods`]: what the reports carry; [`enroll`], [`state`], [`config`];
+//! - [`backoff`] and [`error`]: reconnect delays and the agent's top-level error.
 
 pub mod apply;
 pub mod backoff;

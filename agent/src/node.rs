@@ -197,7 +197,7 @@ struct Slot {
     running: bool,
 }
 
-/// The node supervisor. Build it with [`Supervisor::new`], start it with [`Supervisor::spawn`].
+/// The node supervisor, started with [`Supervisor::spawn`] and driven through the [`Node`] it returns.
 pub struct Supervisor {
     applier: Applier,
     collector: Collector,
