@@ -604,11 +604,13 @@ mod tests {
     use crate::pods::StaticPodSource;
     use crate::state::StateDir;
 
-    /// A memory firewall whose next batch, once armed, waits until the test lets it through.
+    /// A memory firewall whose next batch, once armed, waits until the test lets it through, and
+    /// that can be told to refuse its next batch.
     #[derive(Debug, Default)]
     struct Gated {
         inner: MemoryFirewall,
         gate: Mutex<Option<(oneshot::Sender<()>, std_mpsc::Receiver<()>)>>,
+        refuse_next: std::sync::atomic::AtomicBool,
     }
 
     impl Gated {
@@ -627,6 +629,14 @@ mod tests {
         }
 
         fn apply(&self, batch: &Batch) -> Result<(), FirewallError> {
+            if self.refuse_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(FirewallError::Command {
+                    command: "iptables-restore --noflush".into(),
+                    status: "exit status: 4".into(),
+                    stderr: "Another app is currently holding the xtables lock".into(),
+                    detail: String::new(),
+                });
+            }
             let gate = self.gate.lock().unwrap().take();
             if let Some((entered, release)) = gate {
                 let _ = entered.send(());
@@ -724,6 +734,29 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(firewall.current().unwrap(), want, "drift undone towards the newer spec");
         assert_eq!(node.applied_generation(), 2);
+    }
+
+    /// With no link at all, a spec whose apply failed is retried and then enforced.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_apply_is_retried_without_a_coordinator() {
+        let dir = tempfile::tempdir().unwrap();
+        let firewall = Arc::new(Gated::default());
+        firewall.refuse_next.store(true, std::sync::atomic::Ordering::SeqCst);
+        let periods = Periods { apply_retry: Duration::from_millis(50), ..Periods::default() };
+        let mut node = supervisor(dir.path(), firewall.clone(), periods);
+        let wanted = spec(1, isolation(&[("acme", "10.42.0.11")]));
+        node.submit(wanted.clone()).unwrap();
+
+        let failed = status(&mut node).await;
+        assert_eq!(failed.generation, 1);
+        assert!(
+            matches!(&failed.outcome, ApplyOutcome::Failed { reason } if reason.contains("xtables lock")),
+            "{failed:?}"
+        );
+        assert_eq!(node.applied_generation(), 0);
+        assert_eq!(status(&mut node).await, AppliedStatus { generation: 1, outcome: ApplyOutcome::Applied });
+        assert_eq!(firewall.current().unwrap(), Ruleset::desired(wanted.isolation.as_ref().unwrap()).unwrap());
+        assert_eq!(node.applied_generation(), 1);
     }
 
     #[tokio::test]
