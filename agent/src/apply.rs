@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use hexa_shared::k3s::K3sState;
-use hexa_shared::names::validate_node_name;
+use hexa_shared::names::{NameError, validate_node_name};
 use hexa_shared::spec::NodeSpec;
 
+use crate::isolation::firewall::FirewallError;
 use crate::k3s::{self, Fetcher, K3sError, NodeReadiness, Systemd};
 use crate::state::{StateDir, StateError};
 
@@ -20,17 +21,31 @@ pub enum ApplyError {
     #[error("spec generation 0 is not valid: generations start at 1")]
     ZeroGeneration,
     #[error("spec names node {0:?}: {1}")]
-    BadNodeName(String, String),
+    BadNodeName(String, NameError),
     #[error("label {key:?}={value:?} is not a valid Kubernetes label")]
     BadLabel { key: String, value: String },
     #[error(transparent)]
     State(#[from] StateError),
     #[error("k3s: {0}")]
-    K3s(#[from] K3sError),
+    K3s(K3sError),
     #[error("firewall: {0}")]
-    Firewall(#[from] crate::isolation::firewall::FirewallError),
+    Firewall(FirewallError),
     #[error("firewall task failed: {0}")]
-    Task(String),
+    Task(tokio::task::JoinError),
+}
+
+// The K3s and firewall errors are named in the message, so they are not also the error's `source`:
+// a printed chain names each cause once.
+impl From<K3sError> for ApplyError {
+    fn from(error: K3sError) -> Self {
+        ApplyError::K3s(error)
+    }
+}
+
+impl From<FirewallError> for ApplyError {
+    fn from(error: FirewallError) -> Self {
+        ApplyError::Firewall(error)
+    }
 }
 
 /// A firewall the agent can share between its tasks.
@@ -74,7 +89,7 @@ impl Applier {
             crate::isolation::firewall::reconcile_spec(firewall.as_ref(), &isolation)
         })
         .await
-        .map_err(|e| ApplyError::Task(e.to_string()))??;
+        .map_err(ApplyError::Task)??;
         if let crate::isolation::firewall::Reconciled::Applied { drift } = outcome {
             tracing::info!(generation = spec.generation, %drift, "firewall brought in line");
         }
@@ -109,7 +124,7 @@ pub fn check(spec: &NodeSpec) -> Result<(), ApplyError> {
     if spec.generation == 0 {
         return Err(ApplyError::ZeroGeneration);
     }
-    validate_node_name(&spec.node_name).map_err(|e| ApplyError::BadNodeName(spec.node_name.clone(), e.to_string()))?;
+    validate_node_name(&spec.node_name).map_err(|e| ApplyError::BadNodeName(spec.node_name.clone(), e))?;
     for (key, value) in spec.labels.iter().chain(spec.taints.iter().map(|t| (&t.key, &t.value))) {
         if !valid_label_key(key) || !valid_label_value(value) {
             return Err(ApplyError::BadLabel { key: key.clone(), value: value.clone() });
@@ -129,30 +144,122 @@ pub fn record(state: &StateDir, spec: &NodeSpec) -> Result<(), ApplyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::isolation::firewall::{MemoryFirewall, Recording};
+    use crate::k3s::testkit::{self, ArtifactServer, Fault, V2, quick_policy, server_spec};
+    use crate::k3s::{RecordingSystemd, ScriptedReadiness};
+    use hexa_shared::isolation::{IsolationSpec, TenantAllocation, TenantIsolation};
     use hexa_shared::names::Pool;
 
-    fn apply(state: &StateDir, spec: &NodeSpec) -> Result<(), ApplyError> {
-        check(spec)?;
-        record(state, spec)
+    /// The real applier over a temporary root and state directory, an in-memory firewall that
+    /// records every batch written to it, and a recording service manager.
+    struct Node {
+        _dir: tempfile::TempDir,
+        state: StateDir,
+        firewall: Arc<Recording<MemoryFirewall>>,
+        systemd: Arc<RecordingSystemd>,
+        applier: Applier,
     }
 
-    #[test]
-    fn specs_are_checked_and_recorded_once() {
+    fn node() -> Node {
+        testkit::init();
         let dir = tempfile::tempdir().unwrap();
-        let state = StateDir::open(dir.path()).unwrap();
-        let spec = NodeSpec::for_pool("n1", &Pool::Dedicated { tenant: "acme".into() }, 2);
-        apply(&state, &spec).unwrap();
-        assert_eq!(state.load_spec().unwrap(), Some(spec.clone()));
-        let mtime = std::fs::metadata(state.path("spec.json")).unwrap().modified().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        apply(&state, &spec).unwrap();
-        assert_eq!(std::fs::metadata(state.path("spec.json")).unwrap().modified().unwrap(), mtime);
+        let state = StateDir::open(&dir.path().join("state")).unwrap();
+        let firewall = Arc::new(Recording::new(MemoryFirewall::new()));
+        let systemd = Arc::new(RecordingSystemd::new());
+        let applier = Applier {
+            state: state.clone(),
+            root: dir.path().join("root"),
+            systemd: systemd.clone(),
+            readiness: Arc::new(ScriptedReadiness::new([Ok(true)])),
+            fetcher: Arc::new(testkit::fetcher(quick_policy())),
+            firewall: firewall.clone(),
+        };
+        Node { _dir: dir, state, firewall, systemd, applier }
+    }
 
-        let mut bad = spec.clone();
-        bad.labels.insert("bad key!".into(), "x".into());
-        assert!(matches!(apply(&state, &bad), Err(ApplyError::BadLabel { .. })));
-        assert!(matches!(apply(&state, &NodeSpec { generation: 0, ..spec.clone() }), Err(ApplyError::ZeroGeneration)));
-        assert_eq!(state.load_spec().unwrap(), Some(spec), "a refused spec changes nothing");
+    fn isolated(spec: NodeSpec) -> NodeSpec {
+        let isolation = IsolationSpec {
+            pod_cidr: "10.42.0.0/16".parse().unwrap(),
+            management_cidrs: vec!["192.168.100.10".parse().unwrap()],
+            system_pod_ips: ["10.42.0.53".parse().unwrap()].into(),
+            tenants: vec![TenantIsolation {
+                tenant: "acme".into(),
+                allocation: TenantAllocation { cpu_millis: 1000, memory_bytes: 1 << 30, pids: 1024 },
+                pod_ips: ["10.42.0.11".parse().unwrap()].into(),
+            }],
+        };
+        NodeSpec { isolation: Some(isolation), ..spec }
+    }
+
+    #[tokio::test]
+    async fn specs_are_checked_and_recorded_once() {
+        let node = node();
+        let spec = isolated(NodeSpec::for_pool("n1", &Pool::Dedicated { tenant: "acme".into() }, 2));
+        node.applier.apply(&spec).await.unwrap();
+        assert_eq!(node.state.load_spec().unwrap(), Some(spec.clone()));
+        assert_eq!(node.firewall.writes().len(), 1, "the isolation was enforced");
+        let mtime = std::fs::metadata(node.state.path("spec.json")).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        node.applier.apply(&spec).await.unwrap();
+        assert_eq!(std::fs::metadata(node.state.path("spec.json")).unwrap().modified().unwrap(), mtime);
+        assert_eq!(node.firewall.writes().len(), 1, "the same spec again writes nothing");
+    }
+
+    #[tokio::test]
+    async fn a_refused_spec_records_and_touches_nothing() {
+        let node = node();
+        let spec = NodeSpec::for_pool("n1", &Pool::Dedicated { tenant: "acme".into() }, 2);
+        node.applier.apply(&spec).await.unwrap();
+
+        let mut bad_label = isolated(spec.clone());
+        bad_label.generation = 3;
+        bad_label.labels.insert("bad key!".into(), "x".into());
+        assert!(matches!(node.applier.apply(&bad_label).await, Err(ApplyError::BadLabel { .. })));
+        let zero = NodeSpec { generation: 0, ..isolated(spec.clone()) };
+        assert!(matches!(node.applier.apply(&zero).await, Err(ApplyError::ZeroGeneration)));
+        let bad_name = NodeSpec { node_name: "Not A Name".into(), generation: 3, ..isolated(spec.clone()) };
+        assert!(matches!(node.applier.apply(&bad_name).await, Err(ApplyError::BadNodeName(..))));
+
+        assert_eq!(node.state.load_spec().unwrap(), Some(spec), "a refused spec changes nothing");
+        assert_eq!(node.firewall.writes(), [], "a refused spec's isolation is not enforced");
+        assert_eq!(node.systemd.calls(), []);
+    }
+
+    #[tokio::test]
+    async fn a_failed_k3s_step_records_nothing() {
+        let node = node();
+        let spec = NodeSpec::for_pool("n1", &Pool::Server, 2);
+        node.applier.apply(&spec).await.unwrap();
+        let server = ArtifactServer::start(&[V2]).await;
+        server.set_fault(Fault::NotFound);
+        let with_k3s = NodeSpec { generation: 3, ..spec.clone() }.with_k3s(Some(server_spec(server.source(), V2)));
+
+        let err = node.applier.apply(&with_k3s).await.unwrap_err();
+
+        assert!(matches!(err, ApplyError::K3s(K3sError::Fetch { .. })), "{err}");
+        assert_eq!(node.state.load_spec().unwrap(), Some(spec), "a spec whose K3s step failed is not recorded");
+        assert_eq!(node.systemd.calls(), [], "nothing was started");
+    }
+
+    /// A failed download reads the same in the report and in a printed error chain: the
+    /// download's own sentence appears once, not once per layer.
+    #[tokio::test]
+    async fn a_failed_download_names_its_cause_once() {
+        let node = node();
+        let server = ArtifactServer::start(&[V2]).await;
+        server.set_fault(Fault::Truncate(10));
+        let spec = NodeSpec::for_pool("n1", &Pool::Server, 1).with_k3s(Some(server_spec(server.source(), V2)));
+
+        let err = node.applier.apply(&spec).await.unwrap_err();
+
+        let ApplyError::K3s(K3sError::Fetch { error, .. }) = &err else { panic!("not a download failure: {err}") };
+        let root = error.to_string();
+        assert!(root.starts_with("gave up after 3 attempts: "), "{root}");
+        let reason = err.to_string();
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(chain.matches(&root).count(), 1, "{chain}");
+        assert_eq!(chain, reason, "the chain is the reason the coordinator is told");
+        assert!(chain.starts_with(&format!("k3s: cannot get k3s {V2}: gave up after 3 attempts: ")), "{chain}");
     }
 
     #[test]

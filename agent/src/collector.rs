@@ -5,13 +5,13 @@
 //! every second and must stay cheap.
 
 use std::io;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use hexa_shared::report::{CgroupLimits, Pressure, PressureAverages, Resources, Usage};
 use procfs::{FromRead, FromReadSI, KernelStats, LoadAverage, Meminfo};
 
-/// cgroup v1 reports "no limit" as a huge page-aligned number near `i64::MAX`; anything this large is unlimited.
-const V1_UNLIMITED: u64 = 1 << 62;
+use crate::cgroup::discover::{self, ControllerDirs, Membership};
+use crate::cgroup::{CgroupError, CgroupVersion, CpuMax, Limit, files, v1, v2};
 
 /// Where to read from and what to hold back from tenants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,28 +40,20 @@ pub struct Sample {
 }
 
 /// A file that could not be read or understood; every variant names it so the log says where to look.
+/// The underlying error is named in the message and is not also the `source`, so a printed chain
+/// names it once.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("parsing {path}: {source}")]
-    Proc {
-        path: PathBuf,
-        #[source]
-        source: procfs::ProcError,
-    },
+    #[error("reading {path}: {error}")]
+    Read { path: PathBuf, error: io::Error },
+    #[error("parsing {path}: {error}")]
+    Proc { path: PathBuf, error: procfs::ProcError },
     #[error("parsing {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
-    #[error("statvfs {path}: {source}")]
-    Statvfs {
-        path: PathBuf,
-        #[source]
-        source: nix::errno::Errno,
-    },
+    #[error("statvfs {path}: {error}")]
+    Statvfs { path: PathBuf, error: nix::errno::Errno },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
 }
 
 /// Samples capacity and usage; keeps the previous CPU counters and the resolved cgroup layout between samples.
@@ -70,9 +62,9 @@ pub struct Collector {
     settings: CollectorSettings,
     /// Busy and total ticks of the previous sample, to turn cumulative counters into a rate.
     prev_cpu: Option<CpuTicks>,
-    /// `/proc/self/cgroup` as last read and the files it resolved to; rebuilt only when membership changes,
-    /// so directories are not probed every second.
-    cgroup: Option<(String, CgroupPlan)>,
+    /// `/proc/self/cgroup` as last read and the directories it resolved to; rebuilt only when membership
+    /// changes, so directories are not probed every second.
+    cgroup: Option<(String, Membership)>,
 }
 
 impl Collector {
@@ -90,7 +82,7 @@ impl Collector {
 
         let stat_path = proc_root.join("stat");
         let stats = KernelStats::from_file(&stat_path, procfs::current_system_info())
-            .map_err(|source| CollectError::Proc { path: stat_path.clone(), source })?;
+            .map_err(|error| CollectError::Proc { path: stat_path.clone(), error })?;
         let online_cpus = u64::try_from(stats.cpu_time.len()).unwrap_or(u64::MAX).max(1);
         let ticks = CpuTicks::from(&stats.total);
         let cpu_used_millis = match self.prev_cpu {
@@ -106,7 +98,7 @@ impl Collector {
 
         let meminfo_path = proc_root.join("meminfo");
         let meminfo = Meminfo::from_file(&meminfo_path)
-            .map_err(|source| CollectError::Proc { path: meminfo_path.clone(), source })?;
+            .map_err(|error| CollectError::Proc { path: meminfo_path.clone(), error })?;
         // MemAvailable is missing only before Linux 3.14; approximate it the way `free` did then.
         let mem_available = meminfo
             .mem_available
@@ -116,7 +108,7 @@ impl Collector {
 
         let loadavg_path = proc_root.join("loadavg");
         let load = LoadAverage::from_file(&loadavg_path)
-            .map_err(|source| CollectError::Proc { path: loadavg_path.clone(), source })?;
+            .map_err(|error| CollectError::Proc { path: loadavg_path.clone(), error })?;
 
         let pressure = Pressure {
             cpu: read_pressure(&proc_root.join("pressure/cpu"))?,
@@ -159,11 +151,11 @@ impl Collector {
         // No cgroup file (a bare fixture, or a kernel without cgroups) means nothing limits the agent.
         let text = read_optional(&path)?.unwrap_or_default();
         if self.cgroup.as_ref().is_none_or(|(seen, _)| *seen != text) {
-            let plan = CgroupPlan::resolve(&text, &self.settings.cgroup_root);
-            self.cgroup = Some((text, plan));
+            let membership = discover::membership(&text, &self.settings.cgroup_root);
+            self.cgroup = Some((text, membership));
         }
         match &self.cgroup {
-            Some((_, plan)) => plan.read(),
+            Some((_, membership)) => Ok(EffectiveLimits::over(membership)?),
             None => Ok(EffectiveLimits::default()),
         }
     }
@@ -255,14 +247,14 @@ fn read_pressure(path: &Path) -> Result<Option<PressureAverages>, CollectError> 
         Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => {
             return Ok(None);
         }
-        Err(source) => return Err(CollectError::Read { path: path.to_owned(), source }),
+        Err(error) => return Err(CollectError::Read { path: path.to_owned(), error }),
     };
     let record = |prefix: &str| -> Result<Option<procfs::PressureRecord>, CollectError> {
         // The 5-byte ASCII prefix check keeps procfs's `line[5..]` slice on a char boundary.
         text.lines()
             .find(|l| l.starts_with(prefix))
             .map(|l| {
-                procfs::parse_pressure_record(l).map_err(|source| CollectError::Proc { path: path.to_owned(), source })
+                procfs::parse_pressure_record(l).map_err(|error| CollectError::Proc { path: path.to_owned(), error })
             })
             .transpose()
     };
@@ -304,9 +296,9 @@ fn ephemeral_space(path: &Path) -> Result<DiskSpace, CollectError> {
             Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => match candidate.parent() {
                 Some(parent) if !parent.as_os_str().is_empty() => candidate = parent,
                 Some(_) if candidate != Path::new(".") => candidate = Path::new("."),
-                _ => return Err(CollectError::Statvfs { path: path.to_owned(), source: nix::errno::Errno::ENOENT }),
+                _ => return Err(CollectError::Statvfs { path: path.to_owned(), error: nix::errno::Errno::ENOENT }),
             },
-            Err(source) => return Err(CollectError::Statvfs { path: candidate.to_owned(), source }),
+            Err(error) => return Err(CollectError::Statvfs { path: candidate.to_owned(), error }),
         }
     }
 }
@@ -321,58 +313,8 @@ fn read_optional(path: &Path) -> Result<Option<String>, CollectError> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(CollectError::Read { path: path.to_owned(), source }),
+        Err(error) => Err(CollectError::Read { path: path.to_owned(), error }),
     }
-}
-
-/// Reads a single integer file such as `memory.current`; `None` when missing.
-fn read_u64(path: &Path) -> Result<Option<u64>, CollectError> {
-    let Some(text) = read_optional(path)? else {
-        return Ok(None);
-    };
-    text.trim()
-        .parse::<u64>()
-        .map(Some)
-        .map_err(|e| CollectError::Parse { path: path.to_owned(), reason: format!("{:?}: {e}", text.trim()) })
-}
-
-/// Which cgroup interface a controller is read through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CgroupVersion {
-    V1,
-    V2,
-}
-
-/// One controller's directories for the agent's cgroup and each ancestor, leaf first, ending at the
-/// controller's root: a parent's limit bounds its children, so the effective limit is the minimum.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct ControllerDirs {
-    version: CgroupVersion,
-    levels: Vec<PathBuf>,
-}
-
-impl ControllerDirs {
-    fn new(version: CgroupVersion, root: PathBuf, cgroup_path: &str) -> Self {
-        let mut levels = vec![root.clone()];
-        let mut current = root;
-        for part in Path::new(cgroup_path).components() {
-            // The kernel writes absolute, normalised paths; anything else is ignored rather than allowed to
-            // climb out of the cgroup root.
-            if let Component::Normal(name) = part {
-                current = current.join(name);
-                levels.push(current.clone());
-            }
-        }
-        levels.reverse();
-        ControllerDirs { version, levels }
-    }
-}
-
-/// The cgroup files that bound the agent, resolved from `/proc/self/cgroup`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct CgroupPlan {
-    memory: Option<ControllerDirs>,
-    cpu: Option<ControllerDirs>,
 }
 
 /// Limits over the agent's cgroup and its ancestors.
@@ -385,67 +327,21 @@ struct EffectiveLimits {
     memory_headroom_bytes: Option<u64>,
 }
 
-impl CgroupPlan {
-    /// Picks v1 or v2 per controller. On a hybrid host both appear; a v1 controller line wins when that
-    /// controller's hierarchy is mounted, since a controller is active in only one hierarchy at a time.
-    fn resolve(self_cgroup: &str, cgroup_root: &Path) -> CgroupPlan {
-        let mut v2_path = None;
-        let mut v1_memory = None;
-        let mut v1_cpu = None;
-        for line in self_cgroup.lines() {
-            let mut fields = line.splitn(3, ':');
-            let (Some(id), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
-                continue;
-            };
-            if id == "0" && controllers.is_empty() {
-                v2_path = Some(path);
-                continue;
-            }
-            let list: Vec<&str> = controllers.split(',').collect();
-            if list.contains(&"memory") {
-                v1_memory = v1_dirs(cgroup_root, controllers, "memory", path);
-            }
-            if list.contains(&"cpu") {
-                v1_cpu = v1_dirs(cgroup_root, controllers, "cpu", path);
-            }
-        }
-        let v2 = v2_path.map(|path| ControllerDirs::new(CgroupVersion::V2, v2_root(cgroup_root), path));
-        CgroupPlan { memory: v1_memory.or_else(|| v2.clone()), cpu: v1_cpu.or(v2) }
-    }
-
-    fn read(&self) -> Result<EffectiveLimits, CollectError> {
+impl EffectiveLimits {
+    /// The limits over the cgroups of `membership`: at each level from the leaf up to the hierarchy
+    /// root, the tighter limit wins. A missing file means no limit at that level.
+    fn over(membership: &Membership) -> Result<EffectiveLimits, CgroupError> {
         let mut limits = EffectiveLimits::default();
-        if let Some(dirs) = &self.memory {
-            let (limit_file, usage_file) = match dirs.version {
-                CgroupVersion::V1 => ("memory.limit_in_bytes", "memory.usage_in_bytes"),
-                CgroupVersion::V2 => ("memory.max", "memory.current"),
-            };
-            for dir in &dirs.levels {
-                let path = dir.join(limit_file);
-                let limit = match dirs.version {
-                    CgroupVersion::V1 => read_optional(&path)?.map(|t| parse_v1_memory_limit(&t, &path)).transpose()?,
-                    CgroupVersion::V2 => read_optional(&path)?.map(|t| parse_v2_max(&t, &path)).transpose()?,
-                }
-                .flatten();
-                let Some(limit) = limit else { continue };
+        if let Some(dirs) = &membership.memory {
+            for (limit, used) in memory_levels(dirs)? {
                 limits.memory_bytes = Some(limits.memory_bytes.map_or(limit, |l| l.min(limit)));
-                let headroom = match read_u64(&dir.join(usage_file))? {
-                    Some(used) => limit.saturating_sub(used),
-                    None => limit,
-                };
+                let headroom = used.map_or(limit, |used| limit.saturating_sub(used));
                 limits.memory_headroom_bytes = Some(limits.memory_headroom_bytes.map_or(headroom, |h| h.min(headroom)));
             }
         }
-        if let Some(dirs) = &self.cpu {
+        if let Some(dirs) = &membership.cpu {
             for dir in &dirs.levels {
-                let millis = match dirs.version {
-                    CgroupVersion::V1 => read_v1_cpu_quota(dir)?,
-                    CgroupVersion::V2 => {
-                        let path = dir.join("cpu.max");
-                        read_optional(&path)?.map(|t| parse_v2_cpu_max(&t, &path)).transpose()?.flatten()
-                    }
-                };
-                if let Some(millis) = millis {
+                if let Some(millis) = cpu_limit(dirs.version, dir)?.and_then(|cpu| cpu.millis()) {
                     limits.cpu_millis = Some(limits.cpu_millis.map_or(millis, |l| l.min(millis)));
                 }
             }
@@ -454,89 +350,40 @@ impl CgroupPlan {
     }
 }
 
-/// The v1 hierarchy directory for `controller`: named after the comma-joined controller list
-/// (`cpu,cpuacct`), or after the controller alone (`cpu`, also how the usual symlinks are named).
-/// `None` when the hierarchy is not mounted there.
-fn v1_dirs(cgroup_root: &Path, controllers: &str, controller: &str, path: &str) -> Option<ControllerDirs> {
-    [controllers, controller]
-        .into_iter()
-        .map(|name| cgroup_root.join(name))
-        .find(|dir| dir.is_dir())
-        .map(|root| ControllerDirs::new(CgroupVersion::V1, root, path))
-}
-
-/// The unified hierarchy: the cgroup root itself on a pure v2 host, `unified/` beneath it on a hybrid one.
-fn v2_root(cgroup_root: &Path) -> PathBuf {
-    let unified = cgroup_root.join("unified");
-    if !cgroup_root.join("cgroup.controllers").exists() && unified.is_dir() { unified } else { cgroup_root.to_owned() }
-}
-
-/// `memory.max`: a byte count, or `max` for none.
-fn parse_v2_max(text: &str, path: &Path) -> Result<Option<u64>, CollectError> {
-    match text.trim() {
-        "max" => Ok(None),
-        value => value
-            .parse::<u64>()
-            .map(Some)
-            .map_err(|e| CollectError::Parse { path: path.to_owned(), reason: format!("{value:?}: {e}") }),
-    }
-}
-
-/// `memory.limit_in_bytes`: "unlimited" is a number near `i64::MAX` (or -1 as written by some tools).
-fn parse_v1_memory_limit(text: &str, path: &Path) -> Result<Option<u64>, CollectError> {
-    let value = text.trim();
-    match value.parse::<i64>() {
-        Ok(v) if v < 0 => Ok(None),
-        _ => value
-            .parse::<u64>()
-            .map(|v| (v < V1_UNLIMITED).then_some(v))
-            .map_err(|e| CollectError::Parse { path: path.to_owned(), reason: format!("{value:?}: {e}") }),
-    }
-}
-
-/// `cpu.max`: `$QUOTA $PERIOD` in microseconds, `max` quota for none.
-fn parse_v2_cpu_max(text: &str, path: &Path) -> Result<Option<u64>, CollectError> {
-    let mut fields = text.split_whitespace();
-    let quota = fields.next().unwrap_or("max");
-    if quota == "max" {
-        return Ok(None);
-    }
-    let bad = |reason: String| CollectError::Parse { path: path.to_owned(), reason };
-    let quota = quota.parse::<u64>().map_err(|e| bad(format!("quota {quota:?}: {e}")))?;
-    // The kernel always prints the period; 100ms is its default should a writer have left it out.
-    let period = match fields.next() {
-        Some(p) => p.parse::<u64>().map_err(|e| bad(format!("period {p:?}: {e}")))?,
-        None => 100_000,
+/// Each limited level's memory limit and, when the file is there, its usage.
+fn memory_levels(dirs: &ControllerDirs) -> Result<Vec<(u64, Option<u64>)>, CgroupError> {
+    let (limit_file, usage_file) = match dirs.version {
+        CgroupVersion::V1 => (v1::MEMORY_LIMIT, v1::MEMORY_USAGE),
+        CgroupVersion::V2 => (v2::MEMORY_MAX, v2::MEMORY_CURRENT),
     };
-    Ok(quota_millis(quota, period))
+    let mut levels = Vec::new();
+    for dir in &dirs.levels {
+        let Some(Limit::Value(limit)) = files::read_optional_limit(&dir.join(limit_file))? else { continue };
+        levels.push((limit, files::read_optional_u64(&dir.join(usage_file))?));
+    }
+    Ok(levels)
 }
 
-/// `cpu.cfs_quota_us` (-1 for none) over `cpu.cfs_period_us`.
-fn read_v1_cpu_quota(dir: &Path) -> Result<Option<u64>, CollectError> {
-    let quota_path = dir.join("cpu.cfs_quota_us");
-    let Some(text) = read_optional(&quota_path)? else {
-        return Ok(None);
-    };
-    let quota = text
-        .trim()
-        .parse::<i64>()
-        .map_err(|e| CollectError::Parse { path: quota_path.clone(), reason: format!("{:?}: {e}", text.trim()) })?;
-    let Ok(quota) = u64::try_from(quota) else {
-        return Ok(None);
-    };
-    match read_u64(&dir.join("cpu.cfs_period_us"))? {
-        Some(period) => Ok(quota_millis(quota, period)),
-        None => Ok(None),
+/// The CFS bandwidth set at `dir`, `None` when its files are not there.
+fn cpu_limit(version: CgroupVersion, dir: &Path) -> Result<Option<CpuMax>, CgroupError> {
+    match version {
+        CgroupVersion::V2 => {
+            let path = dir.join(v2::CPU_MAX);
+            let Some(text) = files::read_optional(&path)? else { return Ok(None) };
+            files::parse_cpu_max(&text).map(Some).ok_or(CgroupError::Parse {
+                path,
+                content: text,
+                expected: v2::CPU_MAX_FORMAT,
+            })
+        }
+        CgroupVersion::V1 => {
+            let Some(quota_us @ Limit::Value(_)) = files::read_optional_limit(&dir.join(v1::CPU_CFS_QUOTA))? else {
+                return Ok(None);
+            };
+            let Some(period_us) = files::read_optional_u64(&dir.join(v1::CPU_CFS_PERIOD))? else { return Ok(None) };
+            Ok(Some(CpuMax { quota_us, period_us }))
+        }
     }
-}
-
-/// Millicores a CFS quota allows, rounded up so a small but real quota never reads as zero CPUs.
-fn quota_millis(quota_us: u64, period_us: u64) -> Option<u64> {
-    if period_us == 0 {
-        return None;
-    }
-    let millis = (u128::from(quota_us) * 1000).div_ceil(u128::from(period_us));
-    Some(u64::try_from(millis).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -909,13 +756,6 @@ mod tests {
         assert_eq!(parse_cpu_list(""), Some(0));
         assert_eq!(parse_cpu_list("3-1"), None);
         assert_eq!(parse_cpu_list("x"), None);
-    }
-
-    #[test]
-    fn quota_rounding() {
-        assert_eq!(quota_millis(50_000, 100_000), Some(500));
-        assert_eq!(quota_millis(1, 100_000), Some(1));
-        assert_eq!(quota_millis(1, 0), None);
     }
 
     #[test]

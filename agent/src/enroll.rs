@@ -10,14 +10,14 @@ use hexa_shared::proto::{
 };
 use hexa_shared::wire;
 
-use crate::AgentError;
+use crate::error::{AgentError, ConnectError};
 use crate::state::StateDir;
 
 /// A fresh key (generated on this node; it never leaves it) and a CSR for it.
 pub fn new_key_and_csr() -> Result<(KeyPair, Vec<u8>), AgentError> {
-    let key = KeyPair::generate().map_err(|e| AgentError::Crypto(e.to_string()))?;
+    let key = KeyPair::generate().map_err(AgentError::Crypto)?;
     // The coordinator chooses the identity: the CSR carries only the public key.
-    let csr = CertificateParams::default().serialize_request(&key).map_err(|e| AgentError::Crypto(e.to_string()))?;
+    let csr = CertificateParams::default().serialize_request(&key).map_err(AgentError::Crypto)?;
     Ok((key, csr.der().to_vec()))
 }
 
@@ -54,9 +54,9 @@ pub async fn enroll(
     let config = pki::enroll_client_config(pin)?;
     let conn = endpoint
         .connect_with(config, addr, COORDINATOR_SERVER_NAME)
-        .map_err(|e| AgentError::Connect(e.to_string()))?
+        .map_err(ConnectError::Connect)?
         .await
-        .map_err(|e| AgentError::Connect(e.to_string()))?;
+        .map_err(ConnectError::Connection)?;
     let request = EnrollRequest {
         protocol_version: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -67,7 +67,7 @@ pub async fn enroll(
         requested_name: facts.requested_name.clone(),
         provider: facts.provider.clone(),
     };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| AgentError::Connect(e.to_string()))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(ConnectError::Connection)?;
     wire::write_frame(&mut send, &request).await?;
     let _ = send.finish();
     let response: Option<EnrollResponse> = wire::read_frame(&mut recv).await?;

@@ -1,17 +1,28 @@
 //! The Hexabase node agent: enrolls the node with the coordinator, keeps a mutual-TLS QUIC link to
 //! it, reports the node's capacity every interval and applies the desired state it receives.
+//!
+//! - [`link`]: the session with the coordinator (connect, hello, exchange, certificate renewal);
+//! - [`node`]: the node supervisor, which outlives sessions: the spec queue and its retries, and the
+//!   periodic jobs (K3s observation, pod listing, cgroup governor, firewall drift check);
+//! - [`apply`]: applying one spec; [`k3s`], [`isolation`] and [`cgroup`] the parts it touches;
+//! - [`collector`] and [`pods`]: what the reports carry; [`enroll`], [`state`], [`config`];
+//! - [`backoff`] and [`error`]: reconnect delays and the agent's top-level error.
 
 pub mod apply;
+pub mod backoff;
+pub mod cgroup;
 pub mod collector;
 pub mod config;
 pub mod enroll;
+pub mod error;
 pub mod isolation;
 pub mod k3s;
 pub mod link;
+pub mod node;
 pub mod pods;
 pub mod state;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,35 +30,15 @@ use rand::Rng;
 use tokio::sync::watch;
 use tracing::warn;
 
-use hexa_shared::pki::{CaHash, PkiError};
-use hexa_shared::proto::Refusal;
+use hexa_shared::pki::CaHash;
 use hexa_shared::report::Resources;
-use hexa_shared::wire::FrameError;
 
 use crate::collector::{Collector, CollectorSettings};
 use crate::config::AgentConfig;
 use crate::enroll::NodeFacts;
-use crate::state::{StateDir, StateError};
+use crate::state::StateDir;
 
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error(transparent)]
-    Pki(#[from] PkiError),
-    #[error("cannot reach the coordinator: {0}")]
-    Connect(String),
-    #[error("protocol error: {0}")]
-    Frame(#[from] FrameError),
-    #[error("the coordinator refused this node: {0}")]
-    Refused(Refusal),
-    #[error("key generation: {0}")]
-    Crypto(String),
-    #[error("cannot open a UDP socket: {0}")]
-    Socket(std::io::Error),
-}
+pub use crate::error::{AgentError, ConfigError, ConnectError};
 
 /// The node as the agent touches it: where the collector reads it from, the filesystem root K3s
 /// is installed under, and the service manager. Tests point these at temporary trees and fakes.
@@ -79,9 +70,8 @@ impl Default for Host {
 impl Host {
     /// The applier for this host, keeping applied specs in `state`.
     pub fn applier(&self, state: StateDir) -> Result<apply::Applier, AgentError> {
-        let arch = k3s::Arch::of_this_machine().map_err(|e| AgentError::Config(e.to_string()))?;
-        let fetcher =
-            k3s::Fetcher::new(arch, k3s::FetchPolicy::default()).map_err(|e| AgentError::Config(e.to_string()))?;
+        let arch = k3s::Arch::of_this_machine().map_err(ConfigError::Installer)?;
+        let fetcher = k3s::Fetcher::new(arch, k3s::FetchPolicy::default()).map_err(ConfigError::Installer)?;
         Ok(apply::Applier {
             state,
             root: self.root.clone(),
@@ -96,21 +86,20 @@ impl Host {
 async fn resolve(address: &str) -> Result<SocketAddr, AgentError> {
     let mut addrs = tokio::net::lookup_host(address)
         .await
-        .map_err(|e| AgentError::Config(format!("coordinator address {address:?}: {e} (expected HOST:PORT)")))?;
-    addrs.next().ok_or_else(|| AgentError::Config(format!("coordinator address {address:?} resolves to nothing")))
+        .map_err(|error| ConfigError::Address { address: address.to_string(), error })?;
+    addrs.next().ok_or_else(|| ConfigError::Unresolved { address: address.to_string() }.into())
 }
 
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let state = StateDir::open(&config.state_dir)?;
     let addr = resolve(&config.coordinator).await?;
-    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-        .parse()
-        .map_err(|_| AgentError::Config("unreachable: literal bind address".into()))?;
+    let any = if addr.is_ipv6() { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+    let bind = SocketAddr::new(any, 0);
     let endpoint = quinn::Endpoint::client(bind).map_err(AgentError::Socket)?;
 
     // Fail-static: whatever the coordinator last asked for is enforced again before anything else
-    // (the link starts by re-applying it).
+    // (the node supervisor starts by re-applying it).
     let applied = state.load_spec()?;
     let applier = host.applier(state.clone())?;
     if let Some(spec) = &applied {
@@ -122,14 +111,9 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
     }
 
     if !state.is_enrolled() {
-        let token = config.bootstrap_token().map_err(|e| AgentError::Config(e.to_string()))?;
+        let token = config.bootstrap_token().map_err(ConfigError::TokenFile)?;
         if token.is_empty() || config.ca_hash.is_empty() {
-            return Err(AgentError::Config(format!(
-                "this node is not enrolled (no certificate in {}) and no bootstrap token and CA hash were given: \
-                 pass --token-file (or --token) and --ca-hash (from `hexactl token create` and the coordinator's \
-                 start-up output)",
-                config.state_dir.display()
-            )));
+            return Err(ConfigError::NotEnrolled { state_dir: config.state_dir.clone() }.into());
         }
         let pin: CaHash = config.ca_hash.parse()?;
         let facts = NodeFacts::of_this_machine(&config.node_name);
@@ -140,7 +124,7 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
                 // A refusal is final: retrying a used or wrong token cannot succeed.
                 Err(e @ (AgentError::Refused(_) | AgentError::State(_) | AgentError::Crypto(_))) => return Err(e),
                 Err(e) => {
-                    let delay = link::backoff_delay(attempt, rand::rng().random::<f64>());
+                    let delay = backoff::backoff_delay(attempt, rand::rng().random::<f64>());
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "enrollment failed");
                     attempt += 1;
                     tokio::select! {
@@ -165,7 +149,16 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         eviction_memory_bytes: config.eviction_memory_bytes,
         max_pods: config.max_pods,
     });
-    let mut link = link::Link::new(endpoint.clone(), addr, state, collector, applier, applied, &host);
+    // The supervisor outlives every session: it keeps enforcing while the link is down.
+    let node = node::Supervisor::spawn(
+        applier,
+        collector,
+        host.pods.clone(),
+        host.cgroup_root.clone(),
+        applied,
+        node::Periods::default(),
+    );
+    let mut link = link::Link::new(endpoint.clone(), addr, state, node);
     let result = link.run(shutdown).await;
     endpoint.close(hexa_shared::proto::close_code::DONE.into(), b"agent stopping");
     // Let the close frame leave before the socket goes.

@@ -99,26 +99,23 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// `hexa-agent apply`: applies one spec and exits. Under `--root DIR` files go below DIR and the
-/// service manager is not touched: its units are taken as running, and what it would have been
-/// asked is printed instead.
+/// `hexa-agent apply`: applies one spec and exits. Under `--root DIR` files go below DIR and neither
+/// the service manager nor the firewall is touched: units are taken as running, and what systemd
+/// would have been asked and the firewall batch that would have been applied are printed instead.
 fn apply_once(config: &AgentConfig, spec_path: &std::path::Path, root: Option<PathBuf>) -> anyhow::Result<()> {
     use std::sync::Arc;
     let text = std::fs::read_to_string(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
     let spec: hexa_shared::spec::NodeSpec =
         serde_json::from_str(&text).with_context(|| format!("{} is not a NodeSpec", spec_path.display()))?;
-    let recorder = Arc::new(hexa_agent::k3s::RecordingSystemd::new());
-    for unit in ["k3s.service", "k3s-agent.service"] {
-        recorder.set_active(unit, true);
-    }
     let (host, state_dir) = match &root {
         Some(root) => {
             let host = hexa_agent::Host {
                 root: root.clone(),
-                systemd: recorder.clone(),
+                // Units are taken as running; what systemd would be asked is printed.
+                systemd: Arc::new(hexa_agent::k3s::DryRunSystemd::new(&["k3s.service", "k3s-agent.service"])),
                 readiness: Arc::new(hexa_agent::k3s::KubectlReadiness::under(root)),
-                // Under a root the node's own firewall is not touched either.
-                firewall: Arc::new(hexa_agent::isolation::firewall::MemoryFirewall::new()),
+                // Under a root the node's own firewall is not touched either: the batch is printed.
+                firewall: Arc::new(hexa_agent::isolation::DryRunFirewall::new(spec.isolation.as_ref())?),
                 ..hexa_agent::Host::default()
             };
             (host, root.join(config.state_dir.strip_prefix("/").unwrap_or(&config.state_dir)))
@@ -128,9 +125,6 @@ fn apply_once(config: &AgentConfig, spec_path: &std::path::Path, root: Option<Pa
     let applier = host.applier(hexa_agent::state::StateDir::open(&state_dir)?)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(applier.apply(&spec))?;
-    for call in recorder.calls() {
-        println!("would run: systemctl {call:?}");
-    }
     println!("applied generation {}", spec.generation);
     Ok(())
 }

@@ -7,12 +7,39 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+#[cfg(any(test, feature = "testing"))]
 use std::sync::Mutex;
-use std::time::Duration;
 
 use hexa_shared::report::PodInfo;
 
-pub type PodsFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<PodInfo>, String>> + Send + 'a>>;
+use crate::k3s::{Kubectl, KubectlError};
+
+pub type PodsFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<PodInfo>, PodsError>> + Send + 'a>>;
+
+/// Why the node's pods could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum PodsError {
+    #[error("listing pods took longer than {after:?}")]
+    Timeout { after: std::time::Duration },
+    #[error("cannot run {}: {error}", program.display())]
+    Spawn { program: PathBuf, error: std::io::Error },
+    /// `kubectl` answered with an error; its message.
+    #[error("{stderr}")]
+    Kubectl { stderr: String },
+    #[error("not a pod list: {error}")]
+    NotJson { error: serde_json::Error },
+    #[error("not a pod list: no items")]
+    NoItems,
+}
+
+impl From<KubectlError> for PodsError {
+    fn from(error: KubectlError) -> Self {
+        match error {
+            KubectlError::Timeout { after } => PodsError::Timeout { after },
+            KubectlError::Spawn { program, error } => PodsError::Spawn { program, error },
+        }
+    }
+}
 
 /// Where the agent learns which pods run on its node.
 pub trait PodSource: Send + Sync + std::fmt::Debug {
@@ -25,9 +52,9 @@ pub fn tenant_of(namespace: &str) -> Option<String> {
 }
 
 /// Reads a `kubectl get pods -o json` list.
-pub fn parse_pod_list(json: &str) -> Result<Vec<PodInfo>, String> {
-    let list: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not a pod list: {e}"))?;
-    let items = list["items"].as_array().ok_or("not a pod list: no items")?;
+pub fn parse_pod_list(json: &str) -> Result<Vec<PodInfo>, PodsError> {
+    let list: serde_json::Value = serde_json::from_str(json).map_err(|error| PodsError::NotJson { error })?;
+    let items = list["items"].as_array().ok_or(PodsError::NoItems)?;
     let mut pods: Vec<PodInfo> = items
         .iter()
         .map(|item| {
@@ -56,12 +83,12 @@ pub fn parse_pod_list(json: &str) -> Result<Vec<PodInfo>, String> {
 #[derive(Debug, Clone)]
 pub struct KubectlPodSource {
     pub root: PathBuf,
-    pub timeout: Duration,
+    pub kubectl: Kubectl,
 }
 
 impl KubectlPodSource {
     pub fn under(root: &Path) -> KubectlPodSource {
-        KubectlPodSource { root: root.to_path_buf(), timeout: Duration::from_secs(10) }
+        KubectlPodSource { root: root.to_path_buf(), kubectl: Kubectl::under(root) }
     }
 }
 
@@ -70,42 +97,27 @@ impl PodSource for KubectlPodSource {
         Box::pin(async move {
             // No K3s installed by us: no pods to know of, and nothing to ask.
             let Ok(Some(manifest)) = crate::k3s::installed(&self.root) else { return Ok(Vec::new()) };
-            let k3s = crate::k3s::paths::under(&self.root, Path::new(crate::k3s::paths::BINARY));
             let kubeconfig =
                 crate::k3s::paths::under(&self.root, Path::new(crate::k3s::paths::kubeconfig(manifest.role)));
-            let output = tokio::time::timeout(
-                self.timeout,
-                tokio::process::Command::new(&k3s)
-                    .arg("kubectl")
-                    .arg("--kubeconfig")
-                    .arg(&kubeconfig)
-                    .args([
-                        "get",
-                        "pods",
-                        "-A",
-                        "--field-selector",
-                        &format!("spec.nodeName={node_name}"),
-                        "-o",
-                        "json",
-                    ])
-                    .kill_on_drop(true)
-                    .output(),
-            )
-            .await
-            .map_err(|_| format!("listing pods took longer than {:?}", self.timeout))?
-            .map_err(|e| format!("cannot run {}: {e}", k3s.display()))?;
-            if !output.status.success() {
-                return Err(String::from_utf8_lossy(&output.stderr).trim().to_string());
+            let selector = format!("spec.nodeName={node_name}");
+            let output = self
+                .kubectl
+                .run(&kubeconfig, &["get", "pods", "-A", "--field-selector", &selector, "-o", "json"])
+                .await?;
+            if !output.success {
+                return Err(PodsError::Kubectl { stderr: output.stderr.trim().to_string() });
             }
-            parse_pod_list(&String::from_utf8_lossy(&output.stdout))
+            parse_pod_list(&output.stdout)
         })
     }
 }
 
 /// A fixed list a test can change.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default)]
 pub struct StaticPodSource(Mutex<Vec<PodInfo>>);
 
+#[cfg(any(test, feature = "testing"))]
 impl StaticPodSource {
     pub fn new(pods: Vec<PodInfo>) -> StaticPodSource {
         StaticPodSource(Mutex::new(pods))
@@ -116,6 +128,7 @@ impl StaticPodSource {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl PodSource for StaticPodSource {
     fn pods<'a>(&'a self, _node_name: &'a str) -> PodsFuture<'a> {
         let pods = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -157,6 +170,6 @@ mod tests {
     #[tokio::test]
     async fn without_k3s_there_is_nothing_to_ask() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(KubectlPodSource::under(dir.path()).pods("n1").await, Ok(Vec::new()));
+        assert_eq!(KubectlPodSource::under(dir.path()).pods("n1").await.unwrap(), Vec::new());
     }
 }

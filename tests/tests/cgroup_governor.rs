@@ -5,8 +5,14 @@
 //! writes their pid to `cgroup.procs`; the governor never does) and checks what the kernel does with
 //! the limits the governor wrote. Everything is killed and removed on drop, panics included.
 //!
-//! These need root and the v1 controllers; anywhere else they print why and pass. cgroup v2 paths
-//! and files are checked against fixture roots by the unit tests of `isolation::cgroup`.
+//! On a pure cgroup v2 host (`/sys/fs/cgroup/cgroup.controllers` exists) the same three scenarios
+//! run against the unified hierarchy instead (the `*_on_v2` tests): the fake kubelet tree is
+//! created under `/sys/fs/cgroup` with the cpu, memory and pids controllers enabled for its
+//! subtree, and the kernel's answers are read from the v2 files (`memory.max`, `memory.events`,
+//! `pids.max`, `pids.events`, `cpu.max`). Each flavour skips, saying why, on a host of the other.
+//!
+//! These need root and the controllers; anywhere else they print why and pass. cgroup v2 paths and
+//! files are also checked against fixture roots by the unit tests of `hexa_agent::cgroup`.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -17,7 +23,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use hexa_agent::isolation::cgroup::{
-    Driver, Governor, GovernorSettings, Layout, Limit, PodTenant, Qos, Reconcile, TenantUsage, V1,
+    Driver, Governor, GovernorSettings, Layout, Limit, PodTenant, Qos, Reconcile, TenantUsage, V1, V2,
 };
 use hexa_shared::spec::TenantAllocation;
 use nix::sys::signal::{Signal, kill};
@@ -36,7 +42,12 @@ struct FakeNode {
     cpu: PathBuf,
     pods: Vec<PathBuf>,
     children: Vec<Child>,
+    /// The tree is in the unified (v2) hierarchy: `hierarchies` is its root alone.
+    unified: bool,
 }
+
+/// The controllers the governor needs, as v2 names them in `cgroup.subtree_control`.
+const V2_CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
 
 impl FakeNode {
     /// `None` (after saying why, naming `test`) when this machine cannot run the test; the tree is
@@ -50,7 +61,7 @@ impl FakeNode {
         if root.join("cgroup.controllers").exists() {
             eprintln!(
                 "skipping {test}: {CGROUP_ROOT} is a pure cgroup v2 mount; this test drives the v1 controllers \
-                 (v2 is covered by the fixture tests in isolation::cgroup)"
+                 (its `_on_v2` twin runs against v2 instead)"
             );
             return None;
         }
@@ -81,6 +92,49 @@ impl FakeNode {
             hierarchies,
             pods: Vec::new(),
             children: Vec::new(),
+            unified: false,
+        })
+    }
+
+    /// The same on a pure cgroup v2 host: the tree is `/sys/fs/cgroup/kubepods-test-<pid>-<tag>`,
+    /// with the cpu, memory and pids controllers enabled down to the pods' parents. `None` (after
+    /// saying why) anywhere else.
+    fn new_v2(test: &str, tag: &str) -> Option<FakeNode> {
+        if !Uid::effective().is_root() {
+            eprintln!("skipping {test}: creating cgroups and placing processes in them needs root");
+            return None;
+        }
+        let root = Path::new(CGROUP_ROOT);
+        let Ok(available) = fs::read_to_string(root.join("cgroup.controllers")) else {
+            eprintln!(
+                "skipping {test}: {CGROUP_ROOT} is not a pure cgroup v2 mount (no cgroup.controllers); \
+                 the v1 tests of this file run instead"
+            );
+            return None;
+        };
+        let available: Vec<&str> = available.split_whitespace().collect();
+        if let Some(missing) = V2_CONTROLLERS.iter().find(|c| !available.contains(c)) {
+            eprintln!("skipping {test}: the cgroup v2 `{missing}` controller is not available in {CGROUP_ROOT}");
+            return None;
+        }
+        if let Err(e) = enable_v2_controllers(root) {
+            eprintln!("skipping {test}: cannot enable the cpu, memory and pids controllers below {CGROUP_ROOT}: {e}");
+            return None;
+        }
+        let hierarchies = vec![root.to_path_buf()];
+        remove_stale_trees(&hierarchies);
+        let base = format!("kubepods-test-{}-{tag}", std::process::id());
+        fs::create_dir(root.join(&base)).unwrap();
+        enable_v2_controllers(&root.join(&base)).unwrap();
+        Some(FakeNode {
+            base,
+            memory: root.to_path_buf(),
+            pids: root.to_path_buf(),
+            cpu: root.to_path_buf(),
+            hierarchies,
+            pods: Vec::new(),
+            children: Vec::new(),
+            unified: true,
         })
     }
 
@@ -90,12 +144,32 @@ impl FakeNode {
 
     fn governor(&self, pids_per_pod: u64) -> Governor {
         let settings = GovernorSettings { layout: Some(self.layout()), pids_per_pod, ..GovernorSettings::default() };
+        if self.unified {
+            return Governor::new(Box::new(V2::new(Path::new(CGROUP_ROOT))), settings);
+        }
         Governor::new(Box::new(V1::new(Path::new(CGROUP_ROOT)).unwrap()), settings)
     }
 
     /// Creates the pod's cgroup in every hierarchy, as kubelet would; returns its relative path.
     fn add_pod(&mut self, qos: Qos, uid: &str) -> PathBuf {
         let pod = self.layout().pod_dir(qos, uid);
+        if self.unified {
+            // Each level between the tree and the pod passes the controllers on, as kubelet's do.
+            let root = &self.hierarchies[0];
+            let mut level = root.join(&self.base);
+            for part in pod.strip_prefix(&self.base).unwrap().components() {
+                let parent = level.clone();
+                level = level.join(part);
+                if !level.exists() {
+                    if parent != root.join(&self.base) {
+                        enable_v2_controllers(&parent).unwrap();
+                    }
+                    fs::create_dir(&level).unwrap();
+                }
+            }
+            self.pods.push(pod.clone());
+            return pod;
+        }
         for hierarchy in &self.hierarchies {
             fs::create_dir_all(hierarchy.join(&pod)).unwrap();
         }
@@ -136,6 +210,30 @@ impl FakeNode {
     fn cfs_quota(&self, pod: &Path) -> u64 {
         self.read(&self.cpu, pod, "cpu.cfs_quota_us").parse().unwrap()
     }
+
+    /// v2: the quota of `cpu.max` (`<quota> <period>`), in microseconds.
+    fn cpu_max_quota(&self, pod: &Path) -> u64 {
+        let cpu_max = self.read(&self.cpu, pod, "cpu.max");
+        let quota = cpu_max.split_whitespace().next().unwrap();
+        quota.parse().unwrap_or_else(|_| panic!("{} cpu.max is {cpu_max:?}", pod.display()))
+    }
+
+    /// v2: a counter of `memory.events` (`max`: times usage hit memory.max; `oom_kill`: processes
+    /// the OOM killer killed in the cgroup).
+    fn memory_event(&self, pod: &Path, event: &str) -> u64 {
+        self.keyed(&self.memory, pod, "memory.events", &format!("{event} ")).unwrap()
+    }
+}
+
+/// Turns on the cpu, memory and pids controllers for the children of the v2 cgroup `dir`.
+fn enable_v2_controllers(dir: &Path) -> std::io::Result<()> {
+    let enabled = fs::read_to_string(dir.join("cgroup.subtree_control"))?;
+    let enabled: Vec<&str> = enabled.split_whitespace().collect();
+    let wanted: Vec<String> = V2_CONTROLLERS.iter().filter(|c| !enabled.contains(c)).map(|c| format!("+{c}")).collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    fs::write(dir.join("cgroup.subtree_control"), wanted.join(" "))
 }
 
 impl Drop for FakeNode {
@@ -401,6 +499,176 @@ while True:
         let (q_busy, q_light) = (node.cfs_quota(&busy), node.cfs_quota(&light));
         eprintln!(
             "tenant-d used {} millicpu (share 300); split {}; cpu.cfs_quota_us busy {q_busy} + light {q_light} = {}",
+            usage.cpu_millis,
+            usage.cpu_split,
+            q_busy + q_light
+        );
+        if !usage.cpu_split {
+            continue;
+        }
+        splits += 1;
+        assert_eq!(q_busy + q_light, tenant_quota, "the split must sum to the tenant's quota");
+        assert!(q_busy >= 1000 && q_light >= 1000, "a pod starved");
+        assert!(q_busy > q_light, "the busier pod should get the larger part");
+        if splits == 2 {
+            // Under the split the tenant as a whole stays within its share (CFS enforces each period).
+            assert!(usage.cpu_millis <= 300 * 5 / 4, "tenant-d used {} millicpu against 300", usage.cpu_millis);
+        }
+    }
+    let limits = governor.cgroups().limits(&busy).unwrap();
+    assert_eq!(limits.memory_max, Limit::Value(256 * MIB));
+}
+
+// The same scenarios on the unified hierarchy (pure cgroup v2 hosts).
+
+#[test]
+fn the_tenant_over_its_memory_share_is_oom_killed_and_the_other_is_not_on_v2() {
+    let test = "the_tenant_over_its_memory_share_is_oom_killed_and_the_other_is_not_on_v2";
+    let Some(mut node) = FakeNode::new_v2(test, "oom") else { return };
+    let a = node.add_pod(Qos::Burstable, "0000000a-0000-4000-8000-000000000001");
+    let b = node.add_pod(Qos::Guaranteed, "0000000b-0000-4000-8000-000000000001");
+    let system = node.add_pod(Qos::BestEffort, "00000005-0000-4000-8000-000000000001");
+    let allocations = [allocation("tenant-a", 1000, 64 * MIB, 1), allocation("tenant-b", 1000, 64 * MIB, 1)];
+    let pods = [
+        pod_tenant("0000000a-0000-4000-8000-000000000001", "tenant-a"),
+        pod_tenant("0000000b-0000-4000-8000-000000000001", "tenant-b"),
+        pod_tenant("00000005-0000-4000-8000-000000000001", "kube-system"),
+    ];
+    let mut governor = node.governor(256);
+
+    let first = governor.reconcile(&allocations, &pods, Instant::now()).unwrap();
+    assert_clean(&first);
+    for pod in [&a, &b] {
+        assert_eq!(node.memory_file(pod, "memory.max"), (64 * MIB).to_string());
+    }
+    assert_eq!(node.memory_file(&system, "memory.max"), "max", "the system pod keeps no limit");
+    assert!(first.writes.iter().all(|w| !w.path.to_string_lossy().contains("00000005")), "system pod written");
+    let again = governor.reconcile(&allocations, &pods, Instant::now()).unwrap();
+    assert_eq!(again.writes, [], "a reconcile with no change writes nothing");
+
+    // tenant-b holds 24 MiB (plus the interpreter), under its 64 MiB share, for the whole test.
+    let survivor = node.spawn(&b, &allocate(24, 600));
+    let mut line = String::new();
+    BufReader::new(survivor.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "holding", "tenant-b's process died before holding its memory");
+    // tenant-a tries for 200 MiB.
+    let hog = node.spawn(&a, &allocate(200, 0));
+    let hog_status = wait_for(hog, Duration::from_secs(60));
+    eprintln!("tenant-a's 200 MiB process: {hog_status:?}");
+    assert_eq!(hog_status.signal(), Some(Signal::SIGKILL as i32), "tenant-a's process was not SIGKILLed");
+    let (hit_max, oom_kills) = (node.memory_event(&a, "max"), node.memory_event(&a, "oom_kill"));
+    eprintln!(
+        "tenant-a: memory.events max {hit_max}, oom_kill {oom_kills}, memory.peak {:?}",
+        fs::read_to_string(node.memory.join(&a).join("memory.peak")).ok().map(|p| p.trim().to_string())
+    );
+    assert!(hit_max > 0, "tenant-a never hit its limit");
+    assert!(oom_kills >= 1, "the kernel reports no OOM kill in tenant-a's pod");
+
+    let during = governor.reconcile(&allocations, &pods, Instant::now()).unwrap();
+    assert_clean(&during);
+    let b_usage = usage_of(&during, "tenant-b");
+    eprintln!("usage while tenant-b holds its memory: {:?}", during.usage);
+    assert!(b_usage.memory_bytes >= 24 * MIB && b_usage.memory_bytes < 64 * MIB, "{b_usage:?}");
+    assert!(b_usage.pids >= 1);
+    assert_eq!(node.memory_event(&b, "oom_kill"), 0);
+
+    // tenant-b's process lives on: it is still in its pod when we look, then killed on drop.
+    let survivor = &mut node.children[0];
+    assert_eq!(survivor.try_wait().unwrap(), None, "tenant-b's process died");
+    assert_eq!(node.memory_event(&b, "max"), 0, "tenant-b hit its limit");
+}
+
+#[test]
+fn a_fork_bomb_stops_at_the_pids_cap_on_v2() {
+    let Some(mut node) = FakeNode::new_v2("a_fork_bomb_stops_at_the_pids_cap_on_v2", "forkbomb") else { return };
+    let uid = "0000000c-0000-4000-8000-000000000001";
+    let pod = node.add_pod(Qos::Burstable, uid);
+    let pids_per_pod = 16;
+    let mut governor = node.governor(pids_per_pod);
+    let out = governor
+        .reconcile(&[allocation("tenant-c", 1000, 512 * MIB, 1)], &[pod_tenant(uid, "tenant-c")], Instant::now())
+        .unwrap();
+    assert_clean(&out);
+    let cap: u64 = node.read(&node.pids, &pod, "pids.max").parse().unwrap();
+    assert_eq!(cap, pids_per_pod, "one pod allocated × {pids_per_pod} pids per pod");
+
+    // Every process forks for ever; a failed fork waits 5 ms and tries again.
+    let bomb = r#"
+import os, time
+while True:
+    try:
+        os.fork()
+    except OSError:
+        time.sleep(0.005)
+"#;
+    node.spawn(&pod, bomb);
+    let started = Instant::now();
+    let (mut most_current, mut most_procs) = (0u64, 0usize);
+    while started.elapsed() < Duration::from_secs(3) {
+        let current: u64 = node.read(&node.pids, &pod, "pids.current").parse().unwrap();
+        let procs = node.read(&node.pids, &pod, "cgroup.procs").lines().count();
+        assert!(current <= cap && procs as u64 <= cap, "{current} pids, {procs} processes in a pod capped at {cap}");
+        most_current = most_current.max(current);
+        most_procs = most_procs.max(procs);
+        sleep(Duration::from_millis(5));
+    }
+    let refused = node.keyed(&node.pids, &pod, "pids.events", "max ");
+    eprintln!(
+        "fork bomb: at most {most_current} pids / {most_procs} processes against pids.max {cap}; \
+         forks refused: {refused:?}"
+    );
+    assert_eq!(most_current, cap, "the bomb never reached the cap");
+    assert!(refused.is_some_and(|refused| refused > 0), "pids.events reports no refused fork");
+    let report = governor
+        .reconcile(&[allocation("tenant-c", 1000, 512 * MIB, 1)], &[pod_tenant(uid, "tenant-c")], Instant::now())
+        .unwrap();
+    assert!(usage_of(&report, "tenant-c").pids <= cap);
+}
+
+#[test]
+fn the_cpu_split_sums_to_the_tenant_quota_on_v2() {
+    let Some(mut node) = FakeNode::new_v2("the_cpu_split_sums_to_the_tenant_quota_on_v2", "cpusplit") else { return };
+    let (busy_uid, light_uid) = ("0000000d-0000-4000-8000-000000000001", "0000000d-0000-4000-8000-000000000002");
+    let busy = node.add_pod(Qos::Burstable, busy_uid);
+    let light = node.add_pod(Qos::BestEffort, light_uid);
+    // 0.3 CPU for the tenant (30 ms per 100 ms period): small enough that its pods press against it
+    // even on a busy 2-CPU machine.
+    let allocations = [allocation("tenant-d", 300, 256 * MIB, 2)];
+    let tenant_quota = 30_000;
+    let pods = [pod_tenant(busy_uid, "tenant-d"), pod_tenant(light_uid, "tenant-d")];
+    let mut governor = node.governor(64);
+    let first = governor.reconcile(&allocations, &pods, Instant::now()).unwrap();
+    assert_clean(&first);
+    assert_eq!(
+        (node.cpu_max_quota(&busy), node.cpu_max_quota(&light)),
+        (tenant_quota, tenant_quota),
+        "each pod at the share"
+    );
+
+    // One pod spins; the other works about 30% of the time.
+    node.spawn(&busy, "while True: pass");
+    let light_work = r#"
+import time
+while True:
+    t = time.monotonic()
+    while time.monotonic() - t < 0.003:
+        pass
+    time.sleep(0.007)
+"#;
+    node.spawn(&light, light_work);
+
+    // Together they want over a CPU against 0.3: the next reconciles split the quota by demand.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut splits = 0;
+    while splits < 2 {
+        assert!(Instant::now() < deadline, "the tenant's quota was never split");
+        sleep(Duration::from_millis(1500));
+        let out = governor.reconcile(&allocations, &pods, Instant::now()).unwrap();
+        assert_clean(&out);
+        let usage = usage_of(&out, "tenant-d");
+        let (q_busy, q_light) = (node.cpu_max_quota(&busy), node.cpu_max_quota(&light));
+        eprintln!(
+            "tenant-d used {} millicpu (share 300); split {}; cpu.max quota busy {q_busy} + light {q_light} = {}",
             usage.cpu_millis,
             usage.cpu_split,
             q_busy + q_light

@@ -54,13 +54,16 @@ use std::fmt::{self, Write as _};
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
+#[cfg(any(test, feature = "testing"))]
 use std::sync::Mutex;
+#[cfg(any(test, feature = "testing"))]
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hexa_shared::isolation::{IsolationError, IsolationSpec, MAX_IPS_PER_SET};
 use tracing::{debug, info};
 
+#[cfg(any(test, feature = "testing"))]
 pub mod bench;
 
 /// Jumped to first from `FORWARD`: traffic the node routes or bridges.
@@ -748,6 +751,7 @@ impl Firewall for SystemFirewall {
 
 /// Wraps a firewall and records every batch applied through it, so that a test can prove that a
 /// reconcile wrote nothing.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug)]
 pub struct Recording<F> {
     inner: F,
@@ -755,6 +759,7 @@ pub struct Recording<F> {
     reads: AtomicUsize,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl<F: Firewall> Recording<F> {
     pub fn new(inner: F) -> Recording<F> {
         Recording { inner, writes: Mutex::new(Vec::new()), reads: AtomicUsize::new(0) }
@@ -775,6 +780,7 @@ impl<F: Firewall> Recording<F> {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl<F: Firewall> Firewall for Recording<F> {
     fn current(&self) -> Result<Ruleset, FirewallError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
@@ -799,10 +805,12 @@ impl<F: Firewall> Firewall for Recording<F> {
 /// failing line; a set referenced by a rule cannot be destroyed; a chain that is referenced or not
 /// empty cannot be deleted. `current` goes through the same parser as the real thing.
 #[derive(Debug, Default)]
+#[cfg(any(test, feature = "testing"))]
 pub struct MemoryFirewall {
     state: Mutex<MemoryState>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Clone)]
 struct MemoryState {
     /// Every chain of the filter table, built-in ones first, with its rules.
@@ -810,6 +818,7 @@ struct MemoryState {
     sets: BTreeMap<String, (String, Vec<String>)>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Default for MemoryState {
     fn default() -> Self {
         MemoryState {
@@ -819,6 +828,7 @@ impl Default for MemoryState {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl MemoryState {
     fn chain(&mut self, name: &str) -> Option<&mut Vec<String>> {
         self.chains.iter_mut().find(|(n, _)| n == name).map(|(_, rules)| rules)
@@ -829,6 +839,7 @@ impl MemoryState {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl MemoryFirewall {
     pub fn new() -> MemoryFirewall {
         MemoryFirewall::default()
@@ -1024,6 +1035,7 @@ impl MemoryFirewall {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Firewall for MemoryFirewall {
     fn current(&self) -> Result<Ruleset, FirewallError> {
         Ruleset::from_saves(&self.iptables_save(), &self.ipset_save())

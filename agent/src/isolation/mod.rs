@@ -5,6 +5,10 @@
 //!   pids and cpu caps, cpu split by demand, reclaim pressure), on cgroup v2 and v1.
 //! - [`firewall`]: iptables chains `HEXA-*` and ipsets `hx-*` that keep tenants' pods apart and away
 //!   from the management networks, applied as one atomic batch and reconciled against drift.
+//! - [`dry_run`]: a firewall that prints the batch it would apply, for `hexa-agent apply --root`.
 
 pub mod cgroup;
+pub mod dry_run;
 pub mod firewall;
+
+pub use dry_run::DryRunFirewall;

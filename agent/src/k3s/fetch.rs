@@ -138,7 +138,7 @@ pub enum FetchError {
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
+        /// Named in the message, so not also the `source`.
         error: std::io::Error,
     },
 }

@@ -17,6 +17,7 @@
 //! every report carries.
 
 pub mod fetch;
+pub mod kubectl;
 pub mod manifest;
 pub mod paths;
 pub mod readiness;
@@ -26,7 +27,7 @@ pub mod systemd;
 #[cfg(test)]
 mod apply_tests;
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -41,14 +42,19 @@ use hexa_shared::fsutil::{self, FsError};
 use hexa_shared::k3s::{K3sAction, K3sSpec, K3sSpecError, K3sState, RoleKind};
 
 pub use fetch::{Arch, FetchError, FetchPolicy, Fetcher};
+pub use kubectl::{Kubectl, KubectlError, KubectlOutput};
 pub use manifest::Manifest;
-pub use readiness::{KubectlReadiness, NodeReadiness, ReadinessError, ScriptedReadiness, wait_ready};
-pub use systemd::{RecordingSystemd, Systemctl, Systemd, SystemdCall, SystemdError};
+#[cfg(any(test, feature = "testing"))]
+pub use readiness::ScriptedReadiness;
+pub use readiness::{KubectlReadiness, NodeReadiness, ReadinessError, wait_ready};
+#[cfg(any(test, feature = "testing"))]
+pub use systemd::RecordingSystemd;
+pub use systemd::{DryRunSystemd, Systemctl, Systemd, SystemdCall, SystemdError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum K3sError {
     #[error("invalid K3s spec: {0}")]
-    Spec(#[from] K3sSpecError),
+    Spec(K3sSpecError),
     #[error(
         "K3s is installed on this node as {installed} ({unit}) and the spec asks for {requested}: \
          changing a node's role replaces its K3s installation; set the spec's action to reinstall to do that"
@@ -57,7 +63,7 @@ pub enum K3sError {
     #[error("cannot get k3s {version}: {error}; {kept}")]
     Fetch {
         version: String,
-        #[source]
+        /// Named in the message, so not also the `source`: a printed chain names it once.
         error: FetchError,
         /// What is left running, e.g. "k3s v1.35.4+k3s1 is left installed and running".
         kept: String,
@@ -70,7 +76,20 @@ pub enum K3sError {
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error("{0}; the files are in place and the next apply retries")]
-    Systemd(#[from] SystemdError),
+    Systemd(SystemdError),
+}
+
+// Spec and systemd errors are named in the message, so they are not also the error's `source`.
+impl From<K3sSpecError> for K3sError {
+    fn from(error: K3sSpecError) -> Self {
+        K3sError::Spec(error)
+    }
+}
+
+impl From<SystemdError> for K3sError {
+    fn from(error: SystemdError) -> Self {
+        K3sError::Systemd(error)
+    }
 }
 
 impl K3sError {

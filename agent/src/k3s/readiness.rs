@@ -4,15 +4,19 @@
 //!
 //! The seam is [`NodeReadiness`]. The implementation that talks to the API server needs a
 //! Kubernetes client (kube + k8s-openapi), which the agent crate does not depend on yet; it is the
-//! integrator's to add. [`ScriptedReadiness`] serves the tests.
+//! integrator's to add. `ScriptedReadiness` serves the tests (with the `testing` feature).
 
+#[cfg(any(test, feature = "testing"))]
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+#[cfg(any(test, feature = "testing"))]
 use std::sync::Mutex;
 use std::time::Duration;
+
+use super::kubectl::Kubectl;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReadinessError {
@@ -62,17 +66,20 @@ pub async fn wait_ready(
 
 /// A readiness that answers from a script, then repeats its last answer; records what it was
 /// asked.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default)]
 pub struct ScriptedReadiness {
     inner: Mutex<Script>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default)]
 struct Script {
     answers: VecDeque<Result<bool, ReadinessError>>,
     asked: Vec<(PathBuf, String)>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl ScriptedReadiness {
     pub fn new(answers: impl IntoIterator<Item = Result<bool, ReadinessError>>) -> ScriptedReadiness {
         ScriptedReadiness { inner: Mutex::new(Script { answers: answers.into_iter().collect(), asked: Vec::new() }) }
@@ -84,6 +91,7 @@ impl ScriptedReadiness {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl NodeReadiness for ScriptedReadiness {
     fn node_ready<'a>(&'a self, kubeconfig: &'a Path, node_name: &'a str) -> ReadyFuture<'a> {
         let mut script = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -125,18 +133,12 @@ mod tests {
 /// node's own kubeconfig (the node authorizer lets a kubelet read its own Node).
 #[derive(Debug, Clone)]
 pub struct KubectlReadiness {
-    /// The `k3s` binary, e.g. `<root>/usr/local/bin/k3s`.
-    pub k3s: PathBuf,
-    /// How long one look may take.
-    pub timeout: Duration,
+    pub kubectl: Kubectl,
 }
 
 impl KubectlReadiness {
     pub fn under(root: &Path) -> KubectlReadiness {
-        KubectlReadiness {
-            k3s: super::paths::under(root, Path::new(super::paths::BINARY)),
-            timeout: Duration::from_secs(10),
-        }
+        KubectlReadiness { kubectl: Kubectl::under(root) }
     }
 }
 
@@ -148,33 +150,20 @@ impl NodeReadiness for KubectlReadiness {
                 kubeconfig: kubeconfig.to_path_buf(),
                 message,
             };
-            let output = tokio::time::timeout(
-                self.timeout,
-                tokio::process::Command::new(&self.k3s)
-                    .arg("kubectl")
-                    .arg("--kubeconfig")
-                    .arg(kubeconfig)
-                    .args([
-                        "get",
-                        "node",
-                        node_name,
-                        "-o",
-                        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-                    ])
-                    .kill_on_drop(true)
-                    .output(),
-            )
-            .await
-            .map_err(|_| unavailable(format!("no answer within {:?}", self.timeout)))?
-            .map_err(|e| unavailable(format!("cannot run {}: {e}", self.k3s.display())))?;
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            if output.status.success() {
-                Ok(stdout.trim() == "True")
-            } else if stderr.contains("NotFound") || stderr.contains("not found") {
+            let output = self
+                .kubectl
+                .run(
+                    kubeconfig,
+                    &["get", "node", node_name, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"],
+                )
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            if output.success {
+                Ok(output.stdout.trim() == "True")
+            } else if output.stderr.contains("NotFound") || output.stderr.contains("not found") {
                 Ok(false)
             } else {
-                Err(unavailable(stderr.trim().to_string()))
+                Err(unavailable(output.stderr.trim().to_string()))
             }
         })
     }
@@ -189,7 +178,7 @@ mod kubectl_tests {
         let path = dir.join("k3s");
         std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        KubectlReadiness { k3s: path, timeout: Duration::from_secs(5) }
+        KubectlReadiness { kubectl: Kubectl { k3s: path, timeout: Duration::from_secs(5) } }
     }
 
     #[tokio::test]
@@ -207,7 +196,8 @@ mod kubectl_tests {
         assert_eq!(not_ready.node_ready(&kubeconfig, "n1").await, Ok(false));
         let missing = stand_in(dir.path(), r#"echo 'Error from server (NotFound): nodes "n1" not found' >&2; exit 1"#);
         assert_eq!(missing.node_ready(&kubeconfig, "n1").await, Ok(false));
-        let absent = KubectlReadiness { k3s: dir.path().join("nope"), timeout: Duration::from_secs(1) };
+        let absent =
+            KubectlReadiness { kubectl: Kubectl { k3s: dir.path().join("nope"), timeout: Duration::from_secs(1) } };
         let err = absent.node_ready(&kubeconfig, "n1").await.unwrap_err().to_string();
         assert!(err.contains("cannot run"), "{err}");
     }

@@ -1,8 +1,10 @@
 //! The `Systemd` seam: the few service-manager operations the installer needs, with the production
-//! implementation (`systemctl`) and a recording fake for tests side by side.
+//! implementation (`systemctl`), a dry run for `hexa-agent apply --root` that prints what it would
+//! be asked, and a recording fake for tests (with the `testing` feature) side by side.
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
@@ -111,7 +113,7 @@ impl Systemd for Systemctl {
     }
 }
 
-/// One request made of a [`RecordingSystemd`].
+/// One request made of the service manager, as a dry run prints it and a test records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SystemdCall {
     DaemonReload,
@@ -121,6 +123,7 @@ pub enum SystemdCall {
     Disable(String),
 }
 
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default)]
 struct Recorded {
     calls: Vec<SystemdCall>,
@@ -130,11 +133,13 @@ struct Recorded {
 
 /// A service manager that records what it is asked and keeps track of which units would be
 /// running: a restart makes a unit active, a stop makes it inactive.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default)]
 pub struct RecordingSystemd {
     inner: Mutex<Recorded>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl RecordingSystemd {
     pub fn new() -> RecordingSystemd {
         RecordingSystemd::default()
@@ -175,6 +180,7 @@ impl RecordingSystemd {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Systemd for RecordingSystemd {
     fn daemon_reload(&self) -> Result<(), SystemdError> {
         self.record(SystemdCall::DaemonReload);
@@ -212,6 +218,79 @@ impl Systemd for RecordingSystemd {
     }
 }
 
+/// The service manager of `hexa-agent apply --root`: nothing is asked of the real one. Each request
+/// is printed as `would run: systemctl <request>` instead, and the units it would leave running
+/// are tracked (a restart starts a unit, a stop stops it) so that the installer sees a consistent
+/// picture.
+pub struct DryRunSystemd {
+    active: Mutex<BTreeSet<String>>,
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl fmt::Debug for DryRunSystemd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DryRunSystemd").field("active", &self.active).finish_non_exhaustive()
+    }
+}
+
+impl DryRunSystemd {
+    /// A dry run on standard output, with `running` taken as running.
+    pub fn new(running: &[&str]) -> DryRunSystemd {
+        DryRunSystemd::with_output(running, Box::new(std::io::stdout()))
+    }
+
+    /// A dry run that prints to `out`.
+    pub fn with_output(running: &[&str], out: Box<dyn Write + Send>) -> DryRunSystemd {
+        DryRunSystemd {
+            active: Mutex::new(running.iter().map(|unit| unit.to_string()).collect()),
+            out: Mutex::new(out),
+        }
+    }
+
+    fn active(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        // A panic elsewhere while holding the lock leaves plain data behind; keep using it.
+        self.active.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn print(&self, call: SystemdCall) -> Result<(), SystemdError> {
+        let mut out = self.out.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        writeln!(out, "would run: systemctl {call:?}").map_err(|e| SystemdError {
+            command: format!("systemctl {call:?}"),
+            message: format!("cannot print the dry run: {e}"),
+        })
+    }
+}
+
+impl Systemd for DryRunSystemd {
+    fn daemon_reload(&self) -> Result<(), SystemdError> {
+        self.print(SystemdCall::DaemonReload)
+    }
+
+    fn enable(&self, unit: &str) -> Result<(), SystemdError> {
+        self.print(SystemdCall::Enable(unit.to_string()))
+    }
+
+    fn restart(&self, unit: &str) -> Result<(), SystemdError> {
+        self.print(SystemdCall::Restart(unit.to_string()))?;
+        self.active().insert(unit.to_string());
+        Ok(())
+    }
+
+    fn stop(&self, unit: &str) -> Result<(), SystemdError> {
+        self.print(SystemdCall::Stop(unit.to_string()))?;
+        self.active().remove(unit);
+        Ok(())
+    }
+
+    fn disable(&self, unit: &str) -> Result<(), SystemdError> {
+        self.print(SystemdCall::Disable(unit.to_string()))
+    }
+
+    fn is_active(&self, unit: &str) -> Result<bool, SystemdError> {
+        Ok(self.active().contains(unit))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +314,40 @@ mod tests {
             ]
         );
         assert!(systemd.calls().is_empty());
+    }
+
+    /// Collects what a dry run prints.
+    #[derive(Clone, Default)]
+    struct Printed(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Printed {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_dry_run_prints_every_call_and_tracks_what_would_run() {
+        let printed = Printed::default();
+        let systemd = DryRunSystemd::with_output(&["k3s.service"], Box::new(printed.clone()));
+        assert!(systemd.is_active("k3s.service").unwrap());
+        assert!(!systemd.is_active("k3s-agent.service").unwrap());
+        systemd.daemon_reload().unwrap();
+        systemd.stop("k3s.service").unwrap();
+        assert!(!systemd.is_active("k3s.service").unwrap());
+        systemd.restart("k3s-agent.service").unwrap();
+        assert!(systemd.is_active("k3s-agent.service").unwrap());
+        let text = String::from_utf8(printed.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            "would run: systemctl DaemonReload\nwould run: systemctl Stop(\"k3s.service\")\n\
+             would run: systemctl Restart(\"k3s-agent.service\")\n"
+        );
     }
 
     #[test]

@@ -8,9 +8,9 @@ use std::time::Instant;
 use hexa_shared::spec::TenantAllocation;
 use tracing::{debug, info, info_span, warn};
 
-use super::discover::{self, Layout, normalize_uid};
 use super::policy::{self, PodSample, PolicySettings, TenantShare, TenantUsage};
 use super::{CgroupError, Cgroups, FileWrite};
+use crate::cgroup::discover::{self, Layout, normalize_uid};
 
 /// How the governor finds and treats pods; [`Default`] is production's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,7 +156,7 @@ impl Governor {
                     });
                 }
                 // Deleted between listing and reading: the pod is gone, not failing.
-                Err(CgroupError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                Err(CgroupError::Read { error, .. }) if error.kind() == io::ErrorKind::NotFound => {}
                 Err(error) => out.failures.push(PodFailure {
                     pod_uid: pod.uid.clone(),
                     tenant: tenant.to_string(),
@@ -208,8 +208,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::isolation::cgroup::V2;
-    use crate::isolation::cgroup::v2::tests::{fixture_root, pod, run};
+    use crate::cgroup::V2;
+    use crate::cgroup::v2::tests::{fixture_root, pod, run};
 
     const MIB: u64 = 1 << 20;
     const A1: &str = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podaaaa_0001.slice";

@@ -35,8 +35,26 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use super::discover::v1_hierarchy;
 use super::files::{self, join, page_align};
 use super::{CgroupError, CgroupVersion, Cgroups, CpuMax, FileWrite, Limit, MIN_CPU_QUOTA_US, PodLimits, PodUsage};
+
+/// `cpu`: the CFS quota in microseconds per period, `-1` for none.
+pub const CPU_CFS_QUOTA: &str = "cpu.cfs_quota_us";
+/// `cpu`: the CFS period in microseconds.
+pub const CPU_CFS_PERIOD: &str = "cpu.cfs_period_us";
+/// `cpuacct`: CPU time used, in nanoseconds.
+pub const CPUACCT_USAGE: &str = "cpuacct.usage";
+/// `memory`: the hard limit.
+pub const MEMORY_LIMIT: &str = "memory.limit_in_bytes";
+/// `memory`: the soft limit (v1's stand-in for v2's `memory.high`).
+pub const MEMORY_SOFT_LIMIT: &str = "memory.soft_limit_in_bytes";
+/// `memory`: memory in use, page cache included.
+pub const MEMORY_USAGE: &str = "memory.usage_in_bytes";
+/// `pids`: the cap on processes and threads.
+pub const PIDS_MAX: &str = "pids.max";
+/// `pids`: processes and threads now.
+pub const PIDS_CURRENT: &str = "pids.current";
 
 /// The v1 controllers mounted below `root`.
 #[derive(Debug)]
@@ -54,10 +72,10 @@ impl V1 {
     /// `<root>/cpu,cpuacct` when there is no `cpu`/`cpuacct` link to it.
     pub fn new(root: &Path) -> Result<V1, CgroupError> {
         Ok(V1 {
-            memory: controller_dir(root, "memory")?,
-            cpu: controller_dir(root, "cpu")?,
-            cpuacct: controller_dir(root, "cpuacct")?,
-            pids: controller_dir(root, "pids")?,
+            memory: v1_hierarchy(root, "memory")?,
+            cpu: v1_hierarchy(root, "cpu")?,
+            cpuacct: v1_hierarchy(root, "cpuacct")?,
+            pids: v1_hierarchy(root, "pids")?,
             clamped: Mutex::new(BTreeMap::new()),
         })
     }
@@ -81,8 +99,8 @@ impl V1 {
 
     fn cpu_max(dir: &Path) -> Result<CpuMax, CgroupError> {
         Ok(CpuMax {
-            quota_us: files::read_limit(&dir.join("cpu.cfs_quota_us"))?,
-            period_us: files::read_u64(&dir.join("cpu.cfs_period_us"))?,
+            quota_us: files::read_limit(&dir.join(CPU_CFS_QUOTA))?,
+            period_us: files::read_u64(&dir.join(CPU_CFS_PERIOD))?,
         })
     }
 
@@ -100,7 +118,7 @@ impl V1 {
             let now = match Self::cpu_max(&sub) {
                 Ok(now) => now,
                 // A container that exited while we walked: nothing to move out of the way.
-                Err(CgroupError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(CgroupError::Read { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
             let original = clamped.get(&sub).copied().unwrap_or(now);
@@ -118,18 +136,18 @@ impl V1 {
         for (sub, now, original, target) in plan.iter().rev() {
             if Limit::Value(*target) < now.quota_us {
                 clamped.entry(sub.clone()).or_insert(*original);
-                put(&sub.join("cpu.cfs_quota_us"), target.to_string(), writes)?;
+                put(&sub.join(CPU_CFS_QUOTA), target.to_string(), writes)?;
             }
         }
         if have.period_us != want.period_us {
-            put(&dir.join("cpu.cfs_period_us"), want.period_us.to_string(), writes)?;
+            put(&dir.join(CPU_CFS_PERIOD), want.period_us.to_string(), writes)?;
         }
         if have.quota_us != want.quota_us {
-            put(&dir.join("cpu.cfs_quota_us"), v1_limit(want.quota_us), writes)?;
+            put(&dir.join(CPU_CFS_QUOTA), v1_limit(want.quota_us), writes)?;
         }
         for (sub, now, original, target) in &plan {
             if Limit::Value(*target) > now.quota_us {
-                put(&sub.join("cpu.cfs_quota_us"), target.to_string(), writes)?;
+                put(&sub.join(CPU_CFS_QUOTA), target.to_string(), writes)?;
             }
             if Limit::Value(*target) == original.quota_us {
                 clamped.remove(sub);
@@ -137,20 +155,6 @@ impl V1 {
         }
         Ok(())
     }
-}
-
-fn controller_dir(root: &Path, controller: &str) -> Result<PathBuf, CgroupError> {
-    let is_hierarchy = |dir: &Path| dir.join("cgroup.procs").is_file();
-    let direct = root.join(controller);
-    if is_hierarchy(&direct) {
-        return Ok(direct);
-    }
-    for name in files::subdirs(root)? {
-        if name.split(',').any(|c| c == controller) && is_hierarchy(&root.join(&name)) {
-            return Ok(root.join(name));
-        }
-    }
-    Err(CgroupError::NoHierarchy { root: root.to_owned(), what: format!("v1 `{controller}` controller") })
 }
 
 /// Every cgroup below `dir`, parents before children.
@@ -189,11 +193,11 @@ impl Cgroups for V1 {
     }
 
     fn usage(&self, cgroup: &Path) -> Result<PodUsage, CgroupError> {
-        let nanos = files::read_u64(&join(&self.cpuacct, cgroup)?.join("cpuacct.usage"))?;
+        let nanos = files::read_u64(&join(&self.cpuacct, cgroup)?.join(CPUACCT_USAGE))?;
         Ok(PodUsage {
             cpu_usage_usec: nanos / 1000,
-            memory_bytes: files::read_u64(&join(&self.memory, cgroup)?.join("memory.usage_in_bytes"))?,
-            pids: files::read_u64(&join(&self.pids, cgroup)?.join("pids.current"))?,
+            memory_bytes: files::read_u64(&join(&self.memory, cgroup)?.join(MEMORY_USAGE))?,
+            pids: files::read_u64(&join(&self.pids, cgroup)?.join(PIDS_CURRENT))?,
         })
     }
 
@@ -201,9 +205,9 @@ impl Cgroups for V1 {
         let memory = join(&self.memory, cgroup)?;
         Ok(PodLimits {
             cpu: Self::cpu_max(&join(&self.cpu, cgroup)?)?,
-            memory_max: files::read_limit(&memory.join("memory.limit_in_bytes"))?,
-            memory_high: files::read_limit(&memory.join("memory.soft_limit_in_bytes"))?,
-            pids_max: files::read_limit(&join(&self.pids, cgroup)?.join("pids.max"))?,
+            memory_max: files::read_limit(&memory.join(MEMORY_LIMIT))?,
+            memory_high: files::read_limit(&memory.join(MEMORY_SOFT_LIMIT))?,
+            pids_max: files::read_limit(&join(&self.pids, cgroup)?.join(PIDS_MAX))?,
         })
     }
 
@@ -216,14 +220,14 @@ impl Cgroups for V1 {
         let memory = join(&self.memory, cgroup)?;
         let soft = page_align(want.memory_high);
         if have.memory_high != soft {
-            put(&memory.join("memory.soft_limit_in_bytes"), v1_limit(soft), &mut writes)?;
+            put(&memory.join(MEMORY_SOFT_LIMIT), v1_limit(soft), &mut writes)?;
         }
         let hard = page_align(want.memory_max);
         if have.memory_max != hard {
-            put(&memory.join("memory.limit_in_bytes"), v1_limit(hard), &mut writes)?;
+            put(&memory.join(MEMORY_LIMIT), v1_limit(hard), &mut writes)?;
         }
         if have.pids_max != want.pids_max {
-            put(&join(&self.pids, cgroup)?.join("pids.max"), want.pids_max.to_string(), &mut writes)?;
+            put(&join(&self.pids, cgroup)?.join(PIDS_MAX), want.pids_max.to_string(), &mut writes)?;
         }
         Ok(writes)
     }

@@ -13,7 +13,25 @@
 use std::path::{Path, PathBuf};
 
 use super::files::{self, join, page_align};
-use super::{CgroupError, CgroupVersion, Cgroups, CpuMax, FileWrite, Limit, PodLimits, PodUsage};
+use super::{CgroupError, CgroupVersion, Cgroups, CpuMax, FileWrite, PodLimits, PodUsage};
+
+/// CPU bandwidth: `<quota|max> <period>`.
+pub const CPU_MAX: &str = "cpu.max";
+/// CPU time used (`usage_usec`) and throttling.
+pub const CPU_STAT: &str = "cpu.stat";
+/// The hard memory limit.
+pub const MEMORY_MAX: &str = "memory.max";
+/// The memory level above which the cgroup is throttled and reclaimed.
+pub const MEMORY_HIGH: &str = "memory.high";
+/// Memory in use, page cache included.
+pub const MEMORY_CURRENT: &str = "memory.current";
+/// The cap on processes and threads.
+pub const PIDS_MAX: &str = "pids.max";
+/// Processes and threads now.
+pub const PIDS_CURRENT: &str = "pids.current";
+
+/// What `cpu.max` holds, for errors.
+pub(crate) const CPU_MAX_FORMAT: &str = "`<quota|max> <period>`";
 
 /// The unified hierarchy mounted at `root`.
 #[derive(Debug, Clone)]
@@ -35,13 +53,9 @@ impl V2 {
     }
 
     fn cpu_max(&self, cgroup: &Path) -> Result<CpuMax, CgroupError> {
-        let path = self.file(cgroup, "cpu.max")?;
+        let path = self.file(cgroup, CPU_MAX)?;
         let text = files::read_trimmed(&path)?;
-        let parsed = text.split_once(' ').and_then(|(quota, period)| {
-            let quota = if quota == "max" { Limit::Max } else { Limit::Value(quota.parse().ok()?) };
-            Some(CpuMax { quota_us: quota, period_us: period.trim().parse().ok()? })
-        });
-        parsed.ok_or(CgroupError::Parse { path, content: text, expected: "`<quota|max> <period>`" })
+        files::parse_cpu_max(&text).ok_or(CgroupError::Parse { path, content: text, expected: CPU_MAX_FORMAT })
     }
 }
 
@@ -56,18 +70,18 @@ impl Cgroups for V2 {
 
     fn usage(&self, cgroup: &Path) -> Result<PodUsage, CgroupError> {
         Ok(PodUsage {
-            cpu_usage_usec: files::read_keyed(&self.file(cgroup, "cpu.stat")?, "usage_usec")?,
-            memory_bytes: files::read_u64(&self.file(cgroup, "memory.current")?)?,
-            pids: files::read_u64(&self.file(cgroup, "pids.current")?)?,
+            cpu_usage_usec: files::read_keyed(&self.file(cgroup, CPU_STAT)?, "usage_usec")?,
+            memory_bytes: files::read_u64(&self.file(cgroup, MEMORY_CURRENT)?)?,
+            pids: files::read_u64(&self.file(cgroup, PIDS_CURRENT)?)?,
         })
     }
 
     fn limits(&self, cgroup: &Path) -> Result<PodLimits, CgroupError> {
         Ok(PodLimits {
             cpu: self.cpu_max(cgroup)?,
-            memory_max: files::read_limit(&self.file(cgroup, "memory.max")?)?,
-            memory_high: files::read_limit(&self.file(cgroup, "memory.high")?)?,
-            pids_max: files::read_limit(&self.file(cgroup, "pids.max")?)?,
+            memory_max: files::read_limit(&self.file(cgroup, MEMORY_MAX)?)?,
+            memory_high: files::read_limit(&self.file(cgroup, MEMORY_HIGH)?)?,
+            pids_max: files::read_limit(&self.file(cgroup, PIDS_MAX)?)?,
         })
     }
 
@@ -81,20 +95,20 @@ impl Cgroups for V2 {
             Ok(())
         };
         if have.cpu != want.cpu {
-            put("cpu.max", format!("{} {}", want.cpu.quota_us, want.cpu.period_us))?;
+            put(CPU_MAX, format!("{} {}", want.cpu.quota_us, want.cpu.period_us))?;
         }
         // memory.high before memory.max: when both go down, the pod is squeezed by reclaim before
         // the hard limit can OOM-kill it.
         let memory_high = page_align(want.memory_high);
         if have.memory_high != memory_high {
-            put("memory.high", memory_high.to_string())?;
+            put(MEMORY_HIGH, memory_high.to_string())?;
         }
         let memory_max = page_align(want.memory_max);
         if have.memory_max != memory_max {
-            put("memory.max", memory_max.to_string())?;
+            put(MEMORY_MAX, memory_max.to_string())?;
         }
         if have.pids_max != want.pids_max {
-            put("pids.max", want.pids_max.to_string())?;
+            put(PIDS_MAX, want.pids_max.to_string())?;
         }
         Ok(writes)
     }
@@ -105,6 +119,7 @@ pub(crate) mod tests {
     use std::fs;
 
     use super::*;
+    use crate::cgroup::Limit;
 
     /// A v2-shaped pod cgroup as kubelet leaves it: no limits, some usage.
     pub(crate) fn pod(root: &Path, cgroup: &str, usage_usec: u64, memory: u64, pids: u64) {

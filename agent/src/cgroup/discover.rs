@@ -1,5 +1,9 @@
-//! Where kubelet puts pod cgroups, for both of its cgroup drivers.
+//! Where the cgroups are: which hierarchy is mounted where below the cgroup root ([`is_unified`],
+//! [`unified_root`], [`v1_hierarchy`]), which cgroups a process is in ([`membership`], from
+//! `/proc/<pid>/cgroup`), and where kubelet puts pod cgroups ([`Layout`], [`discover`]).
 //!
+//! # Pod cgroups
+//! kubelet's layout, for both of its cgroup drivers:
 //! - systemd driver: Guaranteed `kubepods.slice/kubepods-pod<uid_>.slice`; Burstable
 //!   `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice`; BestEffort the same
 //!   with `besteffort`;
@@ -12,9 +16,108 @@
 //! cgroups below a pod are not pods and are not descended into.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
-use super::{CgroupError, Cgroups};
+use super::{CgroupError, CgroupVersion, Cgroups, files};
+
+/// Whether `root` is a unified (v2) hierarchy: it has `cgroup.controllers`.
+pub fn is_unified(root: &Path) -> bool {
+    root.join("cgroup.controllers").is_file()
+}
+
+/// The unified hierarchy: `root` itself on a pure v2 host, `unified/` beneath it on a hybrid one.
+pub fn unified_root(root: &Path) -> PathBuf {
+    let unified = root.join("unified");
+    if !is_unified(root) && unified.is_dir() { unified } else { root.to_owned() }
+}
+
+/// The v1 hierarchy of `controller` below `root`: `<root>/<controller>`, or a co-mounted
+/// `<root>/cpu,cpuacct` when there is no `cpu`/`cpuacct` link to it. A hierarchy has `cgroup.procs`.
+pub fn v1_hierarchy(root: &Path, controller: &str) -> Result<PathBuf, CgroupError> {
+    let is_hierarchy = |dir: &Path| dir.join("cgroup.procs").is_file();
+    let direct = root.join(controller);
+    if is_hierarchy(&direct) {
+        return Ok(direct);
+    }
+    for name in files::subdirs(root)? {
+        if name.split(',').any(|c| c == controller) && is_hierarchy(&root.join(&name)) {
+            return Ok(root.join(name));
+        }
+    }
+    Err(CgroupError::NoHierarchy { root: root.to_owned(), what: format!("v1 `{controller}` controller") })
+}
+
+/// One controller's directories for a process's cgroup and each ancestor, leaf first, ending at the
+/// hierarchy's root: a parent's limit bounds its children, so the effective limit is the minimum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerDirs {
+    pub version: CgroupVersion,
+    pub levels: Vec<PathBuf>,
+}
+
+impl ControllerDirs {
+    fn new(version: CgroupVersion, root: PathBuf, cgroup_path: &str) -> Self {
+        let mut levels = vec![root.clone()];
+        let mut current = root;
+        for part in Path::new(cgroup_path).components() {
+            // The kernel writes absolute, normalised paths; anything else is ignored rather than allowed to
+            // climb out of the cgroup root.
+            if let Component::Normal(name) = part {
+                current = current.join(name);
+                levels.push(current.clone());
+            }
+        }
+        levels.reverse();
+        ControllerDirs { version, levels }
+    }
+}
+
+/// The memory and cpu cgroups of a process.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Membership {
+    pub memory: Option<ControllerDirs>,
+    pub cpu: Option<ControllerDirs>,
+}
+
+/// Where the cgroups named in `proc_cgroup` (the text of `/proc/<pid>/cgroup`) are below `root`,
+/// picking v1 or v2 per controller. On a hybrid host both appear; a v1 controller line wins when
+/// that controller's hierarchy is mounted, since a controller is active in only one hierarchy at a
+/// time.
+pub fn membership(proc_cgroup: &str, root: &Path) -> Membership {
+    let mut v2_path = None;
+    let mut v1_memory = None;
+    let mut v1_cpu = None;
+    for line in proc_cgroup.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        if id == "0" && controllers.is_empty() {
+            v2_path = Some(path);
+            continue;
+        }
+        let list: Vec<&str> = controllers.split(',').collect();
+        if list.contains(&"memory") {
+            v1_memory = v1_dirs(root, controllers, "memory", path);
+        }
+        if list.contains(&"cpu") {
+            v1_cpu = v1_dirs(root, controllers, "cpu", path);
+        }
+    }
+    let v2 = v2_path.map(|path| ControllerDirs::new(CgroupVersion::V2, unified_root(root), path));
+    Membership { memory: v1_memory.or_else(|| v2.clone()), cpu: v1_cpu.or(v2) }
+}
+
+/// The v1 hierarchy directory for `controller` as a membership line names it: after the
+/// comma-joined controller list (`cpu,cpuacct`), or after the controller alone (`cpu`, also how the
+/// usual symlinks are named). `None` when the hierarchy is not mounted there.
+fn v1_dirs(root: &Path, controllers: &str, controller: &str, path: &str) -> Option<ControllerDirs> {
+    [controllers, controller]
+        .into_iter()
+        .map(|name| root.join(name))
+        .find(|dir| dir.is_dir())
+        .map(|hierarchy| ControllerDirs::new(CgroupVersion::V1, hierarchy, path))
+}
 
 /// kubelet's `--cgroup-driver`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -160,7 +263,7 @@ pub fn discover(cgroups: &dyn Cgroups, layout: &Layout) -> Result<Vec<PodCgroup>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::isolation::cgroup::V2;
+    use crate::cgroup::V2;
 
     const UID: &str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
 

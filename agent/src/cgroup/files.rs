@@ -6,7 +6,7 @@ use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Component, Path, PathBuf};
 
-use super::{CgroupError, Limit};
+use super::{CgroupError, CpuMax, Limit};
 
 /// cgroup v1 reports "no limit" as a huge page-aligned number near `i64::MAX`; anything this large is unlimited.
 pub(crate) const V1_UNLIMITED: u64 = 1 << 62;
@@ -28,7 +28,7 @@ pub(crate) fn join(base: &Path, cgroup: &Path) -> Result<PathBuf, CgroupError> {
 pub(crate) fn read_trimmed(path: &Path) -> Result<String, CgroupError> {
     fs::read_to_string(path)
         .map(|s| s.trim().to_string())
-        .map_err(|source| CgroupError::Read { path: path.to_owned(), source })
+        .map_err(|error| CgroupError::Read { path: path.to_owned(), error })
 }
 
 pub(crate) fn read_u64(path: &Path) -> Result<u64, CgroupError> {
@@ -51,6 +51,53 @@ pub(crate) fn parse_limit(text: &str) -> Option<Limit> {
         "max" | "-1" => Some(Limit::Max),
         n => n.parse::<u64>().ok().map(|n| if n >= V1_UNLIMITED { Limit::Max } else { Limit::Value(n) }),
     }
+}
+
+/// The file's content without surrounding whitespace; `None` when it does not exist (for readers to
+/// whom a missing file means "no limit here").
+pub(crate) fn read_optional(path: &Path) -> Result<Option<String>, CgroupError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text.trim().to_string())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(CgroupError::Read { path: path.to_owned(), error }),
+    }
+}
+
+/// [`read_u64`], `None` when the file does not exist.
+pub(crate) fn read_optional_u64(path: &Path) -> Result<Option<u64>, CgroupError> {
+    read_optional(path)?
+        .map(|text| {
+            text.parse().map_err(|_| CgroupError::Parse { path: path.to_owned(), content: text, expected: "a number" })
+        })
+        .transpose()
+}
+
+/// [`read_limit`], `None` when the file does not exist.
+pub(crate) fn read_optional_limit(path: &Path) -> Result<Option<Limit>, CgroupError> {
+    read_optional(path)?
+        .map(|text| {
+            parse_limit(&text).ok_or_else(|| CgroupError::Parse {
+                path: path.to_owned(),
+                content: text,
+                expected: "\"max\", -1 or a number",
+            })
+        })
+        .transpose()
+}
+
+/// v2's `cpu.max`: `<quota|max> <period>`. The kernel always prints the period; should a writer
+/// have left it out, it is the kernel's default, 100 ms.
+pub(crate) fn parse_cpu_max(text: &str) -> Option<CpuMax> {
+    let mut fields = text.split_whitespace();
+    let quota_us = match fields.next()? {
+        "max" => Limit::Max,
+        quota => Limit::Value(quota.parse().ok()?),
+    };
+    let period_us = match fields.next() {
+        Some(period) => period.parse().ok()?,
+        None => super::DEFAULT_CPU_PERIOD_US,
+    };
+    Some(CpuMax { quota_us, period_us })
 }
 
 /// The value of `key` in a flat keyed file (`cpu.stat`: `usage_usec 1234`).
@@ -76,9 +123,9 @@ pub(crate) fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
         .truncate(true)
         .open(path)
         .and_then(|mut f| f.write_all(value.as_bytes()))
-        .map_err(|source| {
-            let hint = hint(path, &source);
-            CgroupError::Write { path: path.to_owned(), value: value.to_string(), source, hint }
+        .map_err(|error| {
+            let hint = hint(path, &error);
+            CgroupError::Write { path: path.to_owned(), value: value.to_string(), error, hint }
         })
 }
 
@@ -104,11 +151,11 @@ pub(crate) fn subdirs(dir: &Path) -> Result<Vec<String>, CgroupError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(CgroupError::Read { path: dir.to_owned(), source }),
+        Err(error) => return Err(CgroupError::Read { path: dir.to_owned(), error }),
     };
     let mut names = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|source| CgroupError::Read { path: dir.to_owned(), source })?;
+        let entry = entry.map_err(|error| CgroupError::Read { path: dir.to_owned(), error })?;
         // A cgroup is always a real directory; symlinks (v1's `cpu -> cpu,cpuacct`) are not children.
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
@@ -148,6 +195,31 @@ mod tests {
         ] {
             assert_eq!(parse_limit(text), want, "{text}");
         }
+    }
+
+    #[test]
+    fn cpu_max_parses_with_and_without_a_period() {
+        let cpu = |quota_us, period_us| Some(CpuMax { quota_us, period_us });
+        assert_eq!(parse_cpu_max("50000 100000"), cpu(Limit::Value(50_000), 100_000));
+        assert_eq!(parse_cpu_max("max 100000\n"), cpu(Limit::Max, 100_000));
+        assert_eq!(parse_cpu_max("25000"), cpu(Limit::Value(25_000), 100_000));
+        for bad in ["", "fast", "max fast", "-1 100000"] {
+            assert_eq!(parse_cpu_max(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn optional_files_may_be_missing_but_not_garbled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.max");
+        assert_eq!(read_optional_limit(&path).unwrap(), None);
+        assert_eq!(read_optional_u64(&path).unwrap(), None);
+        fs::write(&path, "max\n").unwrap();
+        assert_eq!(read_optional_limit(&path).unwrap(), Some(Limit::Max));
+        fs::write(&path, "lots\n").unwrap();
+        let err = read_optional_limit(&path).unwrap_err().to_string();
+        assert!(err.contains("memory.max") && err.contains("lots"), "{err}");
+        assert!(read_optional_u64(&path).is_err());
     }
 
     #[test]
