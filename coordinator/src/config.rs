@@ -77,14 +77,14 @@ impl Default for IsolationSettings {
 
 impl IsolationSettings {
     /// The parsed settings, or `None` when isolation is off.
-    pub fn plan(&self) -> Result<Option<crate::inventory::IsolationPlan>, String> {
+    pub fn plan(&self) -> Result<Option<crate::desired::IsolationPlan>, String> {
         if !self.enabled {
             return Ok(None);
         }
         let parse = |key: &str, text: &str| {
             text.parse::<hexa_shared::isolation::Ipv4Cidr>().map_err(|e| format!("isolation.{key} {text:?}: {e}"))
         };
-        Ok(Some(crate::inventory::IsolationPlan {
+        Ok(Some(crate::desired::IsolationPlan {
             pod_cidr: parse("pod_cidr", &self.pod_cidr)?,
             management_cidrs: self
                 .management_cidrs

@@ -15,13 +15,12 @@ use hexa_shared::report::{CapacityReport, Resources, Usage};
 use hexa_shared::spec::{AppliedStatus, ApplyOutcome, NodeSpec, TenantAllocation};
 
 use crate::bootstrap::CertificateAuthority;
-use crate::config::K3sSettings;
+use crate::desired::{self, Fleet, Plans};
 use crate::enroll::{Enroller, refusal};
 use crate::metrics::Metrics;
 use crate::placement;
 use crate::store::{Health, NodeRecord, Store, StoreError};
 use crate::tokens::now_unix;
-use hexa_shared::k3s::{JoinToken, K3sRole, K3sSpec};
 
 /// Thresholds that turn silence into health.
 #[derive(Debug, Clone, Copy)]
@@ -162,158 +161,16 @@ pub struct Inventory {
     thresholds: HealthThresholds,
     nodes: Mutex<BTreeMap<String, NodeEntry>>,
     metrics: Arc<Metrics>,
-    k3s: K3sPlan,
+    plans: Plans,
     /// The K3s cluster CA's hash, once the first server has reported it (persisted).
     cluster_ca_sha256: Mutex<Option<String>>,
-    isolation: Option<IsolationPlan>,
+    /// Set when reports changed what other nodes' desired state is derived from (their pods);
+    /// [`Inventory::refresh_desired`] catches up, off the report path.
+    desired_stale: tokio::sync::Notify,
 }
 
-/// What tenant nodes' isolation specs are derived from.
-#[derive(Debug, Clone)]
-pub struct IsolationPlan {
-    pub pod_cidr: hexa_shared::isolation::Ipv4Cidr,
-    pub management_cidrs: Vec<hexa_shared::isolation::Ipv4Cidr>,
-    pub pids_per_pod: u64,
-}
-
-impl IsolationPlan {
-    /// Isolation for a node of `pool` holding `tenants`, from every node's reported pods: each
-    /// tenant's pod IPs cluster-wide, and kube-system's pods as system pods. Server nodes run no
-    /// tenants and get none.
-    fn spec_for(
-        &self,
-        pool: &Pool,
-        tenants: &[TenantAllocation],
-        nodes: &BTreeMap<String, NodeEntry>,
-    ) -> Option<hexa_shared::isolation::IsolationSpec> {
-        use hexa_shared::isolation::{IsolationSpec, TenantAllocation as Allocation, TenantIsolation};
-        if *pool == Pool::Server {
-            return None;
-        }
-        let mut system = std::collections::BTreeSet::new();
-        let mut by_tenant: BTreeMap<&str, std::collections::BTreeSet<std::net::Ipv4Addr>> = BTreeMap::new();
-        for pod in nodes.values().filter_map(|e| e.last_report.as_ref()).flat_map(|(r, _)| r.pods.iter()) {
-            let Some(ip) = pod.ip.filter(|ip| self.pod_cidr.contains(*ip)) else { continue };
-            if pod.namespace == "kube-system" {
-                system.insert(ip);
-            } else if let Some(tenant) = &pod.tenant {
-                by_tenant.entry(tenant).or_default().insert(ip);
-            }
-        }
-        let mut isolated: Vec<TenantIsolation> = Vec::new();
-        for allocation in tenants {
-            if isolated.iter().any(|t| t.tenant == allocation.tenant) {
-                continue;
-            }
-            isolated.push(TenantIsolation {
-                tenant: allocation.tenant.clone(),
-                allocation: Allocation {
-                    cpu_millis: allocation.cpu_millis,
-                    memory_bytes: allocation.memory_bytes,
-                    pids: u64::from(allocation.pods.max(1)) * self.pids_per_pod,
-                },
-                pod_ips: by_tenant.get(allocation.tenant.as_str()).cloned().unwrap_or_default(),
-            });
-        }
-        Some(IsolationSpec {
-            pod_cidr: self.pod_cidr,
-            management_cidrs: self.management_cidrs.clone(),
-            system_pod_ips: system,
-            tenants: isolated,
-        })
-    }
-}
-
-/// State-database keys of the K3s cluster's two secrets. The server secret is what `server` nodes
-/// join with and what K3s' `/v1-k3s/server-bootstrap` (the cluster's CA keys) accepts; agents get
-/// only the agent secret.
-pub const K3S_SERVER_SECRET: &str = "k3s_join_token";
-pub const K3S_AGENT_SECRET: &str = "k3s_agent_token";
 /// State-database key of the cluster CA's hash, as the first server reported it.
 const K3S_CA_SHA256: &str = "k3s_cluster_ca_sha256";
-
-/// What every node's K3s spec is derived from.
-#[derive(Debug, Clone)]
-pub struct K3sPlan {
-    pub settings: K3sSettings,
-    /// The secrets leave the coordinator only inside NodeSpecs, on mTLS links.
-    pub server_secret: String,
-    pub agent_secret: String,
-}
-
-/// K3s' secure token format: `K10<sha256 of the cluster CA>::<user>:<secret>`. A node joining
-/// with it checks the server's CA against the hash before it sends the secret.
-fn secure_token(ca_sha256: &str, user: &str, secret: &str) -> JoinToken {
-    JoinToken::new(format!("K10{ca_sha256}::{user}:{secret}"))
-}
-
-impl K3sPlan {
-    /// The server that initialises the cluster: the earliest-enrolled node of the `server` pool.
-    fn first_server(nodes: &BTreeMap<String, NodeEntry>) -> Option<&NodeRecord> {
-        nodes
-            .values()
-            .map(|e| &e.record)
-            .filter(|r| r.pool == Pool::Server)
-            .min_by_key(|r| (r.enrolled_at_unix, r.name.clone()))
-    }
-
-    /// K3s for `record`, given every node and the cluster CA's hash once the first server has
-    /// reported it: the first server initialises the cluster with both secrets; every other node
-    /// joins it with a secure token that pins that CA, servers with the server secret and agents
-    /// with the agent secret only. `None` when K3s is not managed, or when the node must join a
-    /// cluster whose address or CA is not known yet.
-    fn spec_for(
-        &self,
-        record: &NodeRecord,
-        nodes: &BTreeMap<String, NodeEntry>,
-        ca_sha256: Option<&str>,
-    ) -> Option<K3sSpec> {
-        if !self.settings.manage {
-            return None;
-        }
-        let first_server = Self::first_server(nodes);
-        let url = if self.settings.server_url.is_empty() {
-            first_server.and_then(|s| s.address).map(|ip| match ip {
-                std::net::IpAddr::V4(v4) => format!("https://{v4}:6443"),
-                std::net::IpAddr::V6(v6) => format!("https://[{v6}]:6443"),
-            })
-        } else {
-            Some(self.settings.server_url.clone())
-        };
-        let server_agent_token = Some(JoinToken::new(self.agent_secret.clone()));
-        let (role, token, agent_token) = match (&record.pool, first_server) {
-            (Pool::Server, Some(first)) if first.name == record.name => (
-                K3sRole::Server { cluster_init: true, server_url: None },
-                JoinToken::new(self.server_secret.clone()),
-                server_agent_token,
-            ),
-            (Pool::Server, _) => (
-                K3sRole::Server { cluster_init: false, server_url: Some(url?) },
-                secure_token(ca_sha256?, "server", &self.server_secret),
-                server_agent_token,
-            ),
-            _ => (K3sRole::Agent { server_url: url? }, secure_token(ca_sha256?, "node", &self.agent_secret), None),
-        };
-        // Registration labels and taints come from the pool only: tenant labels change often and
-        // are applied through the API, where changing them restarts nothing.
-        let pool_spec = NodeSpec::for_pool(&record.name, &record.pool, 0);
-        let mut spec = K3sSpec::new(role);
-        spec.token = Some(token);
-        spec.agent_token = agent_token;
-        spec.version = self.settings.version.clone();
-        spec.node_name = Some(record.name.clone());
-        spec.node_labels = pool_spec.labels;
-        spec.node_taints = pool_spec.taints;
-        spec.kubelet_args = self.settings.kubelet_args.clone();
-        spec.artifacts = self.settings.artifact_source();
-        Some(spec)
-    }
-}
-
-/// Whether `hash` looks like a sha256 in lowercase hex, as a report must give it.
-fn is_sha256_hex(hash: &str) -> bool {
-    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
 
 impl Inventory {
     /// Loads every node from the store. Nodes start Pending (Lost ones stay Lost) until they report.
@@ -323,8 +180,7 @@ impl Inventory {
         thresholds: HealthThresholds,
         node_cert_validity: Duration,
         metrics: Arc<Metrics>,
-        k3s: K3sPlan,
-        isolation: Option<IsolationPlan>,
+        plans: Plans,
     ) -> Result<Inventory, StoreError> {
         let now = Instant::now();
         let mut nodes = BTreeMap::new();
@@ -344,57 +200,100 @@ impl Inventory {
             thresholds,
             nodes: Mutex::new(nodes),
             metrics,
-            k3s,
+            plans,
             cluster_ca_sha256,
-            isolation,
+            desired_stale: tokio::sync::Notify::new(),
         };
         // The K3s settings may have changed since the last run.
         inventory.respec_all(&mut inventory.nodes())?;
         Ok(inventory)
     }
 
-    /// Recomputes `name`'s desired state from its record, `tenants` (or the ones it has) and the
-    /// fleet; persists and pushes a new generation only when the content changed.
-    fn respec(
+    /// The desired state of every node in `names` (all when `None`), with `tenants` replacing the
+    /// allocations of the one node they are given for, where it differs from what the node has.
+    fn wanted_specs(
+        &self,
+        nodes: &BTreeMap<String, NodeEntry>,
+        names: Option<&[&str]>,
+        tenants: Option<(&str, Vec<TenantAllocation>)>,
+    ) -> Vec<(String, NodeSpec)> {
+        let pods: Vec<&hexa_shared::report::PodInfo> =
+            nodes.values().filter_map(|e| e.last_report.as_ref()).flat_map(|(r, _)| r.pods.iter()).collect();
+        let ca = self.cluster_ca_sha256.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let fleet = Fleet {
+            first_server: desired::first_server(nodes.values().map(|e| &e.record)),
+            cluster_ca_sha256: ca.as_deref(),
+            pods: &pods,
+        };
+        let mut tenants = tenants;
+        nodes
+            .values()
+            .filter(|e| names.is_none_or(|names| names.contains(&e.record.name.as_str())))
+            .filter_map(|entry| {
+                let current = &entry.record.spec;
+                let allocations = match tenants.take_if(|(name, _)| *name == entry.record.name) {
+                    Some((_, allocations)) => allocations,
+                    None => current.tenants.clone(),
+                };
+                let wanted =
+                    desired::node_spec(&entry.record, current.generation + 1, allocations, &fleet, &self.plans);
+                (!current.same_content(&wanted)).then(|| (entry.record.name.clone(), wanted))
+            })
+            .collect()
+    }
+
+    /// Persists and pushes each changed desired state (a new generation only where content changed).
+    fn set_specs(
         &self,
         nodes: &mut BTreeMap<String, NodeEntry>,
-        name: &str,
-        tenants: Option<Vec<TenantAllocation>>,
+        specs: Vec<(String, NodeSpec)>,
     ) -> Result<(), StoreError> {
-        let Some(entry) = nodes.get(name) else { return Ok(()) };
-        let current = &entry.record.spec;
-        let tenants = tenants.unwrap_or_else(|| current.tenants.clone());
-        let ca = self.cluster_ca_sha256.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
-        let k3s = self.k3s.spec_for(&entry.record, nodes, ca.as_deref());
-        let isolation = self.isolation.as_ref().and_then(|plan| plan.spec_for(&entry.record.pool, &tenants, nodes));
-        let mut wanted = NodeSpec::build(name, &entry.record.pool, current.generation + 1, tenants).with_k3s(k3s);
-        wanted.isolation = isolation;
-        if current.same_content(&wanted) {
-            return Ok(());
-        }
-        let mut record = entry.record.clone();
-        record.spec = wanted;
-        self.store.put_node(&record)?;
-        tracing::info!(
-            node = name,
-            generation = record.spec.generation,
-            tenants = record.spec.tenants.len(),
-            k3s = record.spec.k3s.is_some(),
-            "desired state changed"
-        );
-        if let Some(entry) = nodes.get_mut(name) {
+        for (name, spec) in specs {
+            let Some(entry) = nodes.get_mut(&name) else { continue };
+            let mut record = entry.record.clone();
+            record.spec = spec;
+            self.store.put_node(&record)?;
+            tracing::info!(
+                node = %name,
+                generation = record.spec.generation,
+                tenants = record.spec.tenants.len(),
+                k3s = record.spec.k3s.is_some(),
+                "desired state changed"
+            );
             entry.spec_tx.send_replace(record.spec.clone());
             entry.record = record;
         }
         Ok(())
     }
 
+    /// Recomputes `name`'s desired state from its record, `tenants` (or the ones it has) and the
+    /// fleet.
+    fn respec(
+        &self,
+        nodes: &mut BTreeMap<String, NodeEntry>,
+        name: &str,
+        tenants: Option<Vec<TenantAllocation>>,
+    ) -> Result<(), StoreError> {
+        let specs = self.wanted_specs(nodes, Some(&[name]), tenants.map(|t| (name, t)));
+        self.set_specs(nodes, specs)
+    }
+
     fn respec_all(&self, nodes: &mut BTreeMap<String, NodeEntry>) -> Result<(), StoreError> {
-        let names: Vec<String> = nodes.keys().cloned().collect();
-        for name in names {
-            self.respec(nodes, &name, None)?;
-        }
-        Ok(())
+        let specs = self.wanted_specs(nodes, None, None);
+        self.set_specs(nodes, specs)
+    }
+
+    /// Brings every node's desired state up to date with what the fleet reported since the last
+    /// call; see [`Inventory::desired_stale`].
+    pub fn refresh_desired(&self) -> Result<(), StoreError> {
+        self.respec_all(&mut self.nodes())
+    }
+
+    /// Resolves once reports have made desired state stale (at once if they did since the last
+    /// call): the caller then waits a moment for more to arrive and calls
+    /// [`Inventory::refresh_desired`] once for all of them.
+    pub async fn desired_stale(&self) {
+        self.desired_stale.notified().await;
     }
 
     fn nodes(&self) -> MutexGuard<'_, BTreeMap<String, NodeEntry>> {
@@ -557,15 +456,14 @@ impl Inventory {
             self.transition(entry, Health::Ready);
         }
         if let Some(hash) = reported_ca {
-            if K3sPlan::first_server(&nodes).is_some_and(|first| first.name == name) {
+            if desired::first_server(nodes.values().map(|e| &e.record)).is_some_and(|first| first.name == name) {
                 self.learn_cluster_ca(&mut nodes, name, hash);
             }
         }
         // Tenants' IP sets are cluster-wide: a node's new pods change other nodes' isolation too.
-        if pods_changed && self.isolation.is_some() {
-            if let Err(e) = self.respec_all(&mut nodes) {
-                tracing::error!(node = name, error = %e, "cannot update isolation after a pod change");
-            }
+        // That is recomputed off the report path, once for a burst of changes.
+        if pods_changed && self.plans.isolation.is_some() {
+            self.desired_stale.notify_one();
         }
     }
 
@@ -576,7 +474,7 @@ impl Inventory {
         if known.as_deref() == Some(hash.as_str()) {
             return;
         }
-        if !is_sha256_hex(&hash) {
+        if !desired::is_sha256_hex(&hash) {
             tracing::warn!(node = server, "ignoring a cluster CA hash that is not a sha256 in hex");
             return;
         }
@@ -754,7 +652,9 @@ impl Inventory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::K3sSettings;
     use crate::tokens::{self, TokenRequest};
+    use hexa_shared::k3s::JoinToken;
     use hexa_shared::proto::PROTOCOL_VERSION;
 
     struct Fixture {
@@ -767,9 +667,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.redb")).unwrap();
         let (ca, _) = CertificateAuthority::load_or_create(dir.path()).unwrap();
-        let plan = K3sPlan { settings: k3s, server_secret: "s".repeat(32), agent_secret: "a".repeat(32) };
+        let k3s = desired::K3sPlan { settings: k3s, server_secret: "s".repeat(32), agent_secret: "a".repeat(32) };
+        let plans = Plans { k3s, isolation: None };
         let inventory =
-            Inventory::load(store.clone(), Arc::new(ca), T, Duration::from_secs(3600), Default::default(), plan, None)
+            Inventory::load(store.clone(), Arc::new(ca), T, Duration::from_secs(3600), Default::default(), plans)
                 .unwrap();
         Fixture { _dir: dir, store, inventory }
     }

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod config;
 pub mod ctl;
+pub mod desired;
 pub mod enroll;
 pub mod hostcluster;
 pub mod http_server;
@@ -106,6 +107,10 @@ fn k3s_secret(store: &Store, key: &str) -> Result<String, StartError> {
     Ok(secret)
 }
 
+/// How long the coordinator waits after a report changed other nodes' desired state before it
+/// recomputes them, so that a burst of changes (a deployment scaling up) costs one pass.
+const DESIRED_STATE_DEBOUNCE: Duration = Duration::from_millis(100);
+
 pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
     config.validate().map_err(StartError::Config)?;
     fsutil::ensure_private_dir(&config.state_dir)?;
@@ -118,10 +123,13 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
     let admin_token_sha256 = admin_token_hash(&config, &store)?;
     let metrics = Arc::new(Metrics::default());
     let thresholds = HealthThresholds { unreachable_after: config.unreachable_after, lost_after: config.lost_after };
-    let k3s = inventory::K3sPlan {
-        settings: config.k3s.clone(),
-        server_secret: k3s_secret(&store, inventory::K3S_SERVER_SECRET)?,
-        agent_secret: k3s_secret(&store, inventory::K3S_AGENT_SECRET)?,
+    let plans = desired::Plans {
+        k3s: desired::K3sPlan {
+            settings: config.k3s.clone(),
+            server_secret: k3s_secret(&store, desired::K3S_SERVER_SECRET)?,
+            agent_secret: k3s_secret(&store, desired::K3S_AGENT_SECRET)?,
+        },
+        isolation: config.isolation.plan().map_err(StartError::Config)?,
     };
     let inventory = Arc::new(Inventory::load(
         store.clone(),
@@ -129,8 +137,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         thresholds,
         config.node_cert_validity,
         metrics.clone(),
-        k3s,
-        config.isolation.plan().map_err(StartError::Config)?,
+        plans,
     )?);
 
     let tenants = Arc::new(
@@ -213,6 +220,24 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
             tokio::select! {
                 _ = interval.tick() => ticker_inventory.tick(std::time::Instant::now()),
                 _ = ticker_shutdown.changed() => break,
+            }
+        }
+    }));
+
+    // Desired state that reports made stale (pods moved, so tenants' IP sets changed) is
+    // recomputed here, once per burst, never on the report path.
+    let desired_inventory = inventory.clone();
+    let mut desired_shutdown = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = desired_inventory.desired_stale() => {
+                    tokio::time::sleep(DESIRED_STATE_DEBOUNCE).await;
+                    if let Err(e) = desired_inventory.refresh_desired() {
+                        tracing::error!(error = %e, "cannot update desired state after pod changes");
+                    }
+                }
+                _ = desired_shutdown.changed() => break,
             }
         }
     }));

@@ -1,0 +1,182 @@
+//! Desired state: what each node's `NodeSpec` should be, as a pure function of the node's record,
+//! the tenants placed on it, and what the rest of the fleet says (the first server, the cluster
+//! CA, every node's pods). No I/O, no clock, no locks: the inventory calls [`node_spec`] when one
+//! of those inputs changes and keeps the result only when its content differs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec, TenantAllocation as Allocation, TenantIsolation};
+use hexa_shared::k3s::{JoinToken, K3sRole, K3sSpec};
+use hexa_shared::names::Pool;
+use hexa_shared::report::PodInfo;
+use hexa_shared::spec::{NodeSpec, TenantAllocation};
+
+use crate::config::K3sSettings;
+use crate::store::NodeRecord;
+
+/// What the whole fleet contributes to one node's desired state.
+#[derive(Debug, Clone, Copy)]
+pub struct Fleet<'a> {
+    /// The server that initialises the cluster (the earliest-enrolled `server` node).
+    pub first_server: Option<&'a NodeRecord>,
+    /// The K3s cluster CA's hash, once the first server has reported it.
+    pub cluster_ca_sha256: Option<&'a str>,
+    /// Every node's latest reported pods.
+    pub pods: &'a [&'a PodInfo],
+}
+
+/// The server that initialises the cluster among `records`: the earliest-enrolled of the
+/// `server` pool (by name when two enrolled in the same second).
+pub fn first_server<'a>(records: impl IntoIterator<Item = &'a NodeRecord>) -> Option<&'a NodeRecord> {
+    records.into_iter().filter(|r| r.pool == Pool::Server).min_by_key(|r| (r.enrolled_at_unix, r.name.clone()))
+}
+
+/// The settings desired state is derived from.
+#[derive(Debug, Clone)]
+pub struct Plans {
+    pub k3s: K3sPlan,
+    pub isolation: Option<IsolationPlan>,
+}
+
+/// `record`'s desired state at `generation` with `tenants` placed on it.
+pub fn node_spec(
+    record: &NodeRecord,
+    generation: u64,
+    tenants: Vec<TenantAllocation>,
+    fleet: &Fleet<'_>,
+    plans: &Plans,
+) -> NodeSpec {
+    let k3s = plans.k3s.spec_for(record, fleet);
+    let isolation = plans.isolation.as_ref().and_then(|plan| plan.spec_for(&record.pool, &tenants, fleet.pods));
+    let mut spec = NodeSpec::build(&record.name, &record.pool, generation, tenants).with_k3s(k3s);
+    spec.isolation = isolation;
+    spec
+}
+
+/// What tenant nodes' isolation specs are derived from.
+#[derive(Debug, Clone)]
+pub struct IsolationPlan {
+    pub pod_cidr: Ipv4Cidr,
+    pub management_cidrs: Vec<Ipv4Cidr>,
+    pub pids_per_pod: u64,
+}
+
+impl IsolationPlan {
+    /// Isolation for a node of `pool` holding `tenants`, from every node's reported pods: each
+    /// tenant's pod IPs cluster-wide, and kube-system's pods as system pods. Server nodes run no
+    /// tenants and get none.
+    pub fn spec_for(&self, pool: &Pool, tenants: &[TenantAllocation], pods: &[&PodInfo]) -> Option<IsolationSpec> {
+        if *pool == Pool::Server {
+            return None;
+        }
+        let mut system = BTreeSet::new();
+        let mut by_tenant: BTreeMap<&str, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+        for pod in pods {
+            let Some(ip) = pod.ip.filter(|ip| self.pod_cidr.contains(*ip)) else { continue };
+            if pod.namespace == "kube-system" {
+                system.insert(ip);
+            } else if let Some(tenant) = &pod.tenant {
+                by_tenant.entry(tenant).or_default().insert(ip);
+            }
+        }
+        let mut isolated: Vec<TenantIsolation> = Vec::new();
+        for allocation in tenants {
+            if isolated.iter().any(|t| t.tenant == allocation.tenant) {
+                continue;
+            }
+            isolated.push(TenantIsolation {
+                tenant: allocation.tenant.clone(),
+                allocation: Allocation {
+                    cpu_millis: allocation.cpu_millis,
+                    memory_bytes: allocation.memory_bytes,
+                    pids: u64::from(allocation.pods.max(1)) * self.pids_per_pod,
+                },
+                pod_ips: by_tenant.get(allocation.tenant.as_str()).cloned().unwrap_or_default(),
+            });
+        }
+        Some(IsolationSpec {
+            pod_cidr: self.pod_cidr,
+            management_cidrs: self.management_cidrs.clone(),
+            system_pod_ips: system,
+            tenants: isolated,
+        })
+    }
+}
+
+/// State-database keys of the K3s cluster's two secrets. The server secret is what `server` nodes
+/// join with and what K3s' `/v1-k3s/server-bootstrap` (the cluster's CA keys) accepts; agents get
+/// only the agent secret.
+pub const K3S_SERVER_SECRET: &str = "k3s_join_token";
+pub const K3S_AGENT_SECRET: &str = "k3s_agent_token";
+
+/// What every node's K3s spec is derived from.
+#[derive(Debug, Clone)]
+pub struct K3sPlan {
+    pub settings: K3sSettings,
+    /// The secrets leave the coordinator only inside NodeSpecs, on mTLS links.
+    pub server_secret: String,
+    pub agent_secret: String,
+}
+
+/// K3s' secure token format: `K10<sha256 of the cluster CA>::<user>:<secret>`. A node joining
+/// with it checks the server's CA against the hash before it sends the secret.
+fn secure_token(ca_sha256: &str, user: &str, secret: &str) -> JoinToken {
+    JoinToken::new(format!("K10{ca_sha256}::{user}:{secret}"))
+}
+
+impl K3sPlan {
+    /// K3s for `record`: the first server initialises the cluster with both secrets; every other
+    /// node joins it with a secure token that pins the cluster's CA, servers with the server secret
+    /// and agents with the agent secret only. `None` when K3s is not managed, or when the node must
+    /// join a cluster whose address or CA is not known yet.
+    pub fn spec_for(&self, record: &NodeRecord, fleet: &Fleet<'_>) -> Option<K3sSpec> {
+        if !self.settings.manage {
+            return None;
+        }
+        let url = if self.settings.server_url.is_empty() {
+            fleet.first_server.and_then(|s| s.address).map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => format!("https://{v4}:6443"),
+                std::net::IpAddr::V6(v6) => format!("https://[{v6}]:6443"),
+            })
+        } else {
+            Some(self.settings.server_url.clone())
+        };
+        let server_agent_token = Some(JoinToken::new(self.agent_secret.clone()));
+        let (role, token, agent_token) = match (&record.pool, fleet.first_server) {
+            (Pool::Server, Some(first)) if first.name == record.name => (
+                K3sRole::Server { cluster_init: true, server_url: None },
+                JoinToken::new(self.server_secret.clone()),
+                server_agent_token,
+            ),
+            (Pool::Server, _) => (
+                K3sRole::Server { cluster_init: false, server_url: Some(url?) },
+                secure_token(fleet.cluster_ca_sha256?, "server", &self.server_secret),
+                server_agent_token,
+            ),
+            _ => (
+                K3sRole::Agent { server_url: url? },
+                secure_token(fleet.cluster_ca_sha256?, "node", &self.agent_secret),
+                None,
+            ),
+        };
+        // Registration labels and taints come from the pool only: tenant labels change often and
+        // are applied through the API, where changing them restarts nothing.
+        let pool_spec = NodeSpec::for_pool(&record.name, &record.pool, 0);
+        let mut spec = K3sSpec::new(role);
+        spec.token = Some(token);
+        spec.agent_token = agent_token;
+        spec.version = self.settings.version.clone();
+        spec.node_name = Some(record.name.clone());
+        spec.node_labels = pool_spec.labels;
+        spec.node_taints = pool_spec.taints;
+        spec.kubelet_args = self.settings.kubelet_args.clone();
+        spec.artifacts = self.settings.artifact_source();
+        Some(spec)
+    }
+}
+
+/// Whether `hash` looks like a sha256 in lowercase hex, as a report must give it.
+pub fn is_sha256_hex(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
