@@ -47,7 +47,7 @@ async fn the_api_authenticates_and_explains_its_errors() {
     assert_error(status, &body, 400, "bad_request", "30m or 1h");
     let (status, body) =
         c.admin.request(Method::POST, "/v1/tokens", Some(json!({"pool": "shared", "tll": "1h"}))).await;
-    assert_error(status, &body, 422, "bad_request", "tll");
+    assert_error(status, &body, 422, "invalid_body", "tll");
     let (status, body) = c.admin.request(Method::DELETE, "/v1/tokens/zzzzzz", None).await;
     assert_error(status, &body, 404, "not_found", "zzzzzz");
 

@@ -183,7 +183,7 @@ pub enum Request {
 }
 
 /// Dedicated nodes asked of (or withdrawn from) the node provisioner.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord, utoipa::ToSchema)]
 pub struct ProvisionRequest {
     pub tenant: String,
     pub node_class: String,
