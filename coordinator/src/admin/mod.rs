@@ -125,11 +125,13 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// This document. Needs no token.
+/// This document, with the node classes this coordinator is configured with. Needs no token.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", security(()),
     responses((status = 200, description = "the OpenAPI document of this API", body = serde_json::Value)))]
-async fn openapi_json() -> impl IntoResponse {
-    Json(openapi_document())
+async fn openapi_json(State(ctx): State<Ctx>) -> impl IntoResponse {
+    let mut document = openapi_document();
+    openapi::with_node_classes(&mut document, &ctx.node_classes);
+    Json(document)
 }
 
 /// Prometheus metrics: node health counts, reports, refusals.

@@ -6,6 +6,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, OpenApi, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, PartialSchema, ToSchema};
 
+use hexa_shared::tenant::NodeClass;
+
 use super::ErrorBody;
 
 #[derive(utoipa::OpenApi)]
@@ -119,4 +121,23 @@ fn add(operation: &mut Operation, status: &str, shared: &str) {
         .responses
         .entry(status.to_string())
         .or_insert_with(|| RefOr::Ref(Ref::from_response_name(shared)));
+}
+
+/// Narrows the node class fields (a dedicated plan's, a token request's) from their pattern to the
+/// classes `classes` names: the served document describes this coordinator's configuration, the
+/// generated one any coordinator's.
+pub(super) fn with_node_classes(document: &mut serde_json::Value, classes: &[NodeClass]) {
+    let names: Vec<serde_json::Value> = classes.iter().map(|c| serde_json::Value::from(c.name.as_str())).collect();
+    let schemas = &mut document["components"]["schemas"];
+    if let Some(field) = schemas.pointer_mut("/TokenRequest/properties/node_class") {
+        let mut values = names.clone();
+        values.push(serde_json::Value::Null);
+        field["enum"] = serde_json::Value::Array(values);
+    }
+    let variants = schemas.pointer_mut("/Plan/oneOf").and_then(serde_json::Value::as_array_mut);
+    for variant in variants.into_iter().flatten() {
+        if let Some(field) = variant.pointer_mut("/properties/node_class") {
+            field["enum"] = serde_json::Value::Array(names.clone());
+        }
+    }
 }

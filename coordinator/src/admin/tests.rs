@@ -151,6 +151,15 @@ fn plans_in_the_document_accept_what_serde_accepts_and_refuse_what_it_refuses() 
 }
 
 #[test]
+fn the_served_document_names_the_configured_node_classes() {
+    let mut document = openapi_document();
+    super::openapi::with_node_classes(&mut document, &hexa_shared::tenant::NodeClass::defaults());
+    assert_eq!(plan_variant(&document, "dedicated")["properties"]["node_class"]["enum"], json!(["S", "M", "L"]));
+    assert_eq!(schema(&document, "TokenRequest")["properties"]["node_class"]["enum"], json!(["S", "M", "L", null]));
+    assert!(plan_variant(&openapi_document(), "dedicated")["properties"]["node_class"].get("enum").is_none());
+}
+
+#[test]
 #[ignore = "prints the document"]
 fn print_document() {
     println!("{}", serde_json::to_string_pretty(&openapi_document()).unwrap());
