@@ -15,7 +15,7 @@
 //!    against this document and fails for an operation it never saw succeed.
 //!
 //! Statuses every operation shares (401 without the bearer token, 405, 500, and 400/413/415/422
-//! for a JSON body) are added to each operation by [`openapi::common_responses`].
+//! for a JSON body) are added to each operation by `openapi::common_responses`.
 
 mod error;
 mod nodes;

@@ -160,6 +160,51 @@ fn the_served_document_names_the_configured_node_classes() {
 }
 
 #[test]
+fn name_patterns_agree_with_the_naming_rules() {
+    use hexa_shared::names::{validate_node_name, validate_tenant_name};
+    use hexa_shared::openapi::{NODE_NAME_PATTERN, POOL_PATTERN, TENANT_NAME_PATTERN};
+    let document = openapi_document();
+    assert_eq!(schema(&document, "TenantRequest")["properties"]["name"]["pattern"], TENANT_NAME_PATTERN);
+    assert_eq!(schema(&document, "Tenant")["properties"]["name"]["pattern"], TENANT_NAME_PATTERN);
+    assert_eq!(schema(&document, "NodeView")["properties"]["name"]["pattern"], NODE_NAME_PATTERN);
+    assert_eq!(schema(&document, "Pool")["pattern"], POOL_PATTERN);
+    let matcher = |pattern: &str| {
+        jsonschema::draft202012::new(&json!({"type": "string", "pattern": pattern})).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (tenant, node, pool) = (matcher(TENANT_NAME_PATTERN), matcher(NODE_NAME_PATTERN), matcher(POOL_PATTERN));
+    let names = [
+        "a",
+        "acme",
+        "a-b",
+        "0",
+        "-a",
+        "a-",
+        "A",
+        "a_b",
+        "",
+        "é",
+        &"a".repeat(40),
+        &"a".repeat(41),
+        &"a".repeat(63),
+        &"a".repeat(64),
+    ];
+    for name in names {
+        let value = json!(name);
+        assert_eq!(tenant.is_valid(&value), validate_tenant_name(name).is_ok(), "tenant {name:?}");
+        assert_eq!(node.is_valid(&value), validate_node_name(name).is_ok(), "node {name:?}");
+        let dedicated = format!("dedicated:{name}");
+        assert_eq!(
+            pool.is_valid(&json!(dedicated)),
+            dedicated.parse::<hexa_shared::names::Pool>().is_ok(),
+            "{dedicated}"
+        );
+    }
+    for other in ["server", "shared", "dedicated", "gpu", "Shared"] {
+        assert_eq!(pool.is_valid(&json!(other)), other.parse::<hexa_shared::names::Pool>().is_ok(), "{other}");
+    }
+}
+
+#[test]
 #[ignore = "prints the document"]
 fn print_document() {
     println!("{}", serde_json::to_string_pretty(&openapi_document()).unwrap());
