@@ -120,8 +120,9 @@ pub struct Admission {
 }
 
 /// A node as the admin API shows it.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct NodeView {
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
     pub pool: Pool,
     pub health: Health,

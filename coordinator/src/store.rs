@@ -86,7 +86,7 @@ pub struct ReenrollBinding {
 }
 
 /// Node health as the inventory judges it from the reports it receives.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, utoipa::ToSchema)]
 pub enum Health {
     /// Enrolled (or loaded after a restart) and not heard from yet.
     Pending,

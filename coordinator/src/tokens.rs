@@ -26,9 +26,12 @@ pub enum TokenError {
 }
 
 /// What `token create` returns: the only time the whole token is shown.
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Debug, Clone, utoipa::ToSchema)]
 pub struct CreatedToken {
+    #[schema(pattern = "^[a-z0-9]{6}$")]
     pub id: String,
+    /// `<id>.<secret>`: give it to the node's agent (`--token`).
+    #[schema(pattern = "^[a-z0-9]{6}\\.[a-z0-9]{16}$")]
     pub token: String,
     pub pool: Pool,
     pub description: String,
@@ -37,8 +40,9 @@ pub struct CreatedToken {
 }
 
 /// A token as listings show it: never with its secret or hash.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct TokenView {
+    #[schema(pattern = "^[a-z0-9]{6}$")]
     pub id: String,
     pub pool: Pool,
     pub description: String,
@@ -46,10 +50,20 @@ pub struct TokenView {
     pub created_at_unix: i64,
     pub expires_at_unix: i64,
     /// active, expired, used or revoked
+    #[schema(schema_with = status_schema)]
     pub status: &'static str,
     pub used_by: Option<String>,
     /// For re-enrollment tokens: the node they enroll again.
     pub reenrolls: Option<String>,
+}
+
+/// The statuses [`TokenView::status`] takes (see `view`).
+fn status_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    ObjectBuilder::new()
+        .schema_type(SchemaType::Type(Type::String))
+        .enum_values(Some(["active", "expired", "used", "revoked"]))
+        .build()
 }
 
 pub fn now_unix() -> i64 {

@@ -179,6 +179,7 @@ impl fmt::Debug for JoinToken {
 }
 
 /// K3s on a node, as the agent reports it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum K3sState {

@@ -14,6 +14,8 @@ pub mod isolation;
 pub mod k3s;
 pub mod logging;
 pub mod names;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 pub mod pki;
 pub mod proto;
 pub mod quantity;

@@ -41,6 +41,7 @@ pub mod close_code {
 }
 
 /// Who a node is according to the infrastructure that created it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 pub enum ProviderIdentity {
     /// Bare metal or anything we do not know.

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Countable resources of a node, in the units Kubernetes uses.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Resources {
     pub cpu_millis: u64,
@@ -12,6 +13,7 @@ pub struct Resources {
 }
 
 /// Pressure stall averages (percent of wall time) for one resource, from `/proc/pressure/*`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
 pub struct PressureAverages {
     pub some_avg10: f32,
@@ -24,6 +26,7 @@ pub struct PressureAverages {
 }
 
 /// PSI for each resource; `None` where the kernel has no pressure accounting.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
 pub struct Pressure {
     pub cpu: Option<PressureAverages>,
@@ -32,6 +35,7 @@ pub struct Pressure {
 }
 
 /// Live usage at collection time.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
 pub struct Usage {
     /// CPU busy since the previous sample, in millicores (of `capacity.cpu_millis`).
@@ -77,6 +81,7 @@ pub struct CapacityReport {
 }
 
 /// One tenant's use of one node.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TenantUsage {
     pub tenant: String,

@@ -31,6 +31,7 @@ pub struct NodeSpec {
 }
 
 /// One tenant's allocation on one node: the most its pods together may use here.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TenantAllocation {
     pub tenant: String,

@@ -102,23 +102,30 @@ impl Plan {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SharedPlan {
     /// Total CPU quota of the tenant, in millicores.
+    #[cfg_attr(feature = "openapi", schema(minimum = 100))] // MIN_SHARE_CPU_MILLIS
     pub cpu_millis: u64,
     /// Total memory quota, in bytes.
+    #[cfg_attr(feature = "openapi", schema(minimum = 134217728))] // MIN_SHARE_MEMORY_BYTES
     pub memory_bytes: u64,
     /// Most pods the tenant may run.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub pods: u32,
     /// Control-plane replicas: 1, or 3 for a highly available control plane. Each replica runs on
     /// its own share node, inside the tenant's quota.
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::replicas_schema))]
     pub replicas: u8,
     /// Number of nodes the quota is split over; at least `replicas`.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 64))] // MAX_SPREAD
     pub spread: u32,
 }
 
 /// What one share of a shared plan reserves on its node.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ShareSize {
     pub cpu_millis: u64,
@@ -219,12 +226,15 @@ impl SharedPlan {
     }
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DedicatedPlan {
     /// Name of a configured [`NodeClass`].
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9]{1,32}$"))]
     pub node_class: String,
     /// Number of nodes.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 64))] // MAX_DEDICATED_NODES
     pub count: u32,
 }
 
@@ -260,6 +270,7 @@ fn known_classes(classes: &[NodeClass]) -> String {
 }
 
 /// Where a tenant is in its life.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Phase {
     /// Accepted and persisted, not yet placed.
@@ -286,6 +297,7 @@ impl fmt::Display for Phase {
 }
 
 /// The aspects of a tenant that conditions report on.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ConditionType {
     /// Every share (or dedicated node) of the plan has a node.
@@ -300,6 +312,7 @@ pub enum ConditionType {
 
 /// One observation about a tenant, in the manner of Kubernetes conditions: `reason` is a short
 /// CamelCase word a program can match on (see [`reasons`]), `message` is for a person.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Condition {
     #[serde(rename = "type")]
@@ -326,6 +339,7 @@ pub mod reasons {
 }
 
 /// One share of a shared plan and the node that holds it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Share {
     /// 0-based; shares `0..replicas` carry a control-plane replica.
@@ -338,6 +352,7 @@ pub struct Share {
 
 /// Where a tenant lives. A tenant moving between plans can briefly have both shares and dedicated
 /// nodes: the shares keep serving until every dedicated node is bound.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 pub struct Placement {
     /// Shares on shared nodes, sorted by index, each on a different node.
@@ -369,8 +384,10 @@ impl Placement {
 }
 
 /// A tenant as the coordinator stores it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"))]
     pub name: String,
     pub plan: Plan,
     pub phase: Phase,

@@ -4,7 +4,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use hexa_coordinator::store::Health;
-use hexa_tests::admin::AdminClient;
+use hexa_tests::admin::{Contract, Exchange};
 use hexa_tests::inproc::Coordinator;
 use hexa_tests::{bin, eventually};
 use reqwest::Method;
@@ -21,8 +21,8 @@ fn assert_error(status: u16, body: &Value, want_status: u16, code: &str, says: &
 async fn the_api_authenticates_and_explains_its_errors() {
     let c = Coordinator::start().await;
     let base = c.admin.base.clone();
-    let anonymous = AdminClient::new(base.clone(), String::new());
-    let wrong = AdminClient::new(base.clone(), "not-the-token".into());
+    let anonymous = c.admin.with_token("");
+    let wrong = c.admin.with_token("not-the-token");
 
     // Health is open; everything else needs the bearer token.
     let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
@@ -47,7 +47,7 @@ async fn the_api_authenticates_and_explains_its_errors() {
     assert_error(status, &body, 400, "bad_request", "30m or 1h");
     let (status, body) =
         c.admin.request(Method::POST, "/v1/tokens", Some(json!({"pool": "shared", "tll": "1h"}))).await;
-    assert_error(status, &body, 422, "bad_request", "tll");
+    assert_error(status, &body, 422, "invalid_body", "tll");
     let (status, body) = c.admin.request(Method::DELETE, "/v1/tokens/zzzzzz", None).await;
     assert_error(status, &body, 404, "not_found", "zzzzzz");
 
@@ -72,6 +72,220 @@ async fn the_api_authenticates_and_explains_its_errors() {
     let metrics = c.admin.metrics().await;
     assert!(metrics.contains("hexa_nodes{health=\"ready\"} 1"), "{metrics}");
     assert!(hexa_tests::admin::metric(&metrics, "hexa_reports_total") >= 1);
+    assert_answers_match_the_document(&Contract::new(openapi), &c.admin.exchanges());
+    agent.stop().await;
+}
+
+/// Every answer is one the document describes: its operation, status, media type and body schema.
+fn assert_answers_match_the_document(contract: &Contract, exchanges: &[Exchange]) {
+    let failures: Vec<String> = exchanges.iter().filter_map(|e| contract.check(e).err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} answers break the document:\n{}",
+        failures.len(),
+        exchanges.len(),
+        failures.join("\n")
+    );
+}
+
+fn shared_plan(cpu_millis: u64) -> Value {
+    json!({"kind": "shared", "cpu_millis": cpu_millis, "memory_bytes": 256u64 << 20, "pods": 5, "replicas": 1, "spread": 1})
+}
+
+/// Each operation once with success and once with each error it documents, every answer checked
+/// against the document the server serves. A new endpoint fails here until it is exercised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_matches_the_openapi_document() {
+    let c = Coordinator::start().await;
+    let admin = &c.admin;
+    let anonymous = admin.with_token("");
+    let wrong = admin.with_token("not-the-token");
+    let agent = c.spawn_agent("contract-node").await;
+    eventually(Duration::from_secs(20), "node Ready with a report", async || {
+        admin.node("contract-node").await.filter(|n| n.health == Health::Ready && n.allocatable.is_some())
+    })
+    .await;
+    let (status, document) = anonymous.request(Method::GET, "/v1/openapi.json", None).await;
+    assert_eq!(status, 200);
+    let contract = Contract::new(document);
+
+    // Successes.
+    let (status, body) = anonymous.request(Method::GET, "/healthz", None).await;
+    assert_eq!((status, body), (200, json!("ok\n")));
+    admin.metrics().await;
+    for (method, path) in [
+        (Method::GET, "/v1/nodes"),
+        (Method::GET, "/v1/nodes/contract-node"),
+        (Method::POST, "/v1/nodes/contract-node/cordon"),
+        (Method::POST, "/v1/nodes/contract-node/uncordon"),
+        (Method::POST, "/v1/nodes/contract-node/drain"),
+        (Method::POST, "/v1/nodes/contract-node/uncordon"),
+        (Method::GET, "/v1/tokens"),
+        (Method::GET, "/v1/provisioning"),
+    ] {
+        let (status, body) = admin.request(method.clone(), path, None).await;
+        assert_eq!(status, 200, "{method} {path}: {body}");
+    }
+    let (status, token) = admin
+        .request(Method::POST, "/v1/tokens", Some(json!({"pool": "shared", "ttl": "1h 30m", "description": "rack 4"})))
+        .await;
+    assert_eq!(status, 201, "{token}");
+    let (status, body) =
+        admin.request(Method::POST, "/v1/tokens", Some(json!({"pool": "dedicated:acme", "node_class": "S"}))).await;
+    assert_eq!((status, body["node_class"].as_str()), (201, Some("S")), "{body}");
+    let id = token["id"].as_str().unwrap();
+    let (status, body) = admin.request(Method::DELETE, &format!("/v1/tokens/{id}"), None).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("revoked")), "{body}");
+    let (status, body) =
+        admin.request(Method::POST, "/v1/nodes/contract-node/reenroll", Some(json!({"ttl": "10m"}))).await;
+    assert_eq!((status, body["pool"].as_str()), (201, Some("shared")), "{body}");
+    let tenant = json!({"name": "contract", "plan": shared_plan(200)});
+    let (status, body) = admin.request(Method::POST, "/v1/tenants", Some(tenant.clone())).await;
+    assert_eq!(status, 201, "{body}");
+    for path in ["/v1/tenants", "/v1/tenants/contract"] {
+        let (status, body) = admin.request(Method::GET, path, None).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let dedicated = json!({"plan": {"kind": "dedicated", "node_class": "S", "count": 1}});
+    let (status, body) = admin.request(Method::PATCH, "/v1/tenants/contract", Some(dedicated)).await;
+    assert_eq!((status, body["phase"].as_str()), (200, Some("Provisioning")), "{body}");
+    let (status, body) = admin.request(Method::GET, "/v1/provisioning", None).await;
+    assert_eq!((status, body[0]["tenant"].as_str()), (200, Some("contract")), "{body}");
+    let (status, body) =
+        admin.request(Method::PATCH, "/v1/tenants/contract", Some(json!({"plan": shared_plan(200)}))).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Conflicts and refusals of the content.
+    let (status, body) = admin.request(Method::POST, "/v1/tenants", Some(tenant)).await;
+    assert_error(status, &body, 409, "conflict", "already exists");
+    let (status, body) = admin
+        .request(Method::POST, "/v1/tenants", Some(json!({"name": "greedy", "plan": shared_plan(100_000_000)})))
+        .await;
+    assert_error(status, &body, 422, "unplaceable", "shrink the quota");
+    let (status, body) =
+        admin.request(Method::POST, "/v1/tenants", Some(json!({"name": "Bad_Name", "plan": shared_plan(200)}))).await;
+    assert_error(status, &body, 422, "invalid_name", "Bad_Name");
+    let mut three = shared_plan(200);
+    three["replicas"] = json!(2);
+    let (status, body) = admin.request(Method::POST, "/v1/tenants", Some(json!({"name": "two", "plan": three}))).await;
+    assert_error(status, &body, 422, "invalid_plan", "replicas 2");
+    let (status, body) = admin.request(Method::PATCH, "/v1/tenants/contract", Some(json!({"plan": three}))).await;
+    assert_error(status, &body, 422, "invalid_plan", "replicas 2");
+    let (status, body) =
+        admin.request(Method::PATCH, "/v1/tenants/contract", Some(json!({"plan": shared_plan(100_000_000)}))).await;
+    assert!(status == 409 || status == 422, "{body}");
+    let (status, body) = admin.request(Method::POST, "/v1/tokens", Some(json!({"pool": "dedicated:Bad_Name"}))).await;
+    assert_error(status, &body, 400, "invalid_name", "Bad_Name");
+    let (status, body) =
+        admin.request(Method::POST, "/v1/tokens", Some(json!({"pool": "shared", "node_class": "S"}))).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")), "{body}");
+    let (_, tokens) = admin.request(Method::GET, "/v1/tokens", None).await;
+    let used = tokens.as_array().unwrap().iter().find(|t| t["used_by"] == "contract-node").unwrap()["id"].clone();
+    let (status, body) = admin.request(Method::DELETE, &format!("/v1/tokens/{}", used.as_str().unwrap()), None).await;
+    assert_error(status, &body, 409, "conflict", "already used");
+
+    // Not found, for every operation on a named thing.
+    for (method, path) in [
+        (Method::GET, "/v1/nodes/ghost"),
+        (Method::POST, "/v1/nodes/ghost/cordon"),
+        (Method::POST, "/v1/nodes/ghost/uncordon"),
+        (Method::POST, "/v1/nodes/ghost/drain"),
+        (Method::POST, "/v1/nodes/ghost/revoke"),
+        (Method::DELETE, "/v1/nodes/ghost"),
+        (Method::DELETE, "/v1/tokens/zzzzzz"),
+        (Method::GET, "/v1/tenants/ghost"),
+        (Method::DELETE, "/v1/tenants/ghost"),
+        (Method::GET, "/v1/nowhere"),
+    ] {
+        let (status, body) = admin.request(method.clone(), path, None).await;
+        assert_error(status, &body, 404, "not_found", "");
+    }
+    let (status, body) =
+        admin.request(Method::PATCH, "/v1/tenants/ghost", Some(json!({"plan": shared_plan(200)}))).await;
+    assert_error(status, &body, 404, "not_found", "ghost");
+    let (status, body) = admin.request(Method::POST, "/v1/nodes/ghost/reenroll", Some(json!({}))).await;
+    assert_error(status, &body, 404, "not_found", "ghost");
+
+    // Bodies that cannot be read, for every operation that takes one.
+    let rust_words = ["struct ", "enum ", "u64", "u32", "u8", "Request", "Plan"];
+    for (method, path, good) in [
+        (Method::POST, "/v1/tokens", json!({"pool": "shared"})),
+        (Method::POST, "/v1/tenants", json!({"name": "bodies", "plan": shared_plan(200)})),
+        (Method::PATCH, "/v1/tenants/contract", json!({"plan": shared_plan(200)})),
+        (Method::POST, "/v1/nodes/contract-node/reenroll", json!({"ttl": "1h"})),
+    ] {
+        let (status, body) = admin.request_bytes(method.clone(), path, "application/json", b"{plan: 1}".to_vec()).await;
+        assert_error(status, &body, 400, "bad_request", "not valid JSON");
+        let (status, body) =
+            admin.request_bytes(method.clone(), path, "text/plain", good.to_string().into_bytes()).await;
+        assert_error(status, &body, 415, "unsupported_media_type", "application/json");
+        let mut big = good.clone();
+        big["padding"] = json!("x".repeat(70 * 1024));
+        let (status, body) =
+            admin.request_bytes(method.clone(), path, "application/json", big.to_string().into_bytes()).await;
+        assert_error(status, &body, 413, "payload_too_large", "65536 bytes");
+        for bad in [json!({"unexpected": 1}), json!([1]), json!("plan")] {
+            let (status, body) = admin.request(method.clone(), path, Some(bad)).await;
+            assert_error(status, &body, 422, "invalid_body", "");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(!rust_words.iter().any(|w| message.contains(w)), "{message:?} speaks Rust");
+        }
+    }
+    let mut wrong_type = shared_plan(200);
+    wrong_type["cpu_millis"] = json!("lots");
+    for (method, path, body) in [
+        (Method::POST, "/v1/tenants", json!({"name": "typed", "plan": wrong_type.clone()})),
+        (Method::PATCH, "/v1/tenants/contract", json!({"plan": wrong_type})),
+        (Method::POST, "/v1/tokens", json!({"pool": 7})),
+    ] {
+        let (status, body) = admin.request(method, path, Some(body)).await;
+        assert_error(status, &body, 422, "invalid_body", "");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(!rust_words.iter().any(|w| message.contains(w)), "{message:?} speaks Rust");
+    }
+    let long = "n".repeat(10_000);
+    let (status, body) = admin.request(Method::GET, &format!("/v1/tenants/{long}"), None).await;
+    assert_error(status, &body, 404, "not_found", "");
+    assert!(body["error"]["message"].as_str().unwrap().len() <= 1024, "{body}");
+
+    // Revoking keeps the node listed, its certificate dead; deleting forgets it.
+    let (status, body) = admin.request(Method::POST, "/v1/nodes/contract-node/revoke", None).await;
+    assert!(status == 200 && body["revoked_at_unix"].is_i64(), "{status} {body}");
+    let (status, body) = admin.request(Method::DELETE, "/v1/nodes/contract-node", None).await;
+    assert_eq!((status, body["name"].as_str()), (200, Some("contract-node")), "{body}");
+
+    // Every documented operation: without the token (where one is needed), and with a method its
+    // path does not take.
+    for (template, method) in contract.operations() {
+        let path = template.replace("{name}", "contract-node").replace("{id}", "zzzzzz");
+        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
+        if !matches!(template.as_str(), "/healthz" | "/v1/openapi.json") {
+            for client in [&anonymous, &wrong] {
+                let (status, body) = client.request(method.clone(), &path, None).await;
+                assert_error(status, &body, 401, "unauthorized", "");
+            }
+        }
+        let (status, body) = admin.request(Method::PUT, &path, None).await;
+        assert_error(status, &body, 405, "method_not_allowed", "Allow");
+    }
+    let response = reqwest::Client::new().put(format!("{}/v1/tenants/contract", admin.base)).send().await.unwrap();
+    let allow = response.headers().get("allow").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert!(allow.contains("GET") && allow.contains("PATCH") && allow.contains("DELETE"), "{allow:?}");
+
+    let (status, body) = admin.request(Method::DELETE, "/v1/tenants/contract", None).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Every answer is documented; every operation was seen to succeed.
+    let exchanges = admin.exchanges();
+    assert_answers_match_the_document(&contract, &exchanges);
+    for (template, method) in contract.operations() {
+        let succeeded = exchanges.iter().any(|e| {
+            e.method.as_str().eq_ignore_ascii_case(&method)
+                && (200..300).contains(&e.status)
+                && contract.operation(e.method.as_str(), &e.path).is_some_and(|(t, _)| t == template)
+        });
+        assert!(succeeded, "{method} {template} was never exercised with success: add it to this test");
+    }
     agent.stop().await;
 }
 
@@ -173,4 +387,53 @@ async fn hexactl_manages_tokens_and_lists_nodes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("cannot reach the coordinator at http://127.0.0.1:9"), "{err}");
     agent.stop().await;
+}
+
+/// The contract check itself: it refuses a field, a status or a body the document does not have.
+#[test]
+fn the_contract_refuses_what_the_document_does_not_say() {
+    let contract = Contract::new(hexa_coordinator::admin::openapi_document());
+    let exchange = |method: Method, path: &str, status: u16, content_type: &str, body: Value| Exchange {
+        method,
+        path: path.to_string(),
+        status,
+        content_type: Some(content_type.to_string()),
+        body,
+    };
+    let token = json!({"id": "abc123", "pool": "shared", "description": "", "node_class": null,
+        "created_at_unix": 1, "expires_at_unix": 2, "status": "revoked", "used_by": null});
+    let error = json!({"error": {"code": "method_not_allowed", "message": "no"}});
+    let json = "application/json";
+    let good = [
+        exchange(Method::DELETE, "/v1/tokens/abc123", 200, json, token.clone()),
+        exchange(Method::GET, "/v1/tokens", 200, json, json!([token])),
+        exchange(Method::PUT, "/v1/nodes", 405, json, error.clone()),
+        exchange(Method::GET, "/v1/nowhere", 404, json, json!({"error": {"code": "not_found", "message": "no"}})),
+        exchange(Method::GET, "/healthz", 200, "text/plain; charset=utf-8", json!("ok\n")),
+    ];
+    for e in &good {
+        assert_eq!(contract.check(e), Ok(()), "{e:?}");
+    }
+    let mut extra_field = token.clone();
+    extra_field["secret"] = json!("x");
+    let mut missing_field = token.clone();
+    missing_field.as_object_mut().unwrap().remove("pool");
+    let mut bad_status = token.clone();
+    bad_status["status"] = json!("lost");
+    let bad = [
+        exchange(Method::DELETE, "/v1/tokens/abc123", 200, json, extra_field.clone()),
+        exchange(Method::GET, "/v1/tokens", 200, json, json!([extra_field])),
+        exchange(Method::DELETE, "/v1/tokens/abc123", 200, json, missing_field),
+        exchange(Method::DELETE, "/v1/tokens/abc123", 200, json, bad_status),
+        exchange(Method::GET, "/v1/nodes", 409, json, error.clone()),
+        exchange(Method::PUT, "/v1/nodes", 405, json, json!("")),
+        exchange(Method::PUT, "/v1/nodes", 404, json, error.clone()),
+        exchange(Method::GET, "/v1/nowhere", 500, json, error.clone()),
+        exchange(Method::GET, "/v1/nodes/x", 404, json, json!({"error": {"code": "gone", "message": "no"}})),
+        exchange(Method::DELETE, "/v1/tokens/abc123", 200, "text/plain", token.clone()),
+        exchange(Method::GET, "/healthz", 200, json, json!({"ok": true})),
+    ];
+    for e in &bad {
+        assert!(contract.check(e).is_err(), "accepted {e:?}");
+    }
 }

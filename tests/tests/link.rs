@@ -105,7 +105,10 @@ async fn a_certificate_superseded_by_re_enrollment_is_refused() {
     let first = raw::enroll_node(addr, pin, &coordinator.admin.token("shared", "5m").await, "node-r").await;
     // The same machine enrolls again (re-imaged) with the token minted to re-enroll it: it keeps its
     // name, and the old certificate dies.
-    let (status, reenroll) = coordinator.admin.request(reqwest::Method::POST, "/v1/nodes/node-r/reenroll", None).await;
+    let (status, reenroll) = coordinator
+        .admin
+        .request(reqwest::Method::POST, "/v1/nodes/node-r/reenroll", Some(serde_json::json!({})))
+        .await;
     assert_eq!(status, 201, "{reenroll}");
     let second = raw::enroll_node(addr, pin, reenroll["token"].as_str().unwrap(), "node-r").await;
     assert_eq!(second.name, "node-r");

@@ -17,7 +17,7 @@
 //! partly used nodes full and empty nodes empty; only when no used node fits is an empty node
 //! opened, the one with the most room (largest first), so fewer nodes are used and big tenants
 //! still find room. Kubernetes' LeastAllocated and MostAllocated and first fit are available as
-//! baselines ([`baselines`]) for the benchmark ([`bench`]).
+//! baselines ([`baselines`]) for the benchmark (`bench`, behind the `testing` feature).
 //!
 //! **Speed.** [`PlacementState`] keeps the room of every eligible node in ordered indexes keyed by
 //! `(free cpu, node)` and `(free memory, node)`, split into used and empty nodes, and updates only
@@ -37,6 +37,8 @@
 //! deleting a tenant frees all it held.
 
 pub mod baselines;
+/// Benchmark helpers for `hexa-bench`; not part of the release library.
+#[cfg(any(test, feature = "testing"))]
 pub mod bench;
 mod room;
 mod state;
@@ -181,7 +183,7 @@ pub enum Request {
 }
 
 /// Dedicated nodes asked of (or withdrawn from) the node provisioner.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord, utoipa::ToSchema)]
 pub struct ProvisionRequest {
     pub tenant: String,
     pub node_class: String,
