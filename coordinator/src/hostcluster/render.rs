@@ -37,8 +37,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use hexa_shared::names::{TENANT_LABEL_PREFIX, tenant_label, tenant_namespace};
 use hexa_shared::quantity::format_cpu_millis;
-use hexa_shared::spec::{DEDICATED_TAINT, POOL_LABEL, Taint, TaintEffect, tenant_label};
+use hexa_shared::spec::{DEDICATED_TAINT, POOL_LABEL, Taint, TaintEffect};
 use hexa_shared::tenant::{NodeClass, Plan, Tenant, TenantError};
 
 /// Field manager of every server-side apply of these objects.
@@ -53,18 +54,11 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const HELM_CHART_NAMESPACE: &str = "kube-system";
 /// The chart installed for every tenant.
 pub const CHART_NAME: &str = "vcluster";
-/// Prefix of the per-tenant node label (see [`tenant_label`]).
-pub const TENANT_NODE_LABEL_PREFIX: &str = "tenant.hexabase.ai/";
 /// Node label that spreads control-plane replicas over distinct nodes.
 pub const HOSTNAME_TOPOLOGY_KEY: &str = "kubernetes.io/hostname";
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-
-/// The host namespace of a tenant's vCluster: `hx-<tenant>`.
-pub fn namespace_name(tenant: &str) -> String {
-    format!("hx-{tenant}")
-}
 
 /// The name of the tenant's `HelmChart`, which is also its Helm release and the name of the
 /// vCluster StatefulSet in the tenant namespace: `vcluster-<tenant>`.
@@ -75,7 +69,7 @@ pub fn release_name(tenant: &str) -> String {
 /// True for the node labels this module renders (and so a reconciler may remove when no tenant
 /// needs them any more).
 pub fn is_managed_label(key: &str) -> bool {
-    key == POOL_LABEL || key.starts_with(TENANT_NODE_LABEL_PREFIX)
+    key == POOL_LABEL || key.starts_with(TENANT_LABEL_PREFIX)
 }
 
 /// True for the node taints this module renders.
@@ -680,7 +674,7 @@ pub fn namespace(tenant: &Tenant, settings: &RenderSettings) -> Namespace {
     Namespace {
         api_version: "v1",
         kind: "Namespace",
-        metadata: ObjectMeta { name: namespace_name(&tenant.name), namespace: None, labels },
+        metadata: ObjectMeta { name: tenant_namespace(&tenant.name), namespace: None, labels },
     }
 }
 
@@ -896,7 +890,7 @@ pub fn helm_chart(tenant: &Tenant, classes: &[NodeClass], settings: &RenderSetti
             chart: CHART_NAME.to_string(),
             repo: settings.chart_repo.clone(),
             version: settings.chart_version.clone(),
-            target_namespace: namespace_name(&tenant.name),
+            target_namespace: tenant_namespace(&tenant.name),
             create_namespace: false,
             failure_policy: settings.failure_policy,
             values_content: to_yaml("vCluster values", &values)?,

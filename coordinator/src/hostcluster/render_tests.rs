@@ -569,9 +569,9 @@ fn settings_come_from_the_hostcluster_table_with_defaults() {
 fn names_fit_kubernetes_and_helm_limits() {
     let longest = "a".repeat(hexa_shared::names::MAX_TENANT_NAME);
     // A namespace is a DNS label (63); a Helm release name is at most 53 characters.
-    assert!(namespace_name(&longest).len() <= 63);
+    assert!(tenant_namespace(&longest).len() <= 63);
     assert!(release_name(&longest).len() <= 53);
-    assert_eq!(namespace_name("acme"), "hx-acme");
+    assert_eq!(tenant_namespace("acme"), "hx-acme");
     assert_eq!(release_name("acme"), "vcluster-acme");
 }
 
