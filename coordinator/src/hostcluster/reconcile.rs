@@ -24,6 +24,7 @@ use tokio::sync::Mutex;
 use hexa_shared::names::{tenant_label, tenant_namespace};
 use hexa_shared::tenant::{NodeClass, Phase, Tenant, reasons};
 
+use super::helmchart::HelmChart;
 use super::render::{self, FIELD_MANAGER, HELM_CHART_NAMESPACE, Mode, NodeMarks, RenderSettings};
 use crate::tenants::Tenants;
 
@@ -122,13 +123,7 @@ pub struct HostCluster {
 }
 
 fn helm_chart_resource() -> ApiResource {
-    ApiResource {
-        group: "helm.cattle.io".into(),
-        version: "v1".into(),
-        api_version: "helm.cattle.io/v1".into(),
-        kind: "HelmChart".into(),
-        plural: "helmcharts".into(),
-    }
+    ApiResource::erase::<HelmChart>(&())
 }
 
 fn core_resource(kind: &str, plural: &str) -> ApiResource {

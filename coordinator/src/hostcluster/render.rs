@@ -42,6 +42,8 @@ use hexa_shared::quantity::format_cpu_millis;
 use hexa_shared::spec::{DEDICATED_TAINT, POOL_LABEL, Taint, TaintEffect};
 use hexa_shared::tenant::{NodeClass, Plan, Tenant, TenantError};
 
+pub use super::helmchart::FailurePolicy;
+
 /// Field manager of every server-side apply of these objects.
 pub const FIELD_MANAGER: &str = "hexa-coordinator";
 /// Label naming the tenant an object belongs to.
@@ -248,14 +250,6 @@ impl PodSecurityLevel {
     pub fn host_enforce(self) -> PodSecurityLevel {
         self.min(PodSecurityLevel::Baseline)
     }
-}
-
-/// `spec.failurePolicy` of the HelmChart.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum FailurePolicy {
-    Abort,
-    Reinstall,
 }
 
 /// Backing store of a three-replica control plane.
