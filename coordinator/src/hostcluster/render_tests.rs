@@ -1,7 +1,10 @@
 use super::*;
 
+use std::collections::BTreeMap;
+
+use hexa_shared::names::tenant_namespace;
 use hexa_shared::quantity::{parse_bytes, parse_cpu_millis};
-use hexa_shared::tenant::{DedicatedPlan, Phase, Placement, Share, SharedPlan};
+use hexa_shared::tenant::{DedicatedPlan, NodeClass, Phase, Placement, Plan, Share, SharedPlan, Tenant};
 use serde_json::{Value, json};
 
 /// The upstream reference data, in `shared/` beside the repository.
@@ -210,7 +213,7 @@ fn every_values_document_validates_against_the_chart_schema() {
             );
             // What the HelmChart carries is the same document.
             let chart = helm_chart(&tenant, &classes(), &settings).unwrap();
-            let carried: Value = serde_norway::from_str(&chart.spec.values_content).unwrap();
+            let carried: Value = serde_norway::from_str(chart.spec.values_content.as_deref().unwrap()).unwrap();
             assert_eq!(carried, values, "{} ({variant}): valuesContent differs from the values", tenant.name);
         }
     }
@@ -684,4 +687,19 @@ fn helm_chart_type_has_the_crds_names_scope_and_spec_fields() {
         empty,
         json!({"apiVersion": "helm.cattle.io/v1", "kind": "HelmChart", "metadata": {"name": "x"}, "spec": {}})
     );
+}
+
+#[test]
+fn a_node_patch_without_marks_names_only_the_node() {
+    // Applied to a node that no longer holds a tenant, it releases every label and taint of ours.
+    let patch = serde_json::to_value(node_patch("idle", &NodeMarks::default())).unwrap();
+    assert_eq!(patch, json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "idle"}}));
+    let marks = node_marks(&initech());
+    let (node, marks) = marks.iter().next().unwrap();
+    let patch = serde_json::to_value(node_patch(node, marks)).unwrap();
+    assert_eq!(
+        patch["spec"],
+        json!({"taints": [{"key": "hexabase.ai/dedicated", "value": "initech", "effect": "NoSchedule"}]})
+    );
+    assert_eq!(patch["metadata"]["labels"]["tenant.hexabase.ai/initech"], "true");
 }
