@@ -28,29 +28,14 @@
 //! [`FakeKube::fail_next`], [`FakeKube::fail_all`], [`FakeKube::set_down`] and
 //! [`FakeKube::set_latency`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::convert::Infallible;
 use std::fmt;
 use std::io;
-use std::net::{Shutdown, SocketAddr};
-use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::State as AxState;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::Response;
 use serde_json::{Map, Value, json};
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::runtime::Handle;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 /// Field manager the fake helm-controller writes with.
@@ -85,14 +70,8 @@ mod watch;
 
 pub use types::*;
 
-use apply::*;
-use discovery::*;
-use errors::*;
-use http::*;
-use selectors::*;
-use store::*;
-use validation::*;
-use watch::*;
+use http::{Shared, bind, spawn_server};
+use store::Key;
 
 // =============================================================================================
 // The server handle

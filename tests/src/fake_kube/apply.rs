@@ -1,7 +1,17 @@
 //! Server-side apply: field ownership (`managedFields`), conflicts, and the object surgery that
 //! merges an applied configuration into the live object.
 
-use super::*;
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value, json};
+
+use super::errors::{ApiError, Cause, conflict_error, patch_options_invalid};
+use super::http::{
+    Reply, Req, check_name_matches, check_namespace_matches, check_type_meta, field_validation, now_rfc3339,
+    parse_object,
+};
+use super::store::{FieldPath, Key, ManagerEntry, Operation, Owner, State, Sub};
+use super::types::ResourceDef;
 
 impl State {
     /// Server-side apply.

@@ -1,7 +1,19 @@
 //! The controllers a test plays: helm-controller, the Job and StatefulSet controllers, the
 //! namespace controller.
 
-use super::*;
+use std::collections::BTreeSet;
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::apply::{finalizers, is_deleting, meta_str, set_map_entry};
+use super::http::{escape_pointer, now_rfc3339};
+use super::store::{Key, Owner, State, Sub};
+use super::types::NamespaceDeletion;
+use super::{
+    HELM_CHART_FINALIZER, HELM_CHART_LABEL, HELM_CONFIG_HASH_ANNOTATION, HELM_CONTROLLER_MANAGER,
+    HELM_MANAGED_BY_ANNOTATION, HELM_UNMANAGED_ANNOTATION,
+};
 
 impl State {
     /// Lets the controllers react to what changed, until nothing more does.

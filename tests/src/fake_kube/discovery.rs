@@ -1,6 +1,12 @@
 //! Discovery: `/version`, the legacy group and resource documents, and aggregated discovery.
 
-use super::*;
+use std::collections::BTreeSet;
+
+use serde_json::{Value, json};
+
+use super::http::Reply;
+use super::store::State;
+use super::types::ResourceDef;
 
 pub(super) fn version_document() -> Value {
     json!({

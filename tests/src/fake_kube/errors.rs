@@ -1,6 +1,12 @@
 //! Errors as the API server writes them: the `Status` envelope with its reasons and causes.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use super::apply::dotted;
+use super::store::{FieldPath, ManagerEntry};
+use super::types::{ResourceDef, Verb};
 
 #[derive(Debug, Clone)]
 pub(super) struct ApiError {

@@ -1,7 +1,34 @@
 //! HTTP plumbing (a listener that can be closed, connections that can be cut), requests and
 //! replies, routing, and the patch formats.
 
-use super::*;
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State as AxState;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::Response;
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use super::apply::{meta_str, set_meta};
+use super::errors::ApiError;
+use super::store::{FieldValidation, State};
+use super::types::ResourceDef;
+use super::validation::json_type_name;
+use super::watch::{WatchSpec, watch_stream};
+use super::{lock, spawn_timers};
 
 pub(super) struct Shared {
     pub(super) state: Mutex<State>,

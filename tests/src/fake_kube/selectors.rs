@@ -1,6 +1,11 @@
 //! Label and field selectors, and list continuation tokens.
 
-use super::*;
+use serde_json::Value;
+
+use super::apply::meta_str;
+use super::errors::ApiError;
+use super::http::Req;
+use super::validation::qualified_name;
 
 #[derive(Debug, Clone)]
 pub(super) enum LabelReq {

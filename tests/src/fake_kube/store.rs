@@ -1,6 +1,29 @@
 //! The objects, their keys and events, and the verbs that read and write them.
 
-use super::*;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::Method;
+use serde_json::{Value, json};
+
+use super::apply::{
+    bump_generation, check_finalizers_while_deleting, check_resource_version, clear_server_meta, compose_update,
+    content, copy_server_meta, finalizers, is_deleting, list_item, meta_str, namespace_defaults, owned_leaves,
+    ownership_after_update, remove_key, set_managed_fields, set_meta,
+};
+use super::discovery::version_document;
+use super::errors::{ApiError, Cause, method_not_allowed, patch_options_invalid, unsupported_media_type};
+use super::http::{
+    Reply, Req, ResourcePath, Route, apply_json_patch, check_name_matches, check_namespace_matches, check_type_meta,
+    field_validation, merge_patch, now_rfc3339, parse_object, parse_route,
+};
+use super::selectors::{Selector, decode_continue, encode_continue};
+use super::types::{
+    Fault, HelmControllerSettings, NamespaceDeletion, RequestRecord, ResourceDef, Verb, builtin_resources,
+};
+use super::validation::CrdSchema;
+use super::{EVENT_HISTORY, REQUEST_LOG};
 
 /// A field path: map keys from the object's root. Lists are atomic, so paths never go inside one.
 pub(super) type FieldPath = Vec<String>;

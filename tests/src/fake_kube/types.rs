@@ -1,6 +1,6 @@
 //! What tests name: verbs, faults, the request log, resource definitions, controller settings.
 
-use super::*;
+use std::time::Duration;
 
 /// The verbs of the Kubernetes API, as RBAC names them; [`Verb::Any`] matches every verb.
 /// Server-side apply is a `Patch`.

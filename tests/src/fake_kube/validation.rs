@@ -1,6 +1,16 @@
 //! Validation: names, labels, taints, and the HelmChart CRD schema (pruning, defaults).
 
-use super::*;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::HELMCHART_CRD;
+use super::apply::{dotted, finalizers, get_path, meta_str};
+use super::errors::{ApiError, Cause};
+use super::store::{FieldPath, FieldValidation, State};
+use super::types::ResourceDef;
 
 /// The HelmChart CRD's `openAPIV3Schema`, compiled once per process.
 pub(super) struct CrdSchema {

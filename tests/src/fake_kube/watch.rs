@@ -1,6 +1,18 @@
 //! Watches: event lines, resuming from a resourceVersion, expiry.
 
-use super::*;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use serde_json::{Value, json};
+
+use super::errors::ApiError;
+use super::http::{Reply, Req, Shared};
+use super::selectors::Selector;
+use super::store::{Key, State};
+use super::types::ResourceDef;
 
 pub(super) struct WatchSpec {
     pub(super) group: String,
