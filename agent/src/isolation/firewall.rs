@@ -55,7 +55,7 @@
 //! - `system`: [`SystemFirewall`], the kernel through `iptables-restore` and `ipset restore`;
 //! - `memory`, `recording`: [`MemoryFirewall`], an in-memory kernel, and [`Recording`], which keeps
 //!   every batch applied through a firewall, for tests and dry runs;
-//! - [`bench`]: the batch against one command per rule.
+//! - [`bench`](mod@bench): the batch against one command per rule.
 
 use hexa_shared::isolation::{IsolationError, IsolationSpec};
 use tracing::{debug, info};

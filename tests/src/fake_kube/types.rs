@@ -45,7 +45,7 @@ pub enum NamespaceDeletion {
     /// (those with finalizers wait for them), and the namespace is removed once it is empty.
     Immediate,
     /// The namespace stays `Terminating` (and refuses new content) until the test calls
-    /// [`FakeKube::finish_namespace_deletion`].
+    /// [`FakeKube::finish_namespace_deletion`](super::FakeKube::finish_namespace_deletion).
     Manual,
     /// As `Manual`, with the fake calling `finish_namespace_deletion` itself after this long.
     After(Duration),

@@ -74,7 +74,7 @@ pub fn node_marks(tenant: &Tenant) -> BTreeMap<String, NodeMarks> {
 }
 
 /// The labels and taints of every node, over all `tenants`: what a reconciler makes each node carry
-/// (managed keys, see [`is_managed_label`] and [`is_managed_taint`], not listed for a node are
+/// (managed keys, see [`is_managed_label`](super::is_managed_label) and [`is_managed_taint`](super::is_managed_taint), not listed for a node are
 /// removed from it). Fails when two tenants' placements disagree about a node: a node shared by one
 /// and dedicated to another, or dedicated to two.
 pub fn merge_node_marks<'a>(
