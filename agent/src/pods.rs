@@ -48,7 +48,7 @@ pub trait PodSource: Send + Sync + std::fmt::Debug {
 
 /// The tenant of a pod in host namespace `namespace`.
 pub fn tenant_of(namespace: &str) -> Option<String> {
-    namespace.strip_prefix("hx-").filter(|t| hexa_shared::names::validate_tenant_name(t).is_ok()).map(str::to_string)
+    hexa_shared::names::tenant_of_namespace(namespace).map(str::to_string)
 }
 
 /// Reads a `kubectl get pods -o json` list.

@@ -253,7 +253,7 @@ impl Tenants {
         tenant.set_condition(
             ConditionType::Ready,
             ready,
-            if ready { "Ready" } else { reasons::DEPLOYING },
+            if ready { reasons::READY } else { reasons::DEPLOYING },
             ready_message,
             now,
         );

@@ -10,6 +10,26 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const MAX_TENANT_NAME: usize = 40;
 /// Longest node name (a DNS label, as Kubernetes node names are here).
 pub const MAX_NODE_NAME: usize = 63;
+/// Prefix of a tenant's namespace on the host cluster (see [`tenant_namespace`]).
+pub const TENANT_NAMESPACE_PREFIX: &str = "hx-";
+/// Prefix of the per-tenant node label key (see [`tenant_label`]).
+pub const TENANT_LABEL_PREFIX: &str = "tenant.hexabase.ai/";
+
+/// The host namespace of a tenant's vCluster: `hx-<tenant>`.
+pub fn tenant_namespace(tenant: &str) -> String {
+    format!("{TENANT_NAMESPACE_PREFIX}{tenant}")
+}
+
+/// The tenant whose host namespace is `namespace`, if it is one (`hx-<valid tenant name>`).
+pub fn tenant_of_namespace(namespace: &str) -> Option<&str> {
+    namespace.strip_prefix(TENANT_NAMESPACE_PREFIX).filter(|tenant| validate_tenant_name(tenant).is_ok())
+}
+
+/// Label key that marks a node as holding a share of `tenant` (or as dedicated to it):
+/// `tenant.hexabase.ai/<tenant>`.
+pub fn tenant_label(tenant: &str) -> String {
+    format!("{TENANT_LABEL_PREFIX}{tenant}")
+}
 
 /// The pool a node joins; a bootstrap token names it and the node keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -162,6 +182,20 @@ mod tests {
         }
         assert!(validate_tenant_name(&"t".repeat(40)).is_ok());
         assert!(validate_tenant_name(&"t".repeat(41)).unwrap_err().to_string().contains("40"));
+    }
+
+    #[test]
+    fn tenant_namespaces_and_labels() {
+        assert_eq!(tenant_namespace("acme"), "hx-acme");
+        assert_eq!(tenant_of_namespace("hx-acme"), Some("acme"));
+        assert_eq!(tenant_of_namespace(&tenant_namespace(&"t".repeat(40))), Some("t".repeat(40).as_str()));
+        for not_a_tenant in ["hx-", "hx-Bad_Name", "kube-system", "acme"] {
+            assert_eq!(tenant_of_namespace(not_a_tenant), None, "{not_a_tenant}");
+        }
+        assert_eq!(tenant_label("acme"), "tenant.hexabase.ai/acme");
+        // Both must stay valid Kubernetes names for the longest tenant name.
+        assert!(tenant_namespace(&"t".repeat(MAX_TENANT_NAME)).len() <= 63);
+        assert!(tenant_label(&"t".repeat(MAX_TENANT_NAME)).split_once('/').unwrap().1.len() <= 63);
     }
 
     #[test]

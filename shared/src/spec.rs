@@ -42,10 +42,7 @@ pub struct TenantAllocation {
     pub control_plane: bool,
 }
 
-/// Label that marks a node as holding a share of `tenant`.
-pub fn tenant_label(tenant: &str) -> String {
-    format!("tenant.hexabase.ai/{tenant}")
-}
+pub use crate::names::tenant_label;
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Taint {

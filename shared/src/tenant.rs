@@ -276,8 +276,6 @@ pub enum Phase {
     /// Accepted and persisted, not yet placed.
     #[default]
     Pending,
-    /// A placement is being decided.
-    Placing,
     /// Waiting for dedicated nodes to be provisioned and to register.
     Provisioning,
     /// Placed; the vCluster is being installed or moved.
@@ -302,8 +300,6 @@ impl fmt::Display for Phase {
 pub enum ConditionType {
     /// Every share (or dedicated node) of the plan has a node.
     Placed,
-    /// Every dedicated node the plan needs is registered.
-    NodesReady,
     /// The vCluster objects are applied on the host cluster.
     Deployed,
     /// The vCluster control plane answers.
@@ -327,14 +323,12 @@ pub struct Condition {
 /// Reasons used in [`Condition::reason`].
 pub mod reasons {
     pub const PLACED: &str = "Placed";
-    pub const NO_ROOM: &str = "NoRoom";
     pub const AWAITING_NODES: &str = "AwaitingNodes";
     pub const NODE_LOST: &str = "NodeLost";
-    pub const DRAINING: &str = "Draining";
-    pub const PLAN_CHANGING: &str = "PlanChanging";
     pub const DEPLOYING: &str = "Deploying";
     pub const DEPLOYED: &str = "Deployed";
     pub const DEPLOY_FAILED: &str = "DeployFailed";
+    pub const READY: &str = "Ready";
     pub const DELETING: &str = "Deleting";
 }
 

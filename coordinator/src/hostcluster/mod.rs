@@ -8,6 +8,10 @@
 //! - [`render`]: the pure half. Functions from a tenant and [`render::RenderSettings`] to those
 //!   objects (and to YAML files for the `manifests` mode). No I/O, no clock; everything applied to
 //!   the cluster or written to disk comes from here, so the snapshot tests show it exactly.
+//! - [`helmchart`]: the K3s `HelmChart` custom resource type.
+//! - [`reconcile`]: the effects: applies those objects with server-side apply, or writes them as
+//!   manifests.
 
+pub mod helmchart;
 pub mod reconcile;
 pub mod render;

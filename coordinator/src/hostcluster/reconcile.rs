@@ -21,8 +21,10 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use hexa_shared::tenant::{NodeClass, Phase, Tenant};
+use hexa_shared::names::{tenant_label, tenant_namespace};
+use hexa_shared::tenant::{NodeClass, Phase, Tenant, reasons};
 
+use super::helmchart::HelmChart;
 use super::render::{self, FIELD_MANAGER, HELM_CHART_NAMESPACE, Mode, NodeMarks, RenderSettings};
 use crate::tenants::Tenants;
 
@@ -73,7 +75,7 @@ impl HostClusterError {
             HostClusterError::Kube { what, source } => {
                 ("ApiServerUnreachable", format!("{what}: cannot reach the host cluster's API server: {source}"))
             }
-            HostClusterError::InstallFailed(message) => ("DeployFailed", message.clone()),
+            HostClusterError::InstallFailed(message) => (reasons::DEPLOY_FAILED, message.clone()),
             other => ("RenderFailed", other.to_string()),
         }
     }
@@ -121,13 +123,7 @@ pub struct HostCluster {
 }
 
 fn helm_chart_resource() -> ApiResource {
-    ApiResource {
-        group: "helm.cattle.io".into(),
-        version: "v1".into(),
-        api_version: "helm.cattle.io/v1".into(),
-        kind: "HelmChart".into(),
-        plural: "helmcharts".into(),
-    }
+    ApiResource::erase::<HelmChart>(&())
 }
 
 fn core_resource(kind: &str, plural: &str) -> ApiResource {
@@ -320,7 +316,7 @@ impl HostCluster {
 
     /// Applies a tenant's namespace and HelmChart; returns whether its vCluster is up.
     async fn realize(&self, client: &kube::Client, tenant: &Tenant) -> Result<bool, HostClusterError> {
-        let namespace = render::namespace_name(&tenant.name);
+        let namespace = tenant_namespace(&tenant.name);
         let release = render::release_name(&tenant.name);
         let namespaces = Api::<DynamicObject>::all_with(client.clone(), &core_resource("Namespace", "namespaces"));
         let ns = serde_json::to_value(render::namespace(tenant, &self.settings)).unwrap_or_default();
@@ -407,7 +403,7 @@ impl HostCluster {
     /// Returns true once nothing of the tenant is left, node marks included.
     async fn tear_down(&self, client: &kube::Client, tenant: &str) -> Result<bool, HostClusterError> {
         let release = render::release_name(tenant);
-        let namespace = render::namespace_name(tenant);
+        let namespace = tenant_namespace(tenant);
         let charts =
             Api::<DynamicObject>::namespaced_with(client.clone(), HELM_CHART_NAMESPACE, &helm_chart_resource());
         if let Some(chart) = charts.get_opt(&release).await.map_err(kube_err(format!("reading HelmChart {release}")))? {
@@ -435,7 +431,7 @@ impl HostCluster {
             return Ok(false);
         }
         let nodes = Api::<DynamicObject>::all_with(client.clone(), &core_resource("Node", "nodes"));
-        let label = format!("{}{tenant}", render::TENANT_NODE_LABEL_PREFIX);
+        let label = tenant_label(tenant);
         let marked = nodes.list(&ListParams::default().labels(&label)).await.map_err(kube_err("listing Nodes"))?;
         Ok(marked.items.is_empty())
     }

@@ -1,7 +1,10 @@
 use super::*;
 
+use std::collections::BTreeMap;
+
+use hexa_shared::names::tenant_namespace;
 use hexa_shared::quantity::{parse_bytes, parse_cpu_millis};
-use hexa_shared::tenant::{DedicatedPlan, Phase, Placement, Share, SharedPlan};
+use hexa_shared::tenant::{DedicatedPlan, NodeClass, Phase, Placement, Plan, Share, SharedPlan, Tenant};
 use serde_json::{Value, json};
 
 /// The upstream reference data, in `shared/` beside the repository.
@@ -210,7 +213,7 @@ fn every_values_document_validates_against_the_chart_schema() {
             );
             // What the HelmChart carries is the same document.
             let chart = helm_chart(&tenant, &classes(), &settings).unwrap();
-            let carried: Value = serde_norway::from_str(&chart.spec.values_content).unwrap();
+            let carried: Value = serde_norway::from_str(chart.spec.values_content.as_deref().unwrap()).unwrap();
             assert_eq!(carried, values, "{} ({variant}): valuesContent differs from the values", tenant.name);
         }
     }
@@ -569,9 +572,9 @@ fn settings_come_from_the_hostcluster_table_with_defaults() {
 fn names_fit_kubernetes_and_helm_limits() {
     let longest = "a".repeat(hexa_shared::names::MAX_TENANT_NAME);
     // A namespace is a DNS label (63); a Helm release name is at most 53 characters.
-    assert!(namespace_name(&longest).len() <= 63);
+    assert!(tenant_namespace(&longest).len() <= 63);
     assert!(release_name(&longest).len() <= 53);
-    assert_eq!(namespace_name("acme"), "hx-acme");
+    assert_eq!(tenant_namespace("acme"), "hx-acme");
     assert_eq!(release_name("acme"), "vcluster-acme");
 }
 
@@ -609,4 +612,94 @@ fn manifests_are_yaml_files_of_the_applied_objects() {
     );
     let shared: Value = serde_norway::from_str(&nodes[2].1).unwrap();
     assert!(shared.get("spec").is_none(), "a shared node gets no taint");
+}
+
+#[test]
+fn helm_chart_type_has_the_crds_names_scope_and_spec_fields() {
+    use kube::Resource;
+
+    use crate::hostcluster::helmchart::{HelmChart, HelmChartSpec, HelmChartStatus, HelmChartValuesSecret};
+
+    let crd: Value = serde_norway::from_str(&read_reference(HELMCHART_CRD)).unwrap();
+    let resource = kube::core::ApiResource::erase::<HelmChart>(&());
+    assert_eq!(resource.group, crd["spec"]["group"]);
+    assert_eq!(resource.kind, crd["spec"]["names"]["kind"]);
+    assert_eq!(resource.plural, crd["spec"]["names"]["plural"]);
+    assert_eq!(resource.version, crd["spec"]["versions"][0]["name"]);
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    assert_eq!(HelmChart::api_version(&()), "helm.cattle.io/v1");
+
+    // Every field set: the serialised spec has exactly the CRD's spec properties, and validates.
+    let spec = HelmChartSpec {
+        chart: Some("vcluster".into()),
+        repo: Some("https://charts.loft.sh".into()),
+        version: Some("0.36.1".into()),
+        target_namespace: Some("hx-acme".into()),
+        create_namespace: Some(false),
+        failure_policy: Some(FailurePolicy::Reinstall),
+        values_content: Some("a: 1\n".into()),
+        auth_pass_credentials: Some(false),
+        auth_secret: Some(k8s_openapi::api::core::v1::LocalObjectReference { name: "auth".into() }),
+        back_off_limit: Some(3),
+        bootstrap: Some(false),
+        chart_content: Some("H4sI".into()),
+        docker_registry_secret: Some(k8s_openapi::api::core::v1::LocalObjectReference { name: "registry".into() }),
+        driver: Some(crate::hostcluster::helmchart::HelmDriver::Configmap),
+        helm_version: Some("v3".into()),
+        insecure_skip_tls_verify: Some(false),
+        job_image: Some("rancher/klipper-helm:v0.9.4".into()),
+        plain_http: Some(false),
+        pod_security_context: Some(k8s_openapi::api::core::v1::PodSecurityContext {
+            run_as_non_root: Some(true),
+            ..Default::default()
+        }),
+        repo_ca: Some("-----BEGIN CERTIFICATE-----".into()),
+        repo_ca_config_map: Some(k8s_openapi::api::core::v1::LocalObjectReference { name: "ca".into() }),
+        security_context: Some(k8s_openapi::api::core::v1::SecurityContext {
+            read_only_root_filesystem: Some(true),
+            ..Default::default()
+        }),
+        set: Some(BTreeMap::from([(
+            "replicas".to_string(),
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1),
+        )])),
+        take_ownership: Some(false),
+        timeout: Some("5m0s".into()),
+        values: Some(json!({"a": {"b": 1}})),
+        values_secrets: Some(vec![HelmChartValuesSecret {
+            name: Some("values".into()),
+            keys: Some(vec!["values.yaml".into()]),
+            ignore_updates: Some(false),
+        }]),
+    };
+    let mut chart = HelmChart::new("vcluster-acme", spec);
+    chart.metadata.namespace = Some(HELM_CHART_NAMESPACE.into());
+    chart.status = Some(HelmChartStatus { conditions: None, job_name: Some("helm-install-vcluster-acme".into()) });
+    let document = serde_json::to_value(&chart).unwrap();
+    let ours: Vec<&String> = document["spec"].as_object().unwrap().keys().collect();
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let theirs: Vec<&String> = schema["properties"]["spec"]["properties"].as_object().unwrap().keys().collect();
+    assert_eq!(ours, theirs);
+    assert_eq!(errors(&helm_chart_validator(), &document), Vec::<String>::new());
+    // And what is unset is left out, not written as null.
+    let empty = serde_json::to_value(HelmChart::new("x", HelmChartSpec::default())).unwrap();
+    assert_eq!(
+        empty,
+        json!({"apiVersion": "helm.cattle.io/v1", "kind": "HelmChart", "metadata": {"name": "x"}, "spec": {}})
+    );
+}
+
+#[test]
+fn a_node_patch_without_marks_names_only_the_node() {
+    // Applied to a node that no longer holds a tenant, it releases every label and taint of ours.
+    let patch = serde_json::to_value(node_patch("idle", &NodeMarks::default())).unwrap();
+    assert_eq!(patch, json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "idle"}}));
+    let marks = node_marks(&initech());
+    let (node, marks) = marks.iter().next().unwrap();
+    let patch = serde_json::to_value(node_patch(node, marks)).unwrap();
+    assert_eq!(
+        patch["spec"],
+        json!({"taints": [{"key": "hexabase.ai/dedicated", "value": "initech", "effect": "NoSchedule"}]})
+    );
+    assert_eq!(patch["metadata"]["labels"]["tenant.hexabase.ai/initech"], "true");
 }

@@ -260,7 +260,9 @@ async fn hostcluster(count: usize) -> anyhow::Result<()> {
     let began = Instant::now();
     for tenant in &all {
         let ns = serde_json::to_value(render::namespace(tenant, &settings))?;
-        namespaces.patch(&render::namespace_name(&tenant.name), &params, &kube::api::Patch::Apply(&ns)).await?;
+        namespaces
+            .patch(&hexa_shared::names::tenant_namespace(&tenant.name), &params, &kube::api::Patch::Apply(&ns))
+            .await?;
         let chart = serde_json::to_value(render::helm_chart(tenant, &classes, &settings)?)?;
         charts.patch(&render::release_name(&tenant.name), &params, &kube::api::Patch::Apply(&chart)).await?;
     }
