@@ -57,6 +57,14 @@ pub async fn enroll_bytes(addr: SocketAddr, pin: CaHash, frame: &[u8]) -> Result
     }
 }
 
+/// The code and message of an enrollment that must have been refused.
+pub fn refusal_of(answer: Result<EnrollResponse, String>) -> (hexa_shared::proto::RefusalCode, String) {
+    match answer {
+        Ok(EnrollResponse::Refused(r)) => (r.code, r.message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 pub async fn enroll(addr: SocketAddr, pin: CaHash, req: &EnrollRequest) -> Result<EnrollResponse, String> {
     enroll_bytes(addr, pin, &wire::encode_frame(req).map_err(|e| e.to_string())?).await
 }

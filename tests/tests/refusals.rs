@@ -12,12 +12,7 @@ use hexa_tests::admin::metric;
 use hexa_tests::procs::CoordinatorProc;
 use hexa_tests::{eventually, free_port, inproc, raw};
 
-fn refusal_of(answer: Result<EnrollResponse, String>) -> (RefusalCode, String) {
-    match answer {
-        Ok(EnrollResponse::Refused(r)) => (r.code, r.message),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
+use raw::refusal_of;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peers_are_refused_with_reasons_while_others_are_served() {

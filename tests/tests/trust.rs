@@ -15,12 +15,7 @@ use hexa_tests::admin::metric;
 use hexa_tests::procs::CoordinatorProc;
 use hexa_tests::{eventually, free_port, inproc, raw};
 
-fn refusal_of(answer: Result<EnrollResponse, String>) -> (RefusalCode, String) {
-    match answer {
-        Ok(EnrollResponse::Refused(r)) => (r.code, r.message),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
+use raw::refusal_of;
 
 /// Opens a link with `creds` and waits for the welcome.
 async fn welcomed_link(addr: std::net::SocketAddr, creds: &raw::NodeCreds) -> raw::RawLink {
@@ -166,8 +161,15 @@ async fn a_deleted_node_loses_its_link_its_shares_and_its_marks() {
     let index = ["d-1", "d-2", "d-3"].iter().position(|n| *n == victim).unwrap();
     let identity = hexa_agent::state::StateDir::open(&agents[index].config.state_dir).unwrap().load_identity().unwrap();
 
-    let (status, last) = c.admin.request(Method::DELETE, &format!("/v1/nodes/{victim}"), None).await;
-    assert_eq!(status, 200, "{last}");
+    // As an operator does it.
+    let deleted = tokio::process::Command::new(hexa_tests::bin("hexactl"))
+        .args(["--server", &c.admin.base, "-o", "json", "node", "delete", &victim])
+        .env("HEXA_TOKEN", &c.admin.token)
+        .output()
+        .await
+        .unwrap();
+    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
+    let last: serde_json::Value = serde_json::from_slice(&deleted.stdout).unwrap();
     assert_eq!(last["name"], victim.as_str());
 
     // Its link is closed with the reason and its agent stops trying: the certificate opens nothing.
