@@ -31,8 +31,10 @@ pub fn init() {
 /// Path of one of the workspace's binaries, built beside the test executables.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(|deps| deps.parent()).map(PathBuf::from).unwrap_or_default();
+    // A test runs from target/<profile>/deps/<test>, a bench binary from target/<profile>/<bin>;
+    // either way the binaries are in target/<profile>.
+    let parent = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let dir = if parent.ends_with("deps") { parent.parent().map(PathBuf::from).unwrap_or_default() } else { parent };
     let path = dir.join(name);
     assert!(
         path.exists(),
