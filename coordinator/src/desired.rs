@@ -180,3 +180,62 @@ impl K3sPlan {
 pub fn is_sha256_hex(hash: &str) -> bool {
     hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Health;
+
+    fn record(name: &str, pool: Pool, enrolled_at_unix: i64) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            pool: pool.clone(),
+            hostname: name.into(),
+            machine_id: String::new(),
+            provider: Default::default(),
+            enrolled_at_unix,
+            token_id: String::new(),
+            cert_serial: String::new(),
+            previous_cert_serial: None,
+            cert_not_after_unix: 0,
+            health: Health::Ready,
+            health_since_unix: 0,
+            spec: NodeSpec::for_pool(name, &pool, 1),
+            cordoned: false,
+            node_class: None,
+            address: Some(std::net::IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10))),
+            revoked_at_unix: None,
+        }
+    }
+
+    fn plans() -> Plans {
+        Plans {
+            k3s: K3sPlan { settings: K3sSettings::default(), server_secret: "S".into(), agent_secret: "A".into() },
+            isolation: None,
+        }
+    }
+
+    #[test]
+    fn the_same_inputs_give_the_same_spec_and_joiners_wait_for_the_cluster_ca() {
+        let first = record("cp-1", Pool::Server, 1);
+        let second = record("cp-2", Pool::Server, 2);
+        let worker = record("w-1", Pool::Shared, 3);
+        let records = [first.clone(), second.clone(), worker.clone()];
+        let chosen = first_server(&records);
+        assert_eq!(chosen.map(|r| r.name.as_str()), Some("cp-1"));
+        let waiting = Fleet { first_server: chosen, cluster_ca_sha256: None, pods: &[] };
+        let spec = |r: &NodeRecord, fleet: &Fleet<'_>| node_spec(r, 2, Vec::new(), fleet, &plans());
+        assert_eq!(spec(&first, &waiting), spec(&first, &waiting), "pure");
+        let init = spec(&first, &waiting).k3s.unwrap();
+        assert_eq!(init.role, K3sRole::Server { cluster_init: true, server_url: None });
+        assert_eq!((init.token.unwrap().expose(), init.agent_token.unwrap().expose()), ("S", "A"));
+        assert!(spec(&second, &waiting).k3s.is_none() && spec(&worker, &waiting).k3s.is_none());
+        let ca = "f".repeat(64);
+        let known = Fleet { cluster_ca_sha256: Some(&ca), ..waiting };
+        let join = spec(&second, &known).k3s.unwrap();
+        assert_eq!(join.token.unwrap().expose(), format!("K10{ca}::server:S"));
+        assert_eq!(join.role.server_url(), Some("https://10.0.0.10:6443"));
+        let agent = spec(&worker, &known).k3s.unwrap();
+        assert_eq!((agent.token.unwrap().expose(), agent.agent_token), (format!("K10{ca}::node:A").as_str(), None));
+    }
+}

@@ -19,6 +19,8 @@ pub enum TokenError {
     AlreadyUsed { id: String, node: String },
     #[error("ttl must be between 1s and 365d, got {0}")]
     BadTtl(String),
+    #[error("ttl {text:?} is not a duration such as 30m or 1h: {reason}")]
+    UnreadableTtl { text: String, reason: String },
     #[error("{0}")]
     BadClass(String),
     #[error(transparent)]
@@ -79,6 +81,15 @@ pub struct TokenRequest {
     /// For `dedicated:<tenant>` pools: the class of node being admitted (one of the configured
     /// node classes), so placement can bind it.
     pub node_class: Option<String>,
+}
+
+/// A token's lifetime as an operator writes it (`30m`, `1h`, `7d`), or `default` when not given.
+pub fn parse_ttl(text: Option<&str>, default: Duration) -> Result<Duration, TokenError> {
+    match text {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| TokenError::UnreadableTtl { text: text.to_string(), reason: e.to_string() }),
+    }
 }
 
 fn check_ttl(ttl: Duration) -> Result<(), TokenError> {

@@ -195,7 +195,9 @@ impl From<TokenError> for ApiError {
         match e {
             TokenError::NotFound(_) => ApiError::not_found(e.to_string()),
             TokenError::AlreadyUsed { .. } => ApiError::conflict(e.to_string()),
-            TokenError::BadTtl(_) | TokenError::BadClass(_) => ApiError::bad_request(e.to_string()),
+            TokenError::BadTtl(_) | TokenError::UnreadableTtl { .. } | TokenError::BadClass(_) => {
+                ApiError::bad_request(e.to_string())
+            }
             TokenError::Store(e) => {
                 tracing::error!(error = %e, "state database failed");
                 ApiError::new(

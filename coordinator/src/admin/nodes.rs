@@ -108,11 +108,7 @@ async fn reenroll_node(
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     let Path(name) = name?;
     let Json(req) = body?;
-    let ttl = match req.ttl.as_deref() {
-        None => ctx.default_token_ttl,
-        Some(text) => humantime::parse_duration(text)
-            .map_err(|e| ApiError::bad_request(format!("ttl {text:?} is not a duration such as 30m or 1h: {e}")))?,
-    };
+    let ttl = tokens::parse_ttl(req.ttl.as_deref(), ctx.default_token_ttl)?;
     let record = ctx.inventory.record(&name).ok_or_else(|| ApiError::not_found(format!("no node named {name:?}")))?;
     Ok((StatusCode::CREATED, Json(tokens::create_reenroll(&ctx.store, &record, ttl)?)))
 }

@@ -61,11 +61,7 @@ async fn create_token(
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
     let Json(req) = body?;
     let pool: Pool = req.pool.parse()?;
-    let ttl = match req.ttl.as_deref() {
-        None => ctx.default_token_ttl,
-        Some(text) => humantime::parse_duration(text)
-            .map_err(|e| ApiError::bad_request(format!("ttl {text:?} is not a duration such as 30m or 1h: {e}")))?,
-    };
+    let ttl = tokens::parse_ttl(req.ttl.as_deref(), ctx.default_token_ttl)?;
     let request = tokens::TokenRequest { pool, ttl, description: req.description, node_class: req.node_class };
     let created = tokens::create(&ctx.store, request, &ctx.node_classes)?;
     Ok((StatusCode::CREATED, Json(created)))
