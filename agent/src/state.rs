@@ -18,6 +18,9 @@ const NEXT_KEY: &str = "node.key.next";
 const CERT: &str = "node.crt";
 const CA: &str = "ca.crt";
 const SPEC: &str = "spec.json";
+/// A copy of the last spec written whole, kept beside `spec.json`: a `spec.json` that cannot be
+/// read (a bad edit, a broken disk block) must not leave the node without isolation.
+const LAST_GOOD_SPEC: &str = "spec.last-good.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -143,8 +146,30 @@ impl StateDir {
     }
 
     /// The last spec this node applied, which it keeps enforcing while the coordinator is away.
+    /// When `spec.json` cannot be read, the last good copy beside it stands in (logged); when
+    /// neither can, there is nothing to enforce until the coordinator sends a spec, and the agent
+    /// keeps connecting rather than stopping on the same error after every restart.
     pub fn load_spec(&self) -> Result<Option<NodeSpec>, StateError> {
-        let path = self.path(SPEC);
+        match self.read_spec(SPEC) {
+            Err(corrupt @ StateError::Corrupt { .. }) => match self.read_spec(LAST_GOOD_SPEC) {
+                Ok(Some(spec)) => {
+                    tracing::warn!(error = %corrupt, generation = spec.generation, "using the last good spec kept beside it");
+                    Ok(Some(spec))
+                }
+                Ok(None) | Err(_) => {
+                    tracing::error!(
+                        error = %corrupt,
+                        "no readable spec on this node: nothing to enforce until the coordinator sends one"
+                    );
+                    Ok(None)
+                }
+            },
+            other => other,
+        }
+    }
+
+    fn read_spec(&self, name: &str) -> Result<Option<NodeSpec>, StateError> {
+        let path = self.path(name);
         match std::fs::read_to_string(&path) {
             Ok(text) => {
                 serde_json::from_str(&text).map(Some).map_err(|e| StateError::Corrupt { path, message: e.to_string() })
@@ -154,10 +179,12 @@ impl StateDir {
         }
     }
 
-    /// Saves the applied spec, private to root: it carries the node's K3s join token.
+    /// Saves the applied spec, private to root: it carries the node's K3s join token. The copy
+    /// beside it is written second, so that at every moment at least one of the two is whole.
     pub fn save_spec(&self, spec: &NodeSpec) -> Result<(), StateError> {
         let text = serde_json::to_vec_pretty(spec).unwrap_or_default();
         fsutil::write_atomic(&self.path(SPEC), &text, SECRET_MODE)?;
+        fsutil::write_atomic(&self.path(LAST_GOOD_SPEC), &text, SECRET_MODE)?;
         Ok(())
     }
 }
@@ -178,6 +205,24 @@ mod tests {
         let mode = std::fs::metadata(state.path(SPEC)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(state.load_spec().unwrap().map(|s| s.generation), Some(3));
+    }
+
+    #[test]
+    fn an_unreadable_spec_falls_back_to_the_last_good_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert_eq!(state.load_spec().unwrap(), None);
+        let spec = NodeSpec::for_pool("n1", &hexa_shared::names::Pool::Shared, 7);
+        state.save_spec(&spec).unwrap();
+        std::fs::write(state.path(SPEC), "{ not json").unwrap();
+        assert_eq!(state.load_spec().unwrap(), Some(spec.clone()), "the copy stands in");
+        // The next save heals spec.json.
+        state.save_spec(&spec).unwrap();
+        assert_eq!(state.read_spec(SPEC).unwrap(), Some(spec));
+        // Both unreadable: nothing to enforce, and no error that would stop the agent.
+        std::fs::write(state.path(SPEC), "garbage").unwrap();
+        std::fs::write(state.path(LAST_GOOD_SPEC), "garbage").unwrap();
+        assert_eq!(state.load_spec().unwrap(), None);
     }
 
     #[test]

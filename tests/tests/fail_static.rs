@@ -74,3 +74,78 @@ async fn isolation_is_back_in_force_before_the_first_connection() {
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_spec_file_falls_back_to_the_last_good_one_and_then_the_fresh_spec_wins() {
+    if let Some(why) = netns::unavailable(&["ip", "iptables", "ipset"]) {
+        eprintln!("skipped a_corrupt_spec_file_falls_back_to_the_last_good_one_and_then_the_fresh_spec_wins: {why}");
+        return;
+    }
+    let topology = Topology::builder().node("cs", "10.43.1.0/24").build().unwrap();
+    let c = Coordinator::start().await;
+    let agent = c.spawn_agent("cs-node").await;
+    let config = agent.config.clone();
+    let applied = eventually(Duration::from_secs(20), "spec applied", async || {
+        c.admin
+            .node("cs-node")
+            .await
+            .filter(|n| n.health == Health::Ready && n.applied_generation == Some(n.spec_generation))
+    })
+    .await;
+    agent.stop().await;
+
+    // The node last applied isolation one generation behind the coordinator's; then its
+    // spec.json was damaged (the copy beside it is intact).
+    let state = StateDir::open(&config.state_dir).unwrap();
+    let mut spec = state.load_spec().unwrap().expect("a recorded spec");
+    spec.generation = applied.spec_generation - 1;
+    spec.isolation = Some(IsolationSpec {
+        pod_cidr: "10.43.0.0/16".parse().unwrap(),
+        management_cidrs: vec!["192.0.2.0/24".parse().unwrap()],
+        system_pod_ips: Default::default(),
+        tenants: vec![TenantIsolation {
+            tenant: "acme".into(),
+            allocation: TenantAllocation { cpu_millis: 1000, memory_bytes: 1 << 30, pids: 1024 },
+            pod_ips: ["10.43.1.5".parse().unwrap()].into(),
+        }],
+    });
+    state.save_spec(&spec).unwrap();
+    std::fs::write(config.state_dir.join("spec.json"), "{\"generation\": 3, \"trunc").unwrap();
+
+    // The coordinator is away: the agent starts and enforces the last good isolation anyway.
+    let quic_addr = c.running.quic_addr;
+    c.running.shutdown().await;
+    let firewall = Arc::new(SystemFirewall::in_netns(topology.netns("cs")));
+    let host = hexa_agent::Host { firewall: firewall.clone(), ..test_host(&config) };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(hexa_agent::run(config, host, stopped));
+    let rules = eventually(Duration::from_secs(10), "the last good isolation enforced", async || {
+        let current = firewall.current().ok()?;
+        (!current.chains.is_empty()).then_some(current)
+    })
+    .await;
+    assert!(rules.sets.contains_key(&tenant_set_name("acme")), "{:?}", rules.sets.keys());
+    assert!(!task.is_finished(), "a damaged spec.json does not stop the agent");
+
+    // The coordinator comes back where the agent expects it, now giving this node isolation of
+    // its own (no tenants placed here): the fresh spec replaces the fallback's.
+    let mut fresh = hexa_tests::inproc::fast_config(c.dir.path().join("coordinator"));
+    fresh.quic_listen = quic_addr;
+    fresh.isolation.enabled = true;
+    let c = Coordinator::start_with(fresh, c.dir).await;
+    let node = eventually(Duration::from_secs(20), "the fresh spec applied", async || {
+        c.admin.node("cs-node").await.filter(|n| n.applied_generation == Some(n.spec_generation))
+    })
+    .await;
+    assert!(node.spec_generation > applied.spec_generation, "{} {}", node.spec_generation, applied.spec_generation);
+    eventually(Duration::from_secs(10), "the fresh isolation in force", async || {
+        firewall
+            .current()
+            .ok()
+            .filter(|current| !current.chains.is_empty() && !current.sets.contains_key(&tenant_set_name("acme")))
+            .map(|_| ())
+    })
+    .await;
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
