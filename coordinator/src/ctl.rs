@@ -96,62 +96,119 @@ pub enum TenantCommand {
     Delete { name: String },
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Default)]
 pub struct PlanArgs {
-    /// shared (many tenants per node) or dedicated (whole nodes)
-    #[arg(long, default_value = "shared")]
-    pub plan: String,
+    /// shared (many tenants per node) or dedicated (whole nodes) [default: the tenant's current
+    /// plan, or shared for a new tenant]
+    #[arg(long)]
+    pub plan: Option<String>,
     /// Shared: CPU quota, e.g. 2 or 500m
     #[arg(long)]
     pub cpu: Option<String>,
     /// Shared: memory quota, e.g. 4Gi
     #[arg(long)]
     pub memory: Option<String>,
-    /// Shared: pod quota
-    #[arg(long, default_value_t = 100)]
-    pub pods: u32,
-    /// Shared: vCluster control-plane replicas, 1 or 3
-    #[arg(long, default_value_t = 1)]
-    pub replicas: u8,
-    /// Shared: nodes the quota is spread over
-    #[arg(long, default_value_t = 1)]
-    pub spread: u32,
+    /// Shared: pod quota [default: 100 for a new tenant]
+    #[arg(long)]
+    pub pods: Option<u32>,
+    /// Shared: vCluster control-plane replicas, 1 or 3 [default: 1 for a new tenant]
+    #[arg(long)]
+    pub replicas: Option<u8>,
+    /// Shared: nodes the quota is spread over [default: 1 for a new tenant]
+    #[arg(long)]
+    pub spread: Option<u32>,
     /// Dedicated: node class (S, M, L by default)
     #[arg(long)]
     pub class: Option<String>,
-    /// Dedicated: number of nodes
-    #[arg(long, default_value_t = 1)]
-    pub count: u32,
+    /// Dedicated: number of nodes [default: 1 for a new tenant]
+    #[arg(long)]
+    pub count: Option<u32>,
 }
 
 impl PlanArgs {
-    /// The plan as the API takes it; mistakes are reported before anything is sent.
+    /// The plan as the API takes it, for a new tenant; mistakes are reported before anything is sent.
     pub fn to_plan(&self) -> Result<hexa_shared::tenant::Plan, CtlError> {
+        self.over(None)
+    }
+
+    /// The plan these flags make of `current`: a flag left out keeps the current value (a tenant
+    /// with 3 replicas keeps them when only its quota changes); for a new tenant (`None`) the
+    /// documented defaults apply. A flag of the other kind of plan is an error, not ignored.
+    pub fn over(&self, current: Option<&hexa_shared::tenant::Plan>) -> Result<hexa_shared::tenant::Plan, CtlError> {
         use hexa_shared::tenant::{DedicatedPlan, Plan, SharedPlan};
         let usage = |m: String| CtlError::Usage(m);
-        match self.plan.as_str() {
+        let kind = match (self.plan.as_deref(), current) {
+            (Some(kind), _) => kind,
+            (None, Some(current)) => current.kind(),
+            (None, None) => "shared",
+        };
+        match kind {
             "shared" => {
-                let cpu =
-                    self.cpu.as_deref().ok_or_else(|| usage("a shared plan needs --cpu (e.g. --cpu 2)".into()))?;
-                let memory = self
-                    .memory
-                    .as_deref()
-                    .ok_or_else(|| usage("a shared plan needs --memory (e.g. --memory 4Gi)".into()))?;
+                let stray: Vec<&str> = [(self.class.is_some(), "--class"), (self.count.is_some(), "--count")]
+                    .into_iter()
+                    .filter_map(|(set, flag)| set.then_some(flag))
+                    .collect();
+                if !stray.is_empty() {
+                    return Err(usage(format!(
+                        "{} apply to the dedicated plan only; add --plan dedicated to move the tenant to whole nodes",
+                        stray.join(" and ")
+                    )));
+                }
+                let now = match current {
+                    Some(Plan::Shared(now)) => Some(now),
+                    _ => None,
+                };
+                let cpu_millis = match (self.cpu.as_deref(), now) {
+                    (Some(cpu), _) => hexa_shared::quantity::parse_cpu_millis(cpu).map_err(|e| usage(e.to_string()))?,
+                    (None, Some(now)) => now.cpu_millis,
+                    (None, None) => return Err(usage("a shared plan needs --cpu (e.g. --cpu 2)".into())),
+                };
+                let memory_bytes = match (self.memory.as_deref(), now) {
+                    (Some(memory), _) => {
+                        hexa_shared::quantity::parse_bytes(memory).map_err(|e| usage(e.to_string()))?
+                    }
+                    (None, Some(now)) => now.memory_bytes,
+                    (None, None) => return Err(usage("a shared plan needs --memory (e.g. --memory 4Gi)".into())),
+                };
                 Ok(Plan::Shared(SharedPlan {
-                    cpu_millis: hexa_shared::quantity::parse_cpu_millis(cpu).map_err(|e| usage(e.to_string()))?,
-                    memory_bytes: hexa_shared::quantity::parse_bytes(memory).map_err(|e| usage(e.to_string()))?,
-                    pods: self.pods,
-                    replicas: self.replicas,
-                    spread: self.spread,
+                    cpu_millis,
+                    memory_bytes,
+                    pods: self.pods.or(now.map(|n| n.pods)).unwrap_or(100),
+                    replicas: self.replicas.or(now.map(|n| n.replicas)).unwrap_or(1),
+                    spread: self.spread.or(now.map(|n| n.spread)).unwrap_or(1),
                 }))
             }
-            "dedicated" => Ok(Plan::Dedicated(DedicatedPlan {
-                node_class: self
-                    .class
-                    .clone()
-                    .ok_or_else(|| usage("a dedicated plan needs --class (e.g. --class M)".into()))?,
-                count: self.count,
-            })),
+            "dedicated" => {
+                let stray: Vec<&str> = [
+                    (self.cpu.is_some(), "--cpu"),
+                    (self.memory.is_some(), "--memory"),
+                    (self.pods.is_some(), "--pods"),
+                    (self.replicas.is_some(), "--replicas"),
+                    (self.spread.is_some(), "--spread"),
+                ]
+                .into_iter()
+                .filter_map(|(set, flag)| set.then_some(flag))
+                .collect();
+                if !stray.is_empty() {
+                    return Err(usage(format!(
+                        "{} apply to the shared plan only; a dedicated plan is --class and --count",
+                        stray.join(", ")
+                    )));
+                }
+                let now = match current {
+                    Some(Plan::Dedicated(now)) => Some(now),
+                    _ => None,
+                };
+                let node_class = match (self.class.clone(), now) {
+                    (Some(class), _) => class,
+                    (None, Some(now)) => now.node_class.clone(),
+                    (None, None) => return Err(usage("a dedicated plan needs --class (e.g. --class M)".into())),
+                };
+                Ok(Plan::Dedicated(DedicatedPlan {
+                    node_class,
+                    count: self.count.or(now.map(|n| n.count)).unwrap_or(1),
+                }))
+            }
             other => Err(usage(format!("unknown plan {other:?}: use shared or dedicated"))),
         }
     }
@@ -175,7 +232,11 @@ pub enum TokenCommand {
         class: Option<String>,
     },
     /// List tokens (never their secrets)
-    List,
+    List {
+        /// Only tokens that can still enroll a node (hide used, revoked and expired ones)
+        #[arg(long)]
+        active: bool,
+    },
     /// Revoke an unused token
     Revoke { id: String },
 }
@@ -230,7 +291,18 @@ impl Client {
 }
 
 /// Lays out rows under a header with columns padded to their widest cell.
+/// `cell` as a table shows it: control characters (a newline or an escape sequence in a
+/// description, say) written as escapes, so no value can break the table or the terminal.
+fn printable(cell: &str) -> String {
+    if !cell.chars().any(char::is_control) {
+        return cell.to_string();
+    }
+    cell.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows.iter().map(|row| row.iter().map(|c| printable(c)).collect()).collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -399,6 +471,8 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
             if json_out { pretty(&json!(node)) } else { nodes_table(std::slice::from_ref(&node)) }
         }
         Command::Tenant(command) => {
+            // Commands about one tenant print that tenant: an object in JSON, not a list of one.
+            let one = !matches!(command, TenantCommand::List);
             let tenants: Vec<Tenant> = match command {
                 TenantCommand::List => client.call(Method::GET, "/v1/tenants", None).await?,
                 TenantCommand::Get { name } => {
@@ -409,14 +483,19 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
                     vec![client.call(Method::POST, "/v1/tenants", Some(body)).await?]
                 }
                 TenantCommand::SetPlan { name, plan } => {
-                    let body = json!({"plan": plan.to_plan()?});
+                    let current: Tenant = client.call(Method::GET, &format!("/v1/tenants/{name}"), None).await?;
+                    let body = json!({"plan": plan.over(Some(&current.plan))?});
                     vec![client.call(Method::PATCH, &format!("/v1/tenants/{name}"), Some(body)).await?]
                 }
                 TenantCommand::Delete { name } => {
                     vec![client.call(Method::DELETE, &format!("/v1/tenants/{name}"), None).await?]
                 }
             };
-            if json_out { pretty(&json!(tenants)) } else { tenants_table(&tenants) }
+            match (json_out, one, tenants.first()) {
+                (true, true, Some(tenant)) => pretty(&json!(tenant)),
+                (true, _, _) => pretty(&json!(tenants)),
+                (false, _, _) => tenants_table(&tenants),
+            }
         }
         Command::Provisioning => {
             let requests: Vec<serde_json::Value> = client.call(Method::GET, "/v1/provisioning", None).await?;
@@ -457,8 +536,11 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
                 format!("{}\n", created["token"].as_str().unwrap_or_default())
             }
         }
-        Command::Token(TokenCommand::List) => {
-            let tokens: Vec<serde_json::Value> = client.call(Method::GET, "/v1/tokens", None).await?;
+        Command::Token(TokenCommand::List { active }) => {
+            let mut tokens: Vec<serde_json::Value> = client.call(Method::GET, "/v1/tokens", None).await?;
+            if active {
+                tokens.retain(|t| t["status"] == "active");
+            }
             if json_out {
                 pretty(&json!(tokens))
             } else {
@@ -494,5 +576,52 @@ mod tests {
     fn tables_align_columns() {
         let out = table(&["A", "LONG"], &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]]);
         assert_eq!(out, "A    LONG\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn control_characters_cannot_break_a_table() {
+        let out = table(&["DESCRIPTION"], &[vec!["rack 4\n\u{1b}[31mred".into()]]);
+        assert_eq!(out, "DESCRIPTION\nrack 4\\n\\u{1b}[31mred\n");
+    }
+
+    fn flags(args: &[&str]) -> PlanArgs {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            plan: PlanArgs,
+        }
+        let mut argv = vec!["hexactl"];
+        argv.extend_from_slice(args);
+        <Wrapper as clap::Parser>::parse_from(argv).plan
+    }
+
+    #[test]
+    fn flags_left_out_keep_the_tenant_s_current_plan() {
+        use hexa_shared::tenant::{DedicatedPlan, Plan, SharedPlan};
+        let ha = Plan::Shared(SharedPlan { cpu_millis: 3000, memory_bytes: 3 << 30, pods: 30, replicas: 3, spread: 3 });
+        let resized = flags(&["--cpu", "700m", "--memory", "768Mi", "--pods", "9"]).over(Some(&ha)).unwrap();
+        assert_eq!(
+            resized,
+            Plan::Shared(SharedPlan { cpu_millis: 700, memory_bytes: 768 << 20, pods: 9, replicas: 3, spread: 3 })
+        );
+        // A new tenant gets the documented defaults.
+        let new = flags(&["--cpu", "1", "--memory", "1Gi"]).to_plan().unwrap();
+        assert_eq!(
+            new,
+            Plan::Shared(SharedPlan { cpu_millis: 1000, memory_bytes: 1 << 30, pods: 100, replicas: 1, spread: 1 })
+        );
+        // A flag of the other kind of plan is refused, saying what to do.
+        let err = flags(&["--class", "M"]).over(Some(&ha)).unwrap_err().to_string();
+        assert!(err.contains("--class apply to the dedicated plan only") && err.contains("--plan dedicated"), "{err}");
+        let dedicated = Plan::Dedicated(DedicatedPlan { node_class: "M".into(), count: 2 });
+        let err = flags(&["--cpu", "2"]).over(Some(&dedicated)).unwrap_err().to_string();
+        assert!(err.contains("--cpu apply to the shared plan only"), "{err}");
+        assert_eq!(
+            flags(&["--count", "3"]).over(Some(&dedicated)).unwrap(),
+            Plan::Dedicated(DedicatedPlan { node_class: "M".into(), count: 3 })
+        );
+        // Moving to shared needs the quota the dedicated plan did not have.
+        let err = flags(&["--plan", "shared"]).over(Some(&dedicated)).unwrap_err().to_string();
+        assert!(err.contains("needs --cpu"), "{err}");
     }
 }

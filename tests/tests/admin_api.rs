@@ -35,6 +35,16 @@ async fn the_api_authenticates_and_explains_its_errors() {
     }
     let (status, body) = anonymous.request(Method::GET, "/v1/nodes", None).await;
     assert_error(status, &body, 401, "unauthorized", "admin.token");
+    // The scheme is case-insensitive (RFC 7235).
+    for scheme in ["bearer", "BEARER", "BeArEr"] {
+        let response = reqwest::Client::new()
+            .get(format!("{base}/v1/nodes"))
+            .header("Authorization", format!("{scheme} {}", c.admin.token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{scheme}");
+    }
 
     let (status, body) = c.admin.request(Method::GET, "/v1/nodes/ghost", None).await;
     assert_error(status, &body, 404, "not_found", "ghost");
@@ -328,6 +338,8 @@ async fn hexactl_manages_tokens_and_lists_nodes() {
     assert!(ok);
     let listed: Value = serde_json::from_str(&json_out).unwrap();
     assert_eq!(listed[0]["status"], "revoked");
+    let (ok, table, _) = hexactl(&["token", "list", "--active"]);
+    assert!(ok && !table.contains(id), "revoked tokens are hidden: {table}");
     let (ok, _, err) = hexactl(&["token", "revoke", "zzzzzz"]);
     assert!(!ok && err.contains("no bootstrap token with id \"zzzzzz\"") && err.contains("404"), "{err}");
 
@@ -352,6 +364,16 @@ async fn hexactl_manages_tokens_and_lists_nodes() {
     assert!(ok, "{err}");
     let row = table.lines().find(|l| l.starts_with("cli-t")).unwrap();
     assert!(row.contains("shared") && row.contains("Deploying") && row.contains("ctl-node"), "{row}");
+    let (ok, json_out, _) = hexactl(&["-o", "json", "tenant", "get", "cli-t"]);
+    let one: Value = serde_json::from_str(&json_out).unwrap();
+    assert!(ok && one["name"] == "cli-t", "one tenant is an object: {json_out}");
+    // Flags left out keep what the tenant has; a flag of the other plan is refused.
+    let (ok, _, err) = hexactl(&["tenant", "set-plan", "cli-t", "--pods", "12"]);
+    assert!(ok, "{err}");
+    let tenant = c.admin.request(reqwest::Method::GET, "/v1/tenants/cli-t", None).await.1;
+    assert_eq!((tenant["plan"]["pods"].as_u64(), tenant["plan"]["cpu_millis"].as_u64()), (Some(12), Some(500)));
+    let (ok, _, err) = hexactl(&["tenant", "set-plan", "cli-t", "--class", "S"]);
+    assert!(!ok && err.contains("dedicated plan only"), "{err}");
     let (ok, _, err) = hexactl(&["tenant", "create", "cli-u"]);
     assert!(!ok && err.contains("needs --cpu"), "{err}");
     let (ok, _, err) = hexactl(&["tenant", "create", "cli-u", "--cpu", "lots", "--memory", "1Gi"]);
