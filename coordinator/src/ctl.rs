@@ -331,34 +331,56 @@ fn age(ms: Option<u64>) -> String {
 }
 
 pub fn nodes_table(nodes: &[NodeView]) -> String {
+    use crate::store::Health;
     let rows: Vec<Vec<String>> = nodes
         .iter()
         .map(|n| {
+            // A node not reporting shows its last report's figures, marked as such.
+            let stale = if matches!(n.health, Health::Lost | Health::Unreachable) { " (stale)" } else { "" };
             let (cpu, memory, disk, load) = match (&n.capacity, &n.allocatable, &n.usage) {
                 (Some(cap), Some(alloc), Some(usage)) => (
-                    format!("{}/{}", format_cpu_millis(alloc.cpu_millis), format_cpu_millis(cap.cpu_millis)),
+                    format!("{}/{}{stale}", format_cpu_millis(alloc.cpu_millis), format_cpu_millis(cap.cpu_millis)),
                     format!(
-                        "{} free of {}",
+                        "{} free of {}{stale}",
                         format_bytes(usage.memory_available_bytes),
                         format_bytes(cap.memory_bytes)
                     ),
                     format!(
-                        "{} free of {}",
+                        "{} free of {}{stale}",
                         format_bytes(usage.ephemeral_available_bytes),
                         format_bytes(cap.ephemeral_bytes)
                     ),
-                    format!("{:.2}", usage.load1),
+                    format!("{:.2}{stale}", usage.load1),
                 ),
                 _ => ("-".into(), "-".into(), "-".into(), "-".into()),
+            };
+            let booked_cpu: u64 = n.tenants.iter().map(|t| t.cpu_millis).sum();
+            let booked_memory: u64 = n.tenants.iter().map(|t| t.memory_bytes).sum();
+            let booked = match &n.allocatable {
+                _ if n.tenants.is_empty() => "-".to_string(),
+                Some(alloc) => format!(
+                    "{}/{} cpu, {}/{}",
+                    format_cpu_millis(booked_cpu),
+                    format_cpu_millis(alloc.cpu_millis),
+                    format_bytes(booked_memory),
+                    format_bytes(alloc.memory_bytes)
+                ),
+                None => format!("{} cpu, {}", format_cpu_millis(booked_cpu), format_bytes(booked_memory)),
+            };
+            let health = match (n.revoked_at_unix, n.cordoned) {
+                (Some(_), _) => format!("{},revoked", n.health),
+                (None, true) => format!("{},cordoned", n.health),
+                (None, false) => n.health.to_string(),
             };
             vec![
                 n.name.clone(),
                 n.pool.to_string(),
-                n.health.to_string(),
+                health,
                 cpu,
                 memory,
                 disk,
                 load,
+                booked,
                 age(n.last_report_age_ms),
                 format!("{}/{}", n.applied_generation.map_or("-".into(), |g| g.to_string()), n.spec_generation),
                 match &n.k3s {
@@ -371,9 +393,39 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
         })
         .collect();
     table(
-        &["NAME", "POOL", "HEALTH", "CPU ALLOC/CAP", "MEMORY", "EPHEMERAL", "LOAD", "LAST REPORT", "SPEC", "K3S"],
+        &[
+            "NAME",
+            "POOL",
+            "HEALTH",
+            "CPU ALLOC/CAP",
+            "MEMORY",
+            "EPHEMERAL",
+            "LOAD",
+            "BOOKED/ALLOC",
+            "LAST REPORT",
+            "SPEC",
+            "K3S",
+        ],
         &rows,
     )
+}
+
+/// A tenant's conditions with how long each has held, for `tenant get`.
+pub fn conditions_table(tenant: &Tenant, now_unix_ms: u64) -> String {
+    let rows: Vec<Vec<String>> = tenant
+        .conditions
+        .iter()
+        .map(|c| {
+            vec![
+                format!("{:?}", c.kind),
+                c.status.to_string(),
+                c.reason.clone(),
+                age(Some(now_unix_ms.saturating_sub(c.last_transition_unix_ms))),
+                c.message.clone(),
+            ]
+        })
+        .collect();
+    table(&["CONDITION", "STATUS", "REASON", "AGE", "MESSAGE"], &rows)
 }
 
 pub fn tenants_table(tenants: &[Tenant]) -> String {
@@ -494,6 +546,10 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
             match (json_out, one, tenants.first()) {
                 (true, true, Some(tenant)) => pretty(&json!(tenant)),
                 (true, _, _) => pretty(&json!(tenants)),
+                (false, true, Some(tenant)) => {
+                    let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64;
+                    format!("{}\n{}", tenants_table(&tenants), conditions_table(tenant, now_ms))
+                }
                 (false, _, _) => tenants_table(&tenants),
             }
         }
@@ -576,6 +632,33 @@ mod tests {
     fn tables_align_columns() {
         let out = table(&["A", "LONG"], &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]]);
         assert_eq!(out, "A    LONG\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn conditions_show_how_long_they_have_held() {
+        use hexa_shared::tenant::{Condition, ConditionType, Plan, SharedPlan, Tenant};
+        let tenant = Tenant {
+            name: "acme".into(),
+            plan: Plan::Shared(SharedPlan {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 30,
+                pods: 10,
+                replicas: 1,
+                spread: 1,
+            }),
+            phase: Default::default(),
+            conditions: vec![Condition {
+                kind: ConditionType::Deployed,
+                status: false,
+                reason: "Deploying".into(),
+                message: "waiting for the install Job".into(),
+                last_transition_unix_ms: 1_000,
+            }],
+            placement: Default::default(),
+        };
+        let out = conditions_table(&tenant, 1_000 + 95_000);
+        let row = out.lines().nth(1).unwrap();
+        assert!(row.starts_with("Deployed") && row.contains("false") && row.contains("1m 35s"), "{out}");
     }
 
     #[test]

@@ -392,7 +392,7 @@ async fn hexactl_manages_tokens_and_lists_nodes() {
     let (ok, _, err) = hexactl(&["tenant", "get", "cli-t"]);
     assert!(!ok && err.contains("404"), "{err}");
     let (ok, table, _) = hexactl(&["node", "cordon", "ctl-node"]);
-    assert!(ok && table.contains("ctl-node"), "{table}");
+    assert!(ok && table.contains("ctl-node") && table.contains("Ready,cordoned"), "{table}");
     let (ok, _, err) = hexactl(&["tenant", "create", "cli-v", "--cpu", "1", "--memory", "1Gi"]);
     assert!(!ok && err.contains("409"), "cordoned: {err}");
     let (ok, _, _) = hexactl(&["node", "uncordon", "ctl-node"]);
