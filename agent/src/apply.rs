@@ -147,7 +147,7 @@ mod tests {
     use crate::isolation::firewall::{MemoryFirewall, Recording};
     use crate::k3s::testkit::{self, ArtifactServer, Fault, V2, quick_policy, server_spec};
     use crate::k3s::{RecordingSystemd, ScriptedReadiness};
-    use hexa_shared::isolation::{IsolationSpec, TenantAllocation, TenantIsolation};
+    use hexa_shared::isolation::{IsolationSpec, TenantIsolation};
     use hexa_shared::names::Pool;
 
     /// The real applier over a temporary root and state directory, an in-memory firewall that
@@ -182,11 +182,7 @@ mod tests {
             pod_cidr: "10.42.0.0/16".parse().unwrap(),
             management_cidrs: vec!["192.168.100.10".parse().unwrap()],
             system_pod_ips: ["10.42.0.53".parse().unwrap()].into(),
-            tenants: vec![TenantIsolation {
-                tenant: "acme".into(),
-                allocation: TenantAllocation { cpu_millis: 1000, memory_bytes: 1 << 30, pids: 1024 },
-                pod_ips: ["10.42.0.11".parse().unwrap()].into(),
-            }],
+            tenants: vec![TenantIsolation { tenant: "acme".into(), pod_ips: ["10.42.0.11".parse().unwrap()].into() }],
         };
         NodeSpec { isolation: Some(isolation), ..spec }
     }

@@ -593,7 +593,7 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::mpsc as std_mpsc;
 
-    use hexa_shared::isolation::{IsolationSpec, TenantAllocation, TenantIsolation};
+    use hexa_shared::isolation::{IsolationSpec, TenantIsolation};
     use hexa_shared::names::Pool;
     use hexa_shared::report::Resources;
 
@@ -655,7 +655,6 @@ mod tests {
                 .iter()
                 .map(|(tenant, ip)| TenantIsolation {
                     tenant: tenant.to_string(),
-                    allocation: TenantAllocation { cpu_millis: 1000, memory_bytes: 1 << 30, pids: 1024 },
                     pod_ips: [ip.parse().unwrap()].into(),
                 })
                 .collect(),

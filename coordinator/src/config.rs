@@ -60,7 +60,8 @@ pub struct IsolationSettings {
     pub pod_cidr: String,
     /// Networks pods must never reach: Proxmox API, coordinator, BMCs.
     pub management_cidrs: Vec<String>,
-    /// Pids a tenant may run per pod of its quota.
+    /// Pids a tenant may run per pod of its quota: part of every allocation the coordinator sends
+    /// (`desired::AllocationPlan`), whether or not isolation specs are sent.
     pub pids_per_pod: u64,
 }
 
@@ -91,7 +92,6 @@ impl IsolationSettings {
                 .iter()
                 .map(|c| parse("management_cidrs", c))
                 .collect::<Result<_, _>>()?,
-            pids_per_pod: self.pids_per_pod,
         }))
     }
 }

@@ -6,11 +6,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec, TenantAllocation as Allocation, TenantIsolation};
+use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec, TenantIsolation};
 use hexa_shared::k3s::{JoinToken, K3sRole, K3sSpec};
 use hexa_shared::names::Pool;
 use hexa_shared::report::PodInfo;
 use hexa_shared::spec::{NodeSpec, TenantAllocation};
+use hexa_shared::tenant::ShareSize;
 
 use crate::config::K3sSettings;
 use crate::store::NodeRecord;
@@ -54,12 +55,36 @@ pub fn node_spec(
     spec
 }
 
+/// How a tenant's share of a node becomes its whole allocation there. This is the one place an
+/// allocation is decided: the node's cgroup governor enforces it as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocationPlan {
+    /// `[isolation] pids_per_pod`: a tenant allocated `n` pods on a node may run
+    /// `max(n, 1) × pids_per_pod` processes and threads there (a tenant with a share always has
+    /// room for one pod), and so may each of its pods.
+    pub pids_per_pod: u64,
+}
+
+impl AllocationPlan {
+    /// `tenant`'s allocation on a node where it has `size` (a share, or a dedicated node's
+    /// allocatable).
+    pub fn allocation(&self, tenant: &str, size: ShareSize, control_plane: bool) -> TenantAllocation {
+        TenantAllocation {
+            tenant: tenant.to_string(),
+            cpu_millis: size.cpu_millis,
+            memory_bytes: size.memory_bytes,
+            pods: size.pods,
+            pids: Some(u64::from(size.pods.max(1)).saturating_mul(self.pids_per_pod)),
+            control_plane,
+        }
+    }
+}
+
 /// What tenant nodes' isolation specs are derived from.
 #[derive(Debug, Clone)]
 pub struct IsolationPlan {
     pub pod_cidr: Ipv4Cidr,
     pub management_cidrs: Vec<Ipv4Cidr>,
-    pub pids_per_pod: u64,
 }
 
 impl IsolationPlan {
@@ -87,11 +112,6 @@ impl IsolationPlan {
             }
             isolated.push(TenantIsolation {
                 tenant: allocation.tenant.clone(),
-                allocation: Allocation {
-                    cpu_millis: allocation.cpu_millis,
-                    memory_bytes: allocation.memory_bytes,
-                    pids: u64::from(allocation.pods.max(1)) * self.pids_per_pod,
-                },
                 pod_ips: by_tenant.get(allocation.tenant.as_str()).cloned().unwrap_or_default(),
             });
         }
@@ -237,5 +257,27 @@ mod tests {
         assert_eq!(join.role.server_url(), Some("https://10.0.0.10:6443"));
         let agent = spec(&worker, &known).k3s.unwrap();
         assert_eq!((agent.token.unwrap().expose(), agent.agent_token), (format!("K10{ca}::node:A").as_str(), None));
+    }
+
+    #[test]
+    fn an_allocation_is_decided_whole_with_its_pids_cap() {
+        let plan = AllocationPlan { pids_per_pod: 321 };
+        let size = ShareSize { cpu_millis: 500, memory_bytes: 256 << 20, pods: 3 };
+        let allocation = plan.allocation("acme", size, true);
+        assert_eq!(
+            allocation,
+            TenantAllocation {
+                tenant: "acme".into(),
+                cpu_millis: 500,
+                memory_bytes: 256 << 20,
+                pods: 3,
+                pids: Some(3 * 321),
+                control_plane: true,
+            }
+        );
+        let none = plan.allocation("acme", ShareSize { pods: 0, ..size }, false);
+        assert_eq!(none.pids, Some(321), "a tenant with a share always has room for one pod");
+        let huge = AllocationPlan { pids_per_pod: u64::MAX }.allocation("acme", size, false);
+        assert_eq!(huge.pids, Some(u64::MAX));
     }
 }

@@ -619,12 +619,12 @@ impl Inventory {
 
     /// Every node as placement sees it: Ready or not, cordoned or not, allocatable and live
     /// MemAvailable from its latest report (zero before the first one).
-    pub fn placement_views(&self) -> Vec<placement::NodeView> {
+    pub fn placement_nodes(&self) -> Vec<placement::NodeState> {
         self.nodes()
             .values()
             .map(|entry| {
                 let report = entry.last_report.as_ref().map(|(r, _)| r);
-                placement::NodeView {
+                placement::NodeState {
                     name: entry.record.name.clone(),
                     pool: placement::NodePool::from_pool(&entry.record.pool, entry.record.node_class.clone()),
                     ready: entry.record.health == Health::Ready,

@@ -145,6 +145,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
             store.clone(),
             inventory.clone(),
             config.placement.clone(),
+            desired::AllocationPlan { pids_per_pod: config.isolation.pids_per_pod },
             Arc::new(tenants::RecordOnly),
             config.hostcluster.mode != hostcluster::render::Mode::Off,
         )

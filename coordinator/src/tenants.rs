@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 
-use hexa_shared::spec::TenantAllocation;
-use hexa_shared::tenant::{ConditionType, Phase, Plan, Tenant, reasons};
+use hexa_shared::tenant::{ConditionType, Phase, Plan, ShareSize, Tenant, reasons};
 
+use crate::desired::AllocationPlan;
 use crate::inventory::{Inventory, NodeView};
 use crate::placement::{self, Decision, PlacementConfig, PlacementError, PlacementState, ProvisionRequest, Request};
 use crate::store::{Store, StoreError};
@@ -55,14 +55,16 @@ impl NodeProvisioner for RecordOnly {
 struct Book {
     placement: PlacementState,
     tenants: BTreeMap<String, Tenant>,
-    /// The node views placement last saw, so unchanged nodes are not re-indexed every reconcile.
-    views: BTreeMap<String, placement::NodeView>,
+    /// Each node as placement last saw it, so unchanged nodes are not re-indexed every reconcile.
+    nodes: BTreeMap<String, placement::NodeState>,
 }
 
 #[derive(Debug)]
 pub struct Tenants {
     store: Store,
     inventory: Arc<Inventory>,
+    /// How each share placed on a node becomes the tenant's allocation there.
+    allocations: AllocationPlan,
     provisioner: Arc<dyn NodeProvisioner>,
     book: Mutex<Book>,
     /// Deleted tenants stay listed as Deleting until their objects on the host cluster are gone
@@ -120,20 +122,21 @@ impl Tenants {
         store: Store,
         inventory: Arc<Inventory>,
         config: PlacementConfig,
+        allocations: AllocationPlan,
         provisioner: Arc<dyn NodeProvisioner>,
         keep_tombstones: bool,
     ) -> Result<Tenants, TenantsError> {
         config.validate()?;
         let tenants = store.tenants()?;
-        let views: BTreeMap<String, placement::NodeView> =
-            inventory.placement_views().into_iter().map(|v| (v.name.clone(), v)).collect();
+        let nodes: BTreeMap<String, placement::NodeState> =
+            inventory.placement_nodes().into_iter().map(|n| (n.name.clone(), n)).collect();
         // Deleting tenants hold no capacity any more.
         let states = tenants.values().filter(|t| t.phase != Phase::Deleting).map(state_of).collect();
-        let placement = PlacementState::new(config, views.values().cloned().collect(), states)?;
-        let book = Mutex::new(Book { placement, tenants, views });
-        let service = Tenants { store, inventory, provisioner, book, keep_tombstones };
+        let placement = PlacementState::new(config, nodes.values().cloned().collect(), states)?;
+        let book = Mutex::new(Book { placement, tenants, nodes });
+        let service = Tenants { store, inventory, allocations, provisioner, book, keep_tombstones };
         let book = service.book.try_lock().map_err(|_| StoreError::Db("tenant book busy at load".into()))?;
-        let every_node: BTreeSet<String> = book.views.keys().cloned().collect();
+        let every_node: BTreeSet<String> = book.nodes.keys().cloned().collect();
         service.push_specs(&book, &every_node)?;
         drop(book);
         Ok(service)
@@ -304,12 +307,12 @@ impl Tenants {
         let last = self.inventory.get(node).ok_or_else(|| TenantsError::NoNode(node.to_string()))?;
         self.inventory.forget(node)?;
         book.placement.remove_node(node)?;
-        book.views.remove(node);
+        book.nodes.remove(node);
         tracing::info!(node, moved = decision.tenants.len(), stuck = decision.unplaced.len(), "node deleted");
         Ok(last)
     }
 
-    /// One pass of the control loop: fresh node views into placement, shares off Lost nodes,
+    /// One pass of the control loop: fresh node states into placement, shares off Lost nodes,
     /// dedicated nodes bound as they register, degraded tenants retried.
     pub async fn reconcile(&self) -> Result<(), TenantsError> {
         let mut book = self.book.lock().await;
@@ -344,10 +347,10 @@ impl Tenants {
     }
 
     fn refresh_nodes(&self, book: &mut Book) -> Result<(), TenantsError> {
-        for view in self.inventory.placement_views() {
-            if book.views.get(&view.name) != Some(&view) {
-                book.placement.update_node(view.clone())?;
-                book.views.insert(view.name.clone(), view);
+        for node in self.inventory.placement_nodes() {
+            if book.nodes.get(&node.name) != Some(&node) {
+                book.placement.update_node(node.clone())?;
+                book.nodes.insert(node.name.clone(), node);
             }
         }
         Ok(())
@@ -428,29 +431,23 @@ impl Tenants {
         Ok(true)
     }
 
-    /// Sends each node in `nodes` the allocations placement gives it.
+    /// Sends each node in `nodes` the allocations placement gives it, decided whole here (see
+    /// [`AllocationPlan`]).
     fn push_specs(&self, book: &Book, nodes: &BTreeSet<String>) -> Result<(), StoreError> {
         for node in nodes {
             let mut allocations = Vec::new();
             for (tenant, _) in book.placement.shares_on(node) {
                 let Some(share) = book.tenants.get(tenant).and_then(|t| t.placement.share_on(node)) else { continue };
-                allocations.push(TenantAllocation {
-                    tenant: tenant.to_string(),
-                    cpu_millis: share.size.cpu_millis,
-                    memory_bytes: share.size.memory_bytes,
-                    pods: share.size.pods,
-                    control_plane: share.control_plane,
-                });
+                allocations.push(self.allocations.allocation(tenant, share.size, share.control_plane));
             }
-            if let (Some(tenant), Some(view)) = (book.placement.bound_to(node), book.views.get(node)) {
+            if let (Some(tenant), Some(state)) = (book.placement.bound_to(node), book.nodes.get(node)) {
                 // A dedicated node gives its tenant everything it can.
-                allocations.push(TenantAllocation {
-                    tenant: tenant.to_string(),
-                    cpu_millis: view.allocatable.cpu_millis,
-                    memory_bytes: view.allocatable.memory_bytes,
-                    pods: view.allocatable.pods,
-                    control_plane: false,
-                });
+                let all = ShareSize {
+                    cpu_millis: state.allocatable.cpu_millis,
+                    memory_bytes: state.allocatable.memory_bytes,
+                    pods: state.allocatable.pods,
+                };
+                allocations.push(self.allocations.allocation(tenant, all, false));
             }
             self.inventory.set_tenants(node, allocations)?;
         }

@@ -1,10 +1,12 @@
 //! Tenant isolation on a node: which addresses are pods, which are management hosts, which pods
-//! belong to which tenant, and what share of the node each tenant hosted here may use.
+//! belong to which tenant. What share of the node each tenant may use is not here: it is the
+//! node's allocations (`NodeSpec::tenants`, [`crate::spec::TenantAllocation`]), which the cgroup
+//! governor enforces whether or not the node gets an isolation spec.
 //!
 //! The coordinator builds one [`IsolationSpec`] per node from the pods the agents report and sends
 //! each node only the tenants it hosts, each with its pod IPs *cluster-wide* (a pod on this node must
 //! be able to reach its tenant's pods on other nodes). The agent turns it into firewall rules
-//! (`isolation::firewall`) and cgroup limits (`isolation::cgroup`). IPv4 only for now.
+//! (`isolation::firewall`). IPv4 only for now.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -34,23 +36,13 @@ pub struct IsolationSpec {
     pub tenants: Vec<TenantIsolation>,
 }
 
-/// One tenant hosted on the node.
+/// One tenant hosted on the node. (Specs saved before allocations moved to `NodeSpec::tenants`
+/// carry an `allocation` here too; it is ignored when they load.)
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct TenantIsolation {
     pub tenant: String,
-    /// What the coordinator gave this tenant on this node.
-    pub allocation: TenantAllocation,
     /// The tenant's pod IPs on every node of the cluster.
     pub pod_ips: BTreeSet<Ipv4Addr>,
-}
-
-/// A tenant's share of one node, enforced by the cgroup governor.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TenantAllocation {
-    pub cpu_millis: u64,
-    pub memory_bytes: u64,
-    /// Most processes (and threads) the tenant's pods may run together on this node.
-    pub pids: u64,
 }
 
 /// An IPv4 network in CIDR notation, `10.42.0.0/16`. A single address may be written without the
@@ -261,11 +253,7 @@ mod tests {
     }
 
     fn tenant(name: &str, ips: &[&str]) -> TenantIsolation {
-        TenantIsolation {
-            tenant: name.into(),
-            allocation: TenantAllocation { cpu_millis: 2000, memory_bytes: 4 << 30, pids: 4096 },
-            pod_ips: ips.iter().map(|s| ip(s)).collect(),
-        }
+        TenantIsolation { tenant: name.into(), pod_ips: ips.iter().map(|s| ip(s)).collect() }
     }
 
     fn spec() -> IsolationSpec {

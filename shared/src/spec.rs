@@ -30,7 +30,10 @@ pub struct NodeSpec {
     pub isolation: Option<crate::isolation::IsolationSpec>,
 }
 
-/// One tenant's allocation on one node: the most its pods together may use here.
+/// One tenant's allocation on one node: the most its pods together may use here. The coordinator
+/// decides all of it (`desired::AllocationPlan` there) and the node's cgroup governor enforces it as
+/// it is, deriving nothing: each of the tenant's pod cgroups gets `cpu.max`, `memory.max` and
+/// `pids.max` from these values.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TenantAllocation {
@@ -38,6 +41,11 @@ pub struct TenantAllocation {
     pub cpu_millis: u64,
     pub memory_bytes: u64,
     pub pods: u32,
+    /// Most processes and threads the tenant's pods may run together on this node (each pod's
+    /// `pids.max`). The coordinator always sets it; `None` only in a spec written before specs
+    /// carried it (a node's saved `spec.json`), and the governor then leaves `pids.max` as it is.
+    #[serde(default)]
+    pub pids: Option<u64>,
     /// This node runs one of the tenant's vCluster control-plane replicas.
     pub control_plane: bool,
 }
@@ -135,15 +143,18 @@ pub(crate) mod strategies {
     use proptest::prelude::*;
 
     pub fn node_spec() -> impl Strategy<Value = NodeSpec> {
-        let allocation = ("[a-z][a-z0-9]{0,8}", any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()).prop_map(
-            |(tenant, cpu_millis, memory_bytes, pods, control_plane)| TenantAllocation {
-                tenant,
-                cpu_millis,
-                memory_bytes,
-                pods,
-                control_plane,
-            },
-        );
+        let allocation =
+            (
+                "[a-z][a-z0-9]{0,8}",
+                any::<u64>(),
+                any::<u64>(),
+                any::<u32>(),
+                proptest::option::of(any::<u64>()),
+                any::<bool>(),
+            )
+                .prop_map(|(tenant, cpu_millis, memory_bytes, pods, pids, control_plane)| {
+                    TenantAllocation { tenant, cpu_millis, memory_bytes, pods, pids, control_plane }
+                });
         (1u64.., "[a-z0-9-]{1,20}", crate::names::strategies::pool(), proptest::collection::vec(allocation, 0..4))
             .prop_map(|(generation, name, pool, tenants)| NodeSpec::build(&name, &pool, generation, tenants))
     }
@@ -180,11 +191,30 @@ mod tests {
                 cpu_millis: 1,
                 memory_bytes: 1,
                 pods: 1,
+                pids: Some(1024),
                 control_plane: false,
             }],
         );
         assert_eq!(hosting.labels.get("tenant.hexabase.ai/b").map(String::as_str), Some("true"));
         assert!(spec.same_content(&NodeSpec { generation: 9, ..spec.clone() }));
         assert!(!spec.same_content(&shared));
+    }
+
+    /// A node's saved `spec.json` from before allocations carried pids (and when the isolation
+    /// spec carried a second allocation per tenant) still loads: no pids cap, the rest as it was.
+    #[test]
+    fn a_spec_saved_before_allocations_carried_pids_still_loads() {
+        let saved = r#"{"generation":4,"node_name":"n1","pool":"shared","labels":{},"taints":[],
+            "tenants":[{"tenant":"acme","cpu_millis":500,"memory_bytes":268435456,"pods":4,"control_plane":true}],
+            "k3s":null,
+            "isolation":{"pod_cidr":"10.42.0.0/16","management_cidrs":[],"system_pod_ips":[],
+              "tenants":[{"tenant":"acme","allocation":{"cpu_millis":500,"memory_bytes":268435456,"pids":4096},
+                          "pod_ips":["10.42.0.9"]}]}}"#;
+        let spec: NodeSpec = serde_json::from_str(saved).unwrap();
+        let allocation = &spec.tenants[0];
+        assert_eq!((allocation.cpu_millis, allocation.pods, allocation.pids), (500, 4, None));
+        assert!(allocation.control_plane);
+        let isolation = spec.isolation.unwrap();
+        assert_eq!(isolation.tenant("acme").map(|t| t.pod_ips.len()), Some(1));
     }
 }

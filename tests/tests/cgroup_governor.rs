@@ -142,8 +142,8 @@ impl FakeNode {
         Layout { driver: Driver::Cgroupfs, base: PathBuf::from(&self.base) }
     }
 
-    fn governor(&self, pids_per_pod: u64) -> Governor {
-        let settings = GovernorSettings { layout: Some(self.layout()), pids_per_pod, ..GovernorSettings::default() };
+    fn governor(&self) -> Governor {
+        let settings = GovernorSettings { layout: Some(self.layout()), ..GovernorSettings::default() };
         if self.unified {
             return Governor::new(Box::new(V2::new(Path::new(CGROUP_ROOT))), settings);
         }
@@ -322,8 +322,10 @@ fn wait_for(child: &mut Child, limit: Duration) -> ExitStatus {
     }
 }
 
-fn allocation(tenant: &str, cpu_millis: u64, memory_bytes: u64, pods: u32) -> TenantAllocation {
-    TenantAllocation { tenant: tenant.into(), cpu_millis, memory_bytes, pods, control_plane: false }
+/// An allocation as the coordinator decides it: `pids` is its pids cap (the coordinator's
+/// `max(pods, 1) × pids_per_pod`).
+fn allocation(tenant: &str, cpu_millis: u64, memory_bytes: u64, pods: u32, pids: u64) -> TenantAllocation {
+    TenantAllocation { tenant: tenant.into(), cpu_millis, memory_bytes, pods, pids: Some(pids), control_plane: false }
 }
 
 fn pod_tenant(uid: &str, tenant: &str) -> PodTenant {
@@ -356,13 +358,13 @@ fn the_tenant_over_its_memory_share_is_oom_killed_and_the_other_is_not() {
     let a = node.add_pod(Qos::Burstable, "0000000a-0000-4000-8000-000000000001");
     let b = node.add_pod(Qos::Guaranteed, "0000000b-0000-4000-8000-000000000001");
     let system = node.add_pod(Qos::BestEffort, "00000005-0000-4000-8000-000000000001");
-    let allocations = [allocation("tenant-a", 1000, 64 * MIB, 1), allocation("tenant-b", 1000, 64 * MIB, 1)];
+    let allocations = [allocation("tenant-a", 1000, 64 * MIB, 1, 256), allocation("tenant-b", 1000, 64 * MIB, 1, 256)];
     let pods = [
         pod_tenant("0000000a-0000-4000-8000-000000000001", "tenant-a"),
         pod_tenant("0000000b-0000-4000-8000-000000000001", "tenant-b"),
         pod_tenant("00000005-0000-4000-8000-000000000001", "kube-system"),
     ];
-    let mut governor = node.governor(256);
+    let mut governor = node.governor();
 
     let first = governor.reconcile(&allocations, &pods, Instant::now()).unwrap();
     assert_clean(&first);
@@ -415,14 +417,14 @@ fn a_fork_bomb_stops_at_the_pids_cap() {
     let Some(mut node) = FakeNode::new("a_fork_bomb_stops_at_the_pids_cap", "forkbomb") else { return };
     let uid = "0000000c-0000-4000-8000-000000000001";
     let pod = node.add_pod(Qos::Burstable, uid);
-    let pids_per_pod = 16;
-    let mut governor = node.governor(pids_per_pod);
+    let pids = 16;
+    let mut governor = node.governor();
     let out = governor
-        .reconcile(&[allocation("tenant-c", 1000, 512 * MIB, 1)], &[pod_tenant(uid, "tenant-c")], Instant::now())
+        .reconcile(&[allocation("tenant-c", 1000, 512 * MIB, 1, pids)], &[pod_tenant(uid, "tenant-c")], Instant::now())
         .unwrap();
     assert_clean(&out);
     let cap: u64 = node.read(&node.pids, &pod, "pids.max").parse().unwrap();
-    assert_eq!(cap, pids_per_pod, "one pod allocated × {pids_per_pod} pids per pod");
+    assert_eq!(cap, pids, "the allocation's pids cap, {pids}");
 
     // Every process forks for ever; a failed fork waits 5 ms and tries again.
     let bomb = r#"
@@ -454,7 +456,7 @@ while True:
         assert!(refused > 0, "pids.events reports no refused fork");
     }
     let report = governor
-        .reconcile(&[allocation("tenant-c", 1000, 512 * MIB, 1)], &[pod_tenant(uid, "tenant-c")], Instant::now())
+        .reconcile(&[allocation("tenant-c", 1000, 512 * MIB, 1, pids)], &[pod_tenant(uid, "tenant-c")], Instant::now())
         .unwrap();
     assert!(usage_of(&report, "tenant-c").pids <= cap);
 }
@@ -467,10 +469,10 @@ fn the_cpu_split_sums_to_the_tenant_quota() {
     let light = node.add_pod(Qos::BestEffort, light_uid);
     // 0.3 CPU for the tenant (30 ms per 100 ms period): small enough that its pods press against it
     // even on a busy 2-CPU machine.
-    let allocations = [allocation("tenant-d", 300, 256 * MIB, 2)];
+    let allocations = [allocation("tenant-d", 300, 256 * MIB, 2, 2 * 64)];
     let tenant_quota = 30_000;
     let pods = [pod_tenant(busy_uid, "tenant-d"), pod_tenant(light_uid, "tenant-d")];
-    let mut governor = node.governor(64);
+    let mut governor = node.governor();
     let first = governor.reconcile(&allocations, &pods, Instant::now()).unwrap();
     assert_clean(&first);
     assert_eq!((node.cfs_quota(&busy), node.cfs_quota(&light)), (tenant_quota, tenant_quota), "each pod at the share");
@@ -528,13 +530,13 @@ fn the_tenant_over_its_memory_share_is_oom_killed_and_the_other_is_not_on_v2() {
     let a = node.add_pod(Qos::Burstable, "0000000a-0000-4000-8000-000000000001");
     let b = node.add_pod(Qos::Guaranteed, "0000000b-0000-4000-8000-000000000001");
     let system = node.add_pod(Qos::BestEffort, "00000005-0000-4000-8000-000000000001");
-    let allocations = [allocation("tenant-a", 1000, 64 * MIB, 1), allocation("tenant-b", 1000, 64 * MIB, 1)];
+    let allocations = [allocation("tenant-a", 1000, 64 * MIB, 1, 256), allocation("tenant-b", 1000, 64 * MIB, 1, 256)];
     let pods = [
         pod_tenant("0000000a-0000-4000-8000-000000000001", "tenant-a"),
         pod_tenant("0000000b-0000-4000-8000-000000000001", "tenant-b"),
         pod_tenant("00000005-0000-4000-8000-000000000001", "kube-system"),
     ];
-    let mut governor = node.governor(256);
+    let mut governor = node.governor();
 
     let first = governor.reconcile(&allocations, &pods, Instant::now()).unwrap();
     assert_clean(&first);
@@ -583,14 +585,14 @@ fn a_fork_bomb_stops_at_the_pids_cap_on_v2() {
     let Some(mut node) = FakeNode::new_v2("a_fork_bomb_stops_at_the_pids_cap_on_v2", "forkbomb") else { return };
     let uid = "0000000c-0000-4000-8000-000000000001";
     let pod = node.add_pod(Qos::Burstable, uid);
-    let pids_per_pod = 16;
-    let mut governor = node.governor(pids_per_pod);
+    let pids = 16;
+    let mut governor = node.governor();
     let out = governor
-        .reconcile(&[allocation("tenant-c", 1000, 512 * MIB, 1)], &[pod_tenant(uid, "tenant-c")], Instant::now())
+        .reconcile(&[allocation("tenant-c", 1000, 512 * MIB, 1, pids)], &[pod_tenant(uid, "tenant-c")], Instant::now())
         .unwrap();
     assert_clean(&out);
     let cap: u64 = node.read(&node.pids, &pod, "pids.max").parse().unwrap();
-    assert_eq!(cap, pids_per_pod, "one pod allocated × {pids_per_pod} pids per pod");
+    assert_eq!(cap, pids, "the allocation's pids cap, {pids}");
 
     // Every process forks for ever; a failed fork waits 5 ms and tries again.
     let bomb = r#"
@@ -620,7 +622,7 @@ while True:
     assert_eq!(most_current, cap, "the bomb never reached the cap");
     assert!(refused.is_some_and(|refused| refused > 0), "pids.events reports no refused fork");
     let report = governor
-        .reconcile(&[allocation("tenant-c", 1000, 512 * MIB, 1)], &[pod_tenant(uid, "tenant-c")], Instant::now())
+        .reconcile(&[allocation("tenant-c", 1000, 512 * MIB, 1, pids)], &[pod_tenant(uid, "tenant-c")], Instant::now())
         .unwrap();
     assert!(usage_of(&report, "tenant-c").pids <= cap);
 }
@@ -633,10 +635,10 @@ fn the_cpu_split_sums_to_the_tenant_quota_on_v2() {
     let light = node.add_pod(Qos::BestEffort, light_uid);
     // 0.3 CPU for the tenant (30 ms per 100 ms period): small enough that its pods press against it
     // even on a busy 2-CPU machine.
-    let allocations = [allocation("tenant-d", 300, 256 * MIB, 2)];
+    let allocations = [allocation("tenant-d", 300, 256 * MIB, 2, 2 * 64)];
     let tenant_quota = 30_000;
     let pods = [pod_tenant(busy_uid, "tenant-d"), pod_tenant(light_uid, "tenant-d")];
-    let mut governor = node.governor(64);
+    let mut governor = node.governor();
     let first = governor.reconcile(&allocations, &pods, Instant::now()).unwrap();
     assert_clean(&first);
     assert_eq!(

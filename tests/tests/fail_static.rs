@@ -7,7 +7,7 @@ use std::time::Duration;
 use hexa_agent::isolation::firewall::{Firewall, SystemFirewall, tenant_set_name};
 use hexa_agent::state::StateDir;
 use hexa_coordinator::store::Health;
-use hexa_shared::isolation::{IsolationSpec, TenantAllocation, TenantIsolation};
+use hexa_shared::isolation::{IsolationSpec, TenantIsolation};
 use hexa_tests::eventually;
 use hexa_tests::inproc::{Coordinator, test_host};
 use hexa_tests::netns::{self, Topology};
@@ -41,7 +41,6 @@ async fn isolation_is_back_in_force_before_the_first_connection() {
         system_pod_ips: ["10.42.0.10".parse().unwrap()].into(),
         tenants: vec![TenantIsolation {
             tenant: "acme".into(),
-            allocation: TenantAllocation { cpu_millis: 1000, memory_bytes: 1 << 30, pids: 1024 },
             pod_ips: ["10.42.1.5".parse().unwrap(), "10.42.2.7".parse().unwrap()].into(),
         }],
     });
@@ -103,11 +102,7 @@ async fn a_corrupt_spec_file_falls_back_to_the_last_good_one_and_then_the_fresh_
         pod_cidr: "10.43.0.0/16".parse().unwrap(),
         management_cidrs: vec!["192.0.2.0/24".parse().unwrap()],
         system_pod_ips: Default::default(),
-        tenants: vec![TenantIsolation {
-            tenant: "acme".into(),
-            allocation: TenantAllocation { cpu_millis: 1000, memory_bytes: 1 << 30, pids: 1024 },
-            pod_ips: ["10.43.1.5".parse().unwrap()].into(),
-        }],
+        tenants: vec![TenantIsolation { tenant: "acme".into(), pod_ips: ["10.43.1.5".parse().unwrap()].into() }],
     });
     state.save_spec(&spec).unwrap();
     std::fs::write(config.state_dir.join("spec.json"), "{\"generation\": 3, \"trunc").unwrap();

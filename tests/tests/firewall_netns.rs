@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use hexa_agent::isolation::firewall::{
     self, Firewall, Reconciled, Recording, Ruleset, SystemFirewall, reconcile, reconcile_spec, tenant_set_name,
 };
-use hexa_shared::isolation::{IsolationSpec, TenantAllocation, TenantIsolation};
+use hexa_shared::isolation::{IsolationSpec, TenantIsolation};
 use hexa_tests::netns::{Probe, Topology, unavailable};
 
 const TOOLS: [&str; 6] = ["ip", "ping", "nc", "iptables-save", "iptables-restore", "ipset"];
@@ -79,7 +79,6 @@ fn spec(tenants: &[&str]) -> IsolationSpec {
             .iter()
             .map(|tenant| TenantIsolation {
                 tenant: tenant.to_string(),
-                allocation: TenantAllocation { cpu_millis: 1000, memory_bytes: 1 << 30, pids: 1024 },
                 pod_ips: PODS.iter().filter(|p| p.3 == Some(*tenant)).map(|p| addr(p.2)).collect(),
             })
             .collect(),

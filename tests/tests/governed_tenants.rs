@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hexa_agent::pods::StaticPodSource;
+use hexa_coordinator::config::CoordinatorConfig;
 use hexa_coordinator::store::Health;
 use hexa_shared::report::PodInfo;
 use hexa_tests::eventually;
@@ -79,6 +80,65 @@ async fn tenants_placed_on_a_node_are_held_to_their_allocation_and_their_usage_r
     .await;
     let usage = &node.tenant_usage[0];
     assert_eq!((usage.tenant.as_str(), usage.pods, usage.memory_bytes, usage.pids), ("acme", 1, 40 << 20, 3));
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
+
+/// The pids cap a governed pod gets is decided by the coordinator, from its own config file's
+/// `[isolation] pids_per_pod`, carried in the node's spec, and written by the agent as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pids_cap_on_a_tenant_pod_is_the_coordinators_pids_per_pod() {
+    const PIDS_PER_POD: u64 = 321;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        format!("[isolation]\nenabled = true\npod_cidr = \"10.42.0.0/16\"\npids_per_pod = {PIDS_PER_POD}\n"),
+    )
+    .unwrap();
+    let from_file: CoordinatorConfig =
+        hexa_shared::config::load(Some(file.path()), "/nonexistent".as_ref(), std::iter::empty()).unwrap();
+    assert_eq!(from_file.isolation.pids_per_pod, PIDS_PER_POD);
+    let c = Coordinator::start_tuned(|config| config.isolation = from_file.isolation).await;
+
+    let cgroups = tempfile::tempdir().unwrap();
+    kubelet_pod(cgroups.path(), 8 << 20);
+    let token = c.admin.token("shared", "10m").await;
+    let config = c.agent_config("pids-node", &token);
+    let pods = Arc::new(StaticPodSource::new(vec![PodInfo {
+        namespace: "hx-acme".into(),
+        name: "web".into(),
+        uid: "aaaa-1111".into(),
+        ip: Some("10.42.0.9".parse().unwrap()),
+        tenant: Some("acme".into()),
+    }]));
+    let host = hexa_agent::Host { cgroup_root: cgroups.path().to_path_buf(), pods, ..test_host(&config) };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(hexa_agent::run(config, host, stopped));
+    eventually(Duration::from_secs(20), "node Ready", async || {
+        c.admin.node("pids-node").await.filter(|n| n.health == Health::Ready)
+    })
+    .await;
+
+    let plan = json!({"kind": "shared", "cpu_millis": 500, "memory_bytes": 256u64 << 20, "pods": 3, "replicas": 1, "spread": 1});
+    let (status, body) =
+        c.admin.request(Method::POST, "/v1/tenants", Some(json!({"name": "acme", "plan": plan}))).await;
+    assert_eq!(status, 201, "{body}");
+
+    // The spec the node is sent carries the whole allocation, pids included.
+    let wanted = 3 * PIDS_PER_POD;
+    let node = eventually(Duration::from_secs(30), "tenant placed", async || {
+        c.admin.node("pids-node").await.filter(|n| !n.tenants.is_empty())
+    })
+    .await;
+    assert_eq!(node.tenants[0].tenant, "acme");
+    assert_eq!(node.tenants[0].pids, Some(wanted), "{:?}", node.tenants);
+
+    // And the agent's governor writes exactly that into the pod's cgroup.
+    let pod = cgroups.path().join(POD);
+    let read = |file: &str| std::fs::read_to_string(pod.join(file)).unwrap().trim().to_string();
+    eventually(Duration::from_secs(30), "pod pids capped", async || (read("pids.max") != "max").then_some(())).await;
+    assert_eq!(read("pids.max"), wanted.to_string(), "3 pods x pids_per_pod {PIDS_PER_POD}");
+    assert_eq!(read("memory.max"), (256u64 << 20).to_string());
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
 }

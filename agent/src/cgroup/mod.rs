@@ -73,7 +73,9 @@ pub struct PodLimits {
     /// v2 `memory.high`: above it the pod is throttled and reclaimed. v1 has no equivalent; it is
     /// approximated by `memory.soft_limit_in_bytes` (see [`v1`]).
     pub memory_high: Limit,
-    pub pids_max: Limit,
+    /// `pids.max`. Read back it is always `Some`; wanted, `None` leaves the file as it is (the
+    /// allocation sets no pids cap).
+    pub pids_max: Option<Limit>,
 }
 
 /// What a pod cgroup uses now.

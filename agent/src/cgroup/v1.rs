@@ -207,7 +207,7 @@ impl Cgroups for V1 {
             cpu: Self::cpu_max(&join(&self.cpu, cgroup)?)?,
             memory_max: files::read_limit(&memory.join(MEMORY_LIMIT))?,
             memory_high: files::read_limit(&memory.join(MEMORY_SOFT_LIMIT))?,
-            pids_max: files::read_limit(&join(&self.pids, cgroup)?.join(PIDS_MAX))?,
+            pids_max: Some(files::read_limit(&join(&self.pids, cgroup)?.join(PIDS_MAX))?),
         })
     }
 
@@ -226,8 +226,8 @@ impl Cgroups for V1 {
         if have.memory_max != hard {
             put(&memory.join(MEMORY_LIMIT), v1_limit(hard), &mut writes)?;
         }
-        if have.pids_max != want.pids_max {
-            put(&join(&self.pids, cgroup)?.join(PIDS_MAX), want.pids_max.to_string(), &mut writes)?;
+        if let Some(pids_max) = want.pids_max.filter(|&wanted| have.pids_max != Some(wanted)) {
+            put(&join(&self.pids, cgroup)?.join(PIDS_MAX), pids_max.to_string(), &mut writes)?;
         }
         Ok(writes)
     }
@@ -306,7 +306,7 @@ mod tests {
             cpu: CpuMax { quota_us: Limit::Value(50_000), period_us: 100_000 },
             memory_max: Limit::Value(64 << 20),
             memory_high: Limit::Value(48 << 20),
-            pids_max: Limit::Value(128),
+            pids_max: Some(Limit::Value(128)),
         };
         let writes = v1.apply(Path::new(POD), &want).unwrap();
         let written: Vec<_> = writes
@@ -343,7 +343,7 @@ mod tests {
             cpu: CpuMax { quota_us: quota, period_us: 100_000 },
             memory_max: Limit::Max,
             memory_high: Limit::Max,
-            pids_max: Limit::Max,
+            pids_max: Some(Limit::Max),
         };
         let order = |writes: Vec<FileWrite>| -> Vec<String> {
             writes.into_iter().map(|w| w.path.parent().unwrap().file_name().unwrap().to_str().unwrap().into()).collect()

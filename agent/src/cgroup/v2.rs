@@ -81,7 +81,7 @@ impl Cgroups for V2 {
             cpu: self.cpu_max(cgroup)?,
             memory_max: files::read_limit(&self.file(cgroup, MEMORY_MAX)?)?,
             memory_high: files::read_limit(&self.file(cgroup, MEMORY_HIGH)?)?,
-            pids_max: files::read_limit(&self.file(cgroup, PIDS_MAX)?)?,
+            pids_max: Some(files::read_limit(&self.file(cgroup, PIDS_MAX)?)?),
         })
     }
 
@@ -107,8 +107,8 @@ impl Cgroups for V2 {
         if have.memory_max != memory_max {
             put(MEMORY_MAX, memory_max.to_string())?;
         }
-        if have.pids_max != want.pids_max {
-            put(PIDS_MAX, want.pids_max.to_string())?;
+        if let Some(pids_max) = want.pids_max.filter(|&wanted| have.pids_max != Some(wanted)) {
+            put(PIDS_MAX, pids_max.to_string())?;
         }
         Ok(writes)
     }
@@ -184,7 +184,7 @@ pub(crate) mod tests {
             cpu: CpuMax { quota_us: Limit::Value(50_000), period_us: 100_000 },
             memory_max: Limit::Value(64 << 20),
             memory_high: Limit::Max,
-            pids_max: Limit::Value(256),
+            pids_max: Some(Limit::Value(256)),
         };
         let writes = cgroups.apply(Path::new(POD), &want).unwrap();
         let names: Vec<_> = writes.iter().map(|w| w.path.file_name().unwrap().to_str().unwrap()).collect();

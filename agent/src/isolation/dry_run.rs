@@ -67,7 +67,7 @@ impl Firewall for DryRunFirewall {
 mod tests {
     use std::sync::Arc;
 
-    use hexa_shared::isolation::{TenantAllocation, TenantIsolation};
+    use hexa_shared::isolation::TenantIsolation;
 
     use super::*;
     use crate::isolation::firewall::{Reconciled, reconcile_spec, render};
@@ -92,11 +92,7 @@ mod tests {
             pod_cidr: "10.42.0.0/16".parse().unwrap(),
             management_cidrs: vec!["192.168.100.10".parse().unwrap()],
             system_pod_ips: ["10.42.0.53".parse().unwrap()].into(),
-            tenants: vec![TenantIsolation {
-                tenant: "acme".into(),
-                allocation: TenantAllocation { cpu_millis: 1000, memory_bytes: 1 << 30, pids: 1024 },
-                pod_ips: ["10.42.0.11".parse().unwrap()].into(),
-            }],
+            tenants: vec![TenantIsolation { tenant: "acme".into(), pod_ips: ["10.42.0.11".parse().unwrap()].into() }],
         };
         let printed = Printed::default();
         let firewall = DryRunFirewall::with_output(Some(&spec), Box::new(printed.clone())).unwrap();

@@ -65,7 +65,7 @@ pub fn most_allocated_score(capacity: &Room, requested: &Room) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::placement::{NodePool, NodeView, PlacementConfig, PlacementState, Request, TenantState};
+    use crate::placement::{NodePool, NodeState, PlacementConfig, PlacementState, Request, TenantState};
     use hexa_shared::report::Resources;
     use hexa_shared::tenant::{Placement, Plan, Share, ShareSize, SharedPlan};
 
@@ -73,7 +73,7 @@ mod tests {
 
     #[test]
     fn each_strategy_picks_the_node_its_rule_names() {
-        let node = |name: &str, cpus: u64| NodeView {
+        let node = |name: &str, cpus: u64| NodeState {
             name: name.into(),
             pool: NodePool::Shared,
             ready: true,

@@ -11,7 +11,7 @@ use hexa_shared::report::Resources;
 use hexa_shared::tenant::{Plan, SharedPlan};
 
 use super::room::{Room, live_memory, usable_capacity};
-use super::{NodePool, NodeView, PlacementConfig, PlacementError, PlacementState, Request, Strategy};
+use super::{NodePool, NodeState, PlacementConfig, PlacementError, PlacementState, Request, Strategy};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -53,7 +53,7 @@ impl SplitMix64 {
 /// Nodes and tenants (in arrival order) of a synthetic fleet.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyntheticFleet {
-    pub nodes: Vec<NodeView>,
+    pub nodes: Vec<NodeState>,
     pub tenants: Vec<(String, SharedPlan)>,
 }
 
@@ -79,7 +79,7 @@ pub fn synthetic_fleet(nodes: usize, tenants: usize, seed: u64) -> SyntheticFlee
                 _ => (8, 64, 250),
             };
             let memory = mem_gib * GIB;
-            NodeView {
+            NodeState {
                 name: format!("node-{i:05}"),
                 pool: NodePool::Shared,
                 ready: true,
@@ -135,7 +135,7 @@ pub fn synthetic_fleet(nodes: usize, tenants: usize, seed: u64) -> SyntheticFlee
 /// even all of them cannot cover the demand.
 pub fn lower_bound<'a>(
     config: &PlacementConfig,
-    nodes: &[NodeView],
+    nodes: &[NodeState],
     plans: impl IntoIterator<Item = &'a SharedPlan>,
 ) -> usize {
     let mut demand = [0u128; 3];
@@ -358,7 +358,7 @@ mod tests {
 
     #[test]
     fn lower_bound_counts_the_largest_nodes_first() {
-        let node = |name: &str, cpus: u64, mem_gib: u64| NodeView {
+        let node = |name: &str, cpus: u64, mem_gib: u64| NodeState {
             name: name.into(),
             pool: NodePool::Shared,
             ready: true,

@@ -140,9 +140,10 @@ impl NodePool {
     }
 }
 
-/// What placement needs to know about one node, from the inventory and its latest report.
+/// What placement needs to know about one node, from the inventory and its latest report (not to
+/// be confused with the admin API's `inventory::NodeView`, which shows a node to an operator).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct NodeView {
+pub struct NodeState {
     pub name: String,
     pub pool: NodePool,
     /// Reports arrive (health `Ready`).
@@ -277,7 +278,7 @@ fn describe_room(room: &Room) -> String {
 /// A long-lived caller keeps the state instead and applies decisions to it.
 pub fn decide(
     config: &PlacementConfig,
-    nodes: &[NodeView],
+    nodes: &[NodeState],
     tenants: &[TenantState],
     request: &Request,
 ) -> Result<Decision, PlacementError> {

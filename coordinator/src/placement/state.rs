@@ -7,7 +7,7 @@ use hexa_shared::tenant::{DedicatedPlan, MAX_SPREAD, Placement, Plan, Share, Sha
 
 use super::room::{Dim, Room, live_memory, usable_capacity};
 use super::{
-    Decision, NodePool, NodeView, PlacementConfig, PlacementError, ProvisionRequest, Request, Strategy, TenantState,
+    Decision, NodePool, NodeState, PlacementConfig, PlacementError, ProvisionRequest, Request, Strategy, TenantState,
     Unplaced, baselines,
 };
 
@@ -16,7 +16,7 @@ pub(super) type NodeId = u32;
 
 #[derive(Debug, Clone)]
 pub(super) struct Slot {
-    pub(super) view: NodeView,
+    pub(super) view: NodeState,
     /// What shares may reserve in total (zero unless the node is in the shared pool).
     pub(super) cap: Room,
     /// What the shares on this node reserve.
@@ -123,7 +123,7 @@ impl PlacementState {
     /// them); a dedicated node claimed by two tenants stays with the first by name.
     pub fn new(
         config: PlacementConfig,
-        mut nodes: Vec<NodeView>,
+        mut nodes: Vec<NodeState>,
         tenants: Vec<TenantState>,
     ) -> Result<PlacementState, PlacementError> {
         config.validate()?;
@@ -168,7 +168,7 @@ impl PlacementState {
         Ok(state)
     }
 
-    fn slot_for(&self, view: NodeView) -> Slot {
+    fn slot_for(&self, view: NodeState) -> Slot {
         let cap = if view.pool == NodePool::Shared {
             usable_capacity(&view.allocatable, &self.config)
         } else {
@@ -209,11 +209,11 @@ impl PlacementState {
     }
 
     /// All nodes, by name.
-    pub fn nodes(&self) -> impl Iterator<Item = &NodeView> {
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeState> {
         self.nodes.iter().map(|s| &s.view)
     }
 
-    pub fn node(&self, name: &str) -> Option<&NodeView> {
+    pub fn node(&self, name: &str) -> Option<&NodeState> {
         self.id(name).map(|id| &self.slot(id).view)
     }
 
@@ -420,14 +420,14 @@ impl PlacementState {
 
     /// Takes a fresh view of a node (a report, a cordon, a health change). A node not seen
     /// before is added. Resets the node's live memory to the report's.
-    pub fn update_node(&mut self, view: NodeView) -> Result<(), PlacementError> {
+    pub fn update_node(&mut self, view: NodeState) -> Result<(), PlacementError> {
         let Some(id) = self.id(&view.name) else {
-            let mut nodes: Vec<NodeView> = self.nodes().cloned().collect();
+            let mut nodes: Vec<NodeState> = self.nodes().cloned().collect();
             nodes.push(view);
             return self.rebuild(nodes);
         };
         if self.slot(id).view.pool != view.pool {
-            let nodes: Vec<NodeView> =
+            let nodes: Vec<NodeState> =
                 self.nodes().map(|n| if n.name == view.name { view.clone() } else { n.clone() }).collect();
             return self.rebuild(nodes);
         }
@@ -447,11 +447,11 @@ impl PlacementState {
 
     /// Forgets a node (deleted from the inventory). Shares on it stay recorded until re-placed.
     pub fn remove_node(&mut self, name: &str) -> Result<(), PlacementError> {
-        let nodes: Vec<NodeView> = self.nodes().filter(|n| n.name != name).cloned().collect();
+        let nodes: Vec<NodeState> = self.nodes().filter(|n| n.name != name).cloned().collect();
         self.rebuild(nodes)
     }
 
-    fn rebuild(&mut self, nodes: Vec<NodeView>) -> Result<(), PlacementError> {
+    fn rebuild(&mut self, nodes: Vec<NodeState>) -> Result<(), PlacementError> {
         let tenants = self.tenants.values().cloned().collect();
         *self = PlacementState::new(self.config.clone(), nodes, tenants)?;
         Ok(())

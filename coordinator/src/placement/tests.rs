@@ -8,14 +8,14 @@ use hexa_shared::report::Resources;
 use hexa_shared::tenant::{DedicatedPlan, Placement, Plan, SharedPlan};
 
 use super::{
-    Decision, NodePool, NodeView, PlacementConfig, PlacementError, PlacementState, ProvisionRequest, Request, Room,
+    Decision, NodePool, NodeState, PlacementConfig, PlacementError, PlacementState, ProvisionRequest, Request, Room,
     TenantState, decide,
 };
 
 const GIB: u64 = 1 << 30;
 
-fn node(name: &str, cpus: u64, mem_gib: u64) -> NodeView {
-    NodeView {
+fn node(name: &str, cpus: u64, mem_gib: u64) -> NodeState {
+    NodeState {
         name: name.into(),
         pool: NodePool::Shared,
         ready: true,
@@ -25,8 +25,8 @@ fn node(name: &str, cpus: u64, mem_gib: u64) -> NodeView {
     }
 }
 
-fn dedicated_node(name: &str, class: &str, enrolled_for: Option<&str>) -> NodeView {
-    NodeView {
+fn dedicated_node(name: &str, class: &str, enrolled_for: Option<&str>) -> NodeState {
+    NodeState {
         pool: NodePool::Dedicated { tenant: enrolled_for.map(str::to_string), node_class: Some(class.into()) },
         ..node(name, 8, 32)
     }
@@ -51,7 +51,7 @@ fn dedicated(class: &str, count: u32) -> Plan {
     Plan::Dedicated(DedicatedPlan { node_class: class.into(), count })
 }
 
-fn state(nodes: Vec<NodeView>) -> PlacementState {
+fn state(nodes: Vec<NodeState>) -> PlacementState {
     PlacementState::new(plain(), nodes, Vec::new()).unwrap()
 }
 
@@ -71,12 +71,12 @@ fn share_nodes(state: &PlacementState, tenant: &str) -> Vec<String> {
     state.tenant(tenant).map(|t| t.placement.shares.iter().map(|s| s.node.clone()).collect()).unwrap_or_default()
 }
 
-fn cordoned(mut view: NodeView) -> NodeView {
+fn cordoned(mut view: NodeState) -> NodeState {
     view.schedulable = false;
     view
 }
 
-fn not_ready(mut view: NodeView) -> NodeView {
+fn not_ready(mut view: NodeState) -> NodeState {
     view.ready = false;
     view
 }
@@ -88,7 +88,7 @@ fn refusals_say_what_does_not_fit_and_what_to_change() {
         place(&mut s, "big", shared(3, 1, 1, 1));
         s.decide(&Request::Place { tenant: name.into(), plan: shared(6, 12, 1, 3) }).unwrap_err().to_string()
     };
-    let fresh = |nodes: Vec<NodeView>, plan: Plan| {
+    let fresh = |nodes: Vec<NodeState>, plan: Plan| {
         state(nodes).decide(&Request::Place { tenant: "acme".into(), plan }).unwrap_err().to_string()
     };
     let table: Vec<(String, &str)> = vec![
@@ -377,7 +377,7 @@ fn deleting_returns_all_capacity() {
 #[test]
 fn shares_never_go_on_dedicated_or_server_nodes() {
     let nodes = vec![
-        NodeView { pool: NodePool::Server, ..node("srv", 64, 256) },
+        NodeState { pool: NodePool::Server, ..node("srv", 64, 256) },
         dedicated_node("d1", "L", None),
         node("a", 2, 4),
     ];
@@ -425,7 +425,7 @@ enum Op {
 
 const TENANTS: [&str; 6] = ["t0", "t1", "t2", "t3", "t4", "t5"];
 
-fn node_view() -> impl Strategy<Value = NodeView> {
+fn node_view() -> impl Strategy<Value = NodeState> {
     (0u8..10, 1u64..=16, 1u64..=64, 20u64..=100, any::<bool>(), any::<bool>(), 0usize..3, 0usize..=TENANTS.len())
         .prop_map(|(kind, cpus, mem_gib, live_pct, ready, schedulable, class, enrolled)| {
             let pool = match kind {
@@ -437,7 +437,7 @@ fn node_view() -> impl Strategy<Value = NodeView> {
                 _ => NodePool::Shared,
             };
             let memory = mem_gib * GIB;
-            NodeView {
+            NodeState {
                 name: String::new(),
                 pool,
                 ready: ready || kind > 5,
@@ -448,7 +448,7 @@ fn node_view() -> impl Strategy<Value = NodeView> {
         })
 }
 
-fn fleet() -> impl Strategy<Value = Vec<NodeView>> {
+fn fleet() -> impl Strategy<Value = Vec<NodeState>> {
     prop::collection::vec(node_view(), 1..16).prop_map(|mut nodes| {
         for (i, node) in nodes.iter_mut().enumerate() {
             node.name = format!("n{i:02}");
@@ -485,7 +485,7 @@ fn op(nodes: usize) -> impl Strategy<Value = Op> {
     ]
 }
 
-fn scenario() -> impl Strategy<Value = (Vec<NodeView>, Vec<Op>, PlacementConfig)> {
+fn scenario() -> impl Strategy<Value = (Vec<NodeState>, Vec<Op>, PlacementConfig)> {
     let config = (1.0f64..3.0, 1.0f64..1.5, 0.0f64..0.3).prop_map(|(cpu, mem, headroom)| PlacementConfig {
         cpu_overcommit: cpu,
         memory_overcommit: mem,
@@ -498,7 +498,7 @@ fn scenario() -> impl Strategy<Value = (Vec<NodeView>, Vec<Op>, PlacementConfig)
     })
 }
 
-fn request(op: &Op, nodes: &[NodeView]) -> Request {
+fn request(op: &Op, nodes: &[NodeState]) -> Request {
     match op {
         Op::Place(t, plan) => Request::Place { tenant: TENANTS[*t].into(), plan: plan.clone() },
         Op::Change(t, plan) => Request::ChangePlan { tenant: TENANTS[*t].into(), plan: plan.clone() },
@@ -618,7 +618,7 @@ proptest! {
         for op in &ops {
             let request = request(op, &nodes);
             let tenants: Vec<TenantState> = state.tenants().cloned().collect();
-            let views: Vec<NodeView> = state.nodes().cloned().collect();
+            let views: Vec<NodeState> = state.nodes().cloned().collect();
             let first = decide(&config, &views, &tenants, &request);
             let again = decide(&config, &views, &tenants, &request);
             prop_assert_eq!(&first, &again);

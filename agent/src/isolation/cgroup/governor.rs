@@ -8,26 +8,18 @@ use std::time::Instant;
 use hexa_shared::spec::TenantAllocation;
 use tracing::{debug, info, info_span, warn};
 
-use super::policy::{self, PodSample, PolicySettings, TenantShare, TenantUsage};
+use super::policy::{self, PodSample, PolicySettings, TenantUsage};
 use super::{CgroupError, Cgroups, FileWrite};
 use crate::cgroup::discover::{self, Layout, normalize_uid};
 
-/// How the governor finds and treats pods; [`Default`] is production's.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How the governor finds and treats pods; [`Default`] is production's. What each tenant may use
+/// is not a setting here: it is the allocation in the node's spec.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GovernorSettings {
     /// Where kubelet's pod cgroups are; `None` detects `kubepods.slice` (systemd driver) or `kubepods`
     /// (cgroupfs driver) at each reconcile until one exists.
     pub layout: Option<Layout>,
-    /// The pids cap per pod of a tenant's allocation: a tenant allocated `n` pods may run
-    /// `max(n, 1) × pids_per_pod` processes and threads, and so may each of its pods.
-    pub pids_per_pod: u64,
     pub policy: PolicySettings,
-}
-
-impl Default for GovernorSettings {
-    fn default() -> Self {
-        GovernorSettings { layout: None, pids_per_pod: 1024, policy: PolicySettings::default() }
-    }
 }
 
 /// A pod of this node and the tenant it belongs to, from the node's pod list.
@@ -90,37 +82,25 @@ impl Governor {
         &self.settings
     }
 
-    /// Enforces the coordinator's allocations on this node (`NodeSpec::tenants`), the pids cap
-    /// derived from each allocation's pod count ([`TenantShare::from_allocation`]).
+    /// Enforces the coordinator's allocations on this node (`NodeSpec::tenants`), exactly as they
+    /// are, on the pods of `pods` found here; tenants without an allocation are not touched. `now`
+    /// is when the samples are taken (the cpu demand is measured from one reconcile to the next).
+    /// Fails only when the pod cgroups cannot be listed; a pod that cannot be read or limited is
+    /// reported in [`Reconcile::failures`] and the others are still governed.
     pub fn reconcile(
         &mut self,
         allocations: &[TenantAllocation],
         pods: &[PodTenant],
         now: Instant,
     ) -> Result<Reconcile, CgroupError> {
-        let shares: Vec<TenantShare> =
-            allocations.iter().map(|a| TenantShare::from_allocation(a, self.settings.pids_per_pod)).collect();
-        self.reconcile_shares(&shares, pods, now)
-    }
-
-    /// Enforces `shares` on the pods of `pods` found on this node. `now` is when the samples are
-    /// taken (the cpu demand is measured from one reconcile to the next). Fails only when the pod
-    /// cgroups cannot be listed; a pod that cannot be read or limited is reported in
-    /// [`Reconcile::failures`] and the others are still governed.
-    pub fn reconcile_shares(
-        &mut self,
-        shares: &[TenantShare],
-        pods: &[PodTenant],
-        now: Instant,
-    ) -> Result<Reconcile, CgroupError> {
-        let span = info_span!("cgroup_reconcile", tenants = shares.len(), pods = pods.len());
+        let span = info_span!("cgroup_reconcile", tenants = allocations.len(), pods = pods.len());
         let _entered = span.enter();
 
         let layout = match &self.settings.layout {
             Some(layout) => Some(layout.clone()),
             None => Layout::detect(&*self.cgroups)?,
         };
-        let governed: BTreeSet<&str> = shares.iter().map(|s| s.tenant.as_str()).collect();
+        let governed: BTreeSet<&str> = allocations.iter().map(|a| a.tenant.as_str()).collect();
         let tenant_of: BTreeMap<String, &str> = pods
             .iter()
             .filter(|p| governed.contains(p.tenant.as_str()))
@@ -170,7 +150,7 @@ impl Governor {
 
         let interval_usec =
             self.last.map(|last| u64::try_from(now.saturating_duration_since(last).as_micros()).unwrap_or(u64::MAX));
-        let plan = policy::plan(shares, &samples, interval_usec, &self.settings.policy);
+        let plan = policy::plan(allocations, &samples, interval_usec, &self.settings.policy);
         for (uid, limits) in &plan.limits {
             let Some((path, tenant)) = cgroup_of.get(uid) else { continue };
             match self.cgroups.apply(path, limits) {
@@ -217,8 +197,15 @@ mod tests {
     const B1: &str = "kubepods.slice/kubepods-podbbbb_0001.slice";
     const SYS: &str = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podcccc_0001.slice";
 
-    fn allocation(tenant: &str, cpu_millis: u64, memory_bytes: u64, pods: u32) -> TenantAllocation {
-        TenantAllocation { tenant: tenant.into(), cpu_millis, memory_bytes, pods, control_plane: false }
+    fn allocation(tenant: &str, cpu_millis: u64, memory_bytes: u64, pids: u64) -> TenantAllocation {
+        TenantAllocation {
+            tenant: tenant.into(),
+            cpu_millis,
+            memory_bytes,
+            pods: 2,
+            pids: Some(pids),
+            control_plane: false,
+        }
     }
 
     fn pods() -> Vec<PodTenant> {
@@ -239,9 +226,8 @@ mod tests {
         pod(root.path(), A2, 0, 10 * MIB, 2);
         pod(root.path(), B1, 0, 5 * MIB, 1);
         pod(root.path(), SYS, 0, 500 * MIB, 40);
-        let settings = GovernorSettings { pids_per_pod: 50, ..GovernorSettings::default() };
-        let mut governor = Governor::new(Box::new(V2::new(root.path())), settings);
-        let allocations = [allocation("a", 500, 64 * MIB, 2), allocation("b", 1000, 128 * MIB, 1)];
+        let mut governor = Governor::new(Box::new(V2::new(root.path())), GovernorSettings::default());
+        let allocations = [allocation("a", 500, 64 * MIB, 100), allocation("b", 1000, 128 * MIB, 50)];
         let t0 = Instant::now();
 
         let first = governor.reconcile(&allocations, &pods(), t0).unwrap();
@@ -291,7 +277,7 @@ mod tests {
     fn a_node_without_kubelet_has_nothing_to_govern() {
         let root = fixture_root();
         let mut governor = Governor::open(root.path(), GovernorSettings::default()).unwrap();
-        let out = governor.reconcile(&[allocation("a", 500, 64 * MIB, 2)], &pods(), Instant::now()).unwrap();
+        let out = governor.reconcile(&[allocation("a", 500, 64 * MIB, 100)], &pods(), Instant::now()).unwrap();
         assert_eq!(out.layout, None);
         assert_eq!(out.usage.len(), 1);
         assert_eq!(out.usage[0].pods, 0);
@@ -305,7 +291,7 @@ mod tests {
         pod(root.path(), B1, 0, MIB, 1);
         fs::write(root.path().join(A1).join("memory.current"), "lots").unwrap();
         let mut governor = Governor::open(root.path(), GovernorSettings::default()).unwrap();
-        let allocations = [allocation("a", 500, 64 * MIB, 2), allocation("b", 1000, 128 * MIB, 1)];
+        let allocations = [allocation("a", 500, 64 * MIB, 100), allocation("b", 1000, 128 * MIB, 50)];
         let out = governor.reconcile(&allocations, &pods(), Instant::now()).unwrap();
         assert_eq!(out.failures.len(), 1);
         assert_eq!(out.failures[0].pod_uid, "aaaa-0001");

@@ -21,10 +21,12 @@
 //! value differs from the wanted one (read, compare, write), so a reconcile with no change writes
 //! nothing. Each reconcile returns the per-tenant usage ([`TenantUsage`]) for the report.
 //!
-//! # Pids
-//! The coordinator's `hexa_shared::spec::TenantAllocation` carries a pod count, not a pids cap: the governor derives
-//! `A.pids = max(pods, 1) × GovernorSettings::pids_per_pod` (default 1024, the common kubelet
-//! `podPidsLimit`). A caller that already has a pids cap builds [`TenantShare`]s itself.
+//! # The allocation is the coordinator's
+//! `A` is `hexa_shared::spec::TenantAllocation` from `NodeSpec::tenants`, as the coordinator
+//! decided it (its pids cap from `[isolation] pids_per_pod` there); the governor derives nothing
+//! and has no defaults of its own. A tenant without an allocation in the spec is not governed. An
+//! allocation without a pids cap (a spec saved before allocations carried one) leaves the pods'
+//! `pids.max` as it is and enforces the rest.
 //!
 //! # Layout
 //! - [`policy`]: the pure decision, from allocations and samples to wanted [`PodLimits`];
@@ -43,4 +45,4 @@ pub use crate::cgroup::{
     PodUsage, V1, V2, open, v1, v2,
 };
 pub use governor::{Governor, GovernorSettings, PodFailure, PodTenant, Reconcile};
-pub use policy::{PolicySettings, TenantShare, TenantUsage};
+pub use policy::{PolicySettings, TenantUsage};

@@ -1,5 +1,6 @@
-//! The governor's decision, pure: from the tenants' shares and what their pods used, the limits each
-//! pod cgroup should have. No I/O, no clock: the caller passes the interval the samples cover.
+//! The governor's decision, pure: from the tenants' allocations (as the coordinator decided them,
+//! taken as they are) and what their pods used, the limits each pod cgroup should have. No I/O, no
+//! clock: the caller passes the interval the samples cover.
 
 use std::collections::BTreeMap;
 
@@ -38,29 +39,6 @@ impl Default for PolicySettings {
     }
 }
 
-/// What one tenant may use on this node, all its pods together.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TenantShare {
-    pub tenant: String,
-    pub cpu_millis: u64,
-    pub memory_bytes: u64,
-    /// Processes and threads.
-    pub pids: u64,
-}
-
-impl TenantShare {
-    /// The share of a coordinator allocation. The allocation counts pods, not processes: the pids cap
-    /// is `max(pods, 1) × pids_per_pod` (a tenant with a share here always has room for one pod).
-    pub fn from_allocation(allocation: &TenantAllocation, pids_per_pod: u64) -> TenantShare {
-        TenantShare {
-            tenant: allocation.tenant.clone(),
-            cpu_millis: allocation.cpu_millis,
-            memory_bytes: allocation.memory_bytes,
-            pids: u64::from(allocation.pods.max(1)).saturating_mul(pids_per_pod),
-        }
-    }
-}
-
 /// One tenant's use of this node: the report's own type, so the governor's reading goes out as is.
 pub use hexa_shared::report::TenantUsage;
 
@@ -78,16 +56,21 @@ pub struct PodSample {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
     pub limits: BTreeMap<String, PodLimits>,
-    /// One entry per share, sorted by tenant, including tenants with no pod here.
+    /// One entry per allocation, sorted by tenant, including tenants with no pod here.
     pub usage: Vec<TenantUsage>,
 }
 
-/// Decides the limits of every pod of a tenant with a share. `interval_usec` is the wall time the
-/// cpu deltas cover (`None` on the first reconcile). Pods of tenants without a share get no entry and
-/// are left alone. A tenant listed twice keeps its first share.
-pub fn plan(shares: &[TenantShare], pods: &[PodSample], interval_usec: Option<u64>, settings: &PolicySettings) -> Plan {
-    let mut by_tenant: BTreeMap<&str, (&TenantShare, Vec<&PodSample>)> = BTreeMap::new();
-    for share in shares {
+/// Decides the limits of every pod of a tenant with one of `allocations`. `interval_usec` is the
+/// wall time the cpu deltas cover (`None` on the first reconcile). Pods of tenants without an
+/// allocation get no entry and are left alone. A tenant listed twice keeps its first allocation.
+pub fn plan(
+    allocations: &[TenantAllocation],
+    pods: &[PodSample],
+    interval_usec: Option<u64>,
+    settings: &PolicySettings,
+) -> Plan {
+    let mut by_tenant: BTreeMap<&str, (&TenantAllocation, Vec<&PodSample>)> = BTreeMap::new();
+    for share in allocations {
         by_tenant.entry(share.tenant.as_str()).or_insert((share, Vec::new()));
     }
     for pod in pods {
@@ -106,7 +89,7 @@ pub fn plan(shares: &[TenantShare], pods: &[PodSample], interval_usec: Option<u6
 }
 
 fn plan_tenant(
-    share: &TenantShare,
+    share: &TenantAllocation,
     pods: &[&PodSample],
     interval_usec: Option<u64>,
     settings: &PolicySettings,
@@ -117,7 +100,9 @@ fn plan_tenant(
         cpu: CpuMax { quota_us: Limit::Value(quota), period_us: period },
         memory_max: Limit::Value(share.memory_bytes),
         memory_high: Limit::Max,
-        pids_max: Limit::Value(share.pids),
+        // Exactly the allocation's cap; without one (a spec saved before allocations carried it)
+        // the pod's pids.max is left as it is.
+        pids_max: share.pids.map(Limit::Value),
     };
     let mut limits = vec![cap; pods.len()];
 
@@ -318,8 +303,15 @@ mod tests {
         }
     }
 
-    fn share(tenant: &str, cpu_millis: u64, memory_bytes: u64) -> TenantShare {
-        TenantShare { tenant: tenant.into(), cpu_millis, memory_bytes, pids: 100 }
+    fn share(tenant: &str, cpu_millis: u64, memory_bytes: u64) -> TenantAllocation {
+        TenantAllocation {
+            tenant: tenant.into(),
+            cpu_millis,
+            memory_bytes,
+            pods: 1,
+            pids: Some(100),
+            control_plane: false,
+        }
     }
 
     fn pod(uid: &str, tenant: &str, cpu_delta_usec: Option<u64>, memory_bytes: u64) -> PodSample {
@@ -343,7 +335,7 @@ mod tests {
             cpu: CpuMax { quota_us: Limit::Value(50_000), period_us: 100_000 },
             memory_max: Limit::Value(64 * MIB),
             memory_high: Limit::Max,
-            pids_max: Limit::Value(100),
+            pids_max: Some(Limit::Value(100)),
         };
         assert_eq!(plan.limits.len(), 2, "{plan:?}");
         assert_eq!(plan.limits["p1"], cap);
@@ -410,11 +402,13 @@ mod tests {
     }
 
     #[test]
-    fn pids_come_from_pods_times_the_per_pod_limit() {
-        let allocation =
-            TenantAllocation { tenant: "a".into(), cpu_millis: 1, memory_bytes: 2, pods: 30, control_plane: false };
-        assert_eq!(TenantShare::from_allocation(&allocation, 1024).pids, 30 * 1024);
-        let none = TenantAllocation { pods: 0, ..allocation };
-        assert_eq!(TenantShare::from_allocation(&none, 1024).pids, 1024);
+    fn pids_are_the_allocations_own_and_absent_ones_leave_the_pods_alone() {
+        let decided = TenantAllocation { pods: 30, pids: Some(777), ..share("a", 500, 64 * MIB) };
+        let plan = plan(std::slice::from_ref(&decided), &[pod("p1", "a", None, MIB)], None, &PolicySettings::default());
+        assert_eq!(plan.limits["p1"].pids_max, Some(Limit::Value(777)), "not derived from the 30 pods");
+        let unset = TenantAllocation { pids: None, ..decided };
+        let plan = super::plan(&[unset], &[pod("p1", "a", None, MIB)], None, &PolicySettings::default());
+        assert_eq!(plan.limits["p1"].pids_max, None);
+        assert_eq!(plan.limits["p1"].memory_max, Limit::Value(64 * MIB), "the rest is still enforced");
     }
 }

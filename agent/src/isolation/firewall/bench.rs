@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec, MAX_IPS_PER_SET, TenantAllocation, TenantIsolation};
+use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec, MAX_IPS_PER_SET, TenantIsolation};
 use nix::sched::CloneFlags;
 use serde::Serialize;
 
@@ -47,11 +47,7 @@ pub struct BenchFigures {
 pub fn synthetic_spec(tenants: usize, pod_ips: usize) -> IsolationSpec {
     let base = u32::from(Ipv4Addr::new(10, 0, 1, 0));
     let mut tenant_list: Vec<TenantIsolation> = (0..tenants)
-        .map(|i| TenantIsolation {
-            tenant: format!("tenant-{i:04}"),
-            allocation: TenantAllocation { cpu_millis: 1000, memory_bytes: 2 << 30, pids: 2048 },
-            pod_ips: Default::default(),
-        })
+        .map(|i| TenantIsolation { tenant: format!("tenant-{i:04}"), pod_ips: Default::default() })
         .collect();
     if !tenant_list.is_empty() {
         for i in 0..pod_ips {

@@ -1,6 +1,6 @@
 use std::net::Ipv4Addr;
 
-use hexa_shared::isolation::{IsolationSpec, TenantAllocation, TenantIsolation};
+use hexa_shared::isolation::{IsolationSpec, TenantIsolation};
 use proptest::prelude::*;
 
 use super::*;
@@ -10,11 +10,7 @@ fn ip(s: &str) -> Ipv4Addr {
 }
 
 fn tenant(name: &str, ips: &[&str]) -> TenantIsolation {
-    TenantIsolation {
-        tenant: name.into(),
-        allocation: TenantAllocation { cpu_millis: 2000, memory_bytes: 4 << 30, pids: 4096 },
-        pod_ips: ips.iter().map(|s| ip(s)).collect(),
-    }
+    TenantIsolation { tenant: name.into(), pod_ips: ips.iter().map(|s| ip(s)).collect() }
 }
 
 fn small_spec() -> IsolationSpec {
