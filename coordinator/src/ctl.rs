@@ -48,6 +48,11 @@ pub enum Command {
     Tenant(TenantCommand),
     /// Outstanding requests for dedicated nodes
     Provisioning,
+    /// Print a completion script for a shell, e.g. `hexactl completions bash > /etc/bash_completion.d/hexactl`
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -473,8 +478,19 @@ fn unix_time(secs: i64) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
+/// The completion script of `hexactl` for `shell`.
+pub fn completions(shell: clap_complete::Shell) -> String {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "hexactl", &mut script);
+    String::from_utf8_lossy(&script).into_owned()
+}
+
 /// Runs one `hexactl` invocation and returns what to print on stdout.
 pub async fn run(cli: Cli) -> Result<String, CtlError> {
+    // Completions need no coordinator and no token.
+    if let Command::Completions { shell } = cli.command {
+        return Ok(completions(shell));
+    }
     let token = match std::env::var("HEXA_TOKEN") {
         Ok(token) if !token.trim().is_empty() => token.trim().to_string(),
         _ => std::fs::read_to_string(&cli.token_file)
@@ -553,6 +569,7 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
                 (false, _, _) => tenants_table(&tenants),
             }
         }
+        Command::Completions { shell } => completions(shell),
         Command::Provisioning => {
             let requests: Vec<serde_json::Value> = client.call(Method::GET, "/v1/provisioning", None).await?;
             if json_out {
@@ -627,6 +644,16 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completion_scripts_know_the_commands() {
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let script = completions(shell);
+            for word in ["reenroll", "set-plan", "provisioning", "token-file"] {
+                assert!(script.contains(word), "{shell}: {word}");
+            }
+        }
+    }
 
     #[test]
     fn tables_align_columns() {
