@@ -12,6 +12,25 @@ use hexa_tests::eventually;
 use hexa_tests::inproc::{Coordinator, test_host};
 use hexa_tests::netns::{self, Topology};
 
+/// Runs an agent called `name` until it has applied the spec the coordinator has for it, then
+/// stops it; returns its configuration and the node as the inventory then saw it.
+async fn run_until_applied(
+    c: &Coordinator,
+    name: &str,
+) -> (hexa_agent::config::AgentConfig, hexa_coordinator::inventory::NodeView) {
+    let agent = c.spawn_agent(name).await;
+    let config = agent.config.clone();
+    let applied = eventually(Duration::from_secs(20), "spec applied", async || {
+        c.admin
+            .node(name)
+            .await
+            .filter(|n| n.health == Health::Ready && n.applied_generation == Some(n.spec_generation))
+    })
+    .await;
+    agent.stop().await;
+    (config, applied)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolation_is_back_in_force_before_the_first_connection() {
     if let Some(why) = netns::unavailable(&["ip", "iptables", "ipset"]) {
@@ -21,16 +40,7 @@ async fn isolation_is_back_in_force_before_the_first_connection() {
     // The node's network: a namespace of its own, with the real iptables and ipset.
     let topology = Topology::builder().node("fs", "10.42.1.0/24").build().unwrap();
     let c = Coordinator::start().await;
-    let agent = c.spawn_agent("fs-node").await;
-    let config = agent.config.clone();
-    eventually(Duration::from_secs(20), "spec applied", async || {
-        c.admin
-            .node("fs-node")
-            .await
-            .filter(|n| n.health == Health::Ready && n.applied_generation == Some(n.spec_generation))
-    })
-    .await;
-    agent.stop().await;
+    let (config, _) = run_until_applied(&c, "fs-node").await;
 
     // The last spec this node applied carried isolation (written as the agent records it).
     let state = StateDir::open(&config.state_dir).unwrap();
@@ -82,16 +92,7 @@ async fn a_corrupt_spec_file_falls_back_to_the_last_good_one_and_then_the_fresh_
     }
     let topology = Topology::builder().node("cs", "10.43.1.0/24").build().unwrap();
     let c = Coordinator::start().await;
-    let agent = c.spawn_agent("cs-node").await;
-    let config = agent.config.clone();
-    let applied = eventually(Duration::from_secs(20), "spec applied", async || {
-        c.admin
-            .node("cs-node")
-            .await
-            .filter(|n| n.health == Health::Ready && n.applied_generation == Some(n.spec_generation))
-    })
-    .await;
-    agent.stop().await;
+    let (config, applied) = run_until_applied(&c, "cs-node").await;
 
     // The node last applied isolation one generation behind the coordinator's; then its
     // spec.json was damaged (the copy beside it is intact).
