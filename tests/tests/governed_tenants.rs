@@ -37,13 +37,18 @@ fn kubelet_pod(root: &Path, memory: u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tenants_placed_on_a_node_are_held_to_their_allocation_and_their_usage_reported() {
-    let c = Coordinator::start().await;
+/// An agent whose cgroup root is a fixture tree holding one kubelet-shaped pod of tenant acme
+/// (using `memory` bytes), running until `stop` turns true; returns once the node is Ready.
+async fn governed_node(
+    c: &Coordinator,
+    name: &str,
+    memory: u64,
+) -> (tempfile::TempDir, tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<Result<(), hexa_agent::AgentError>>)
+{
     let cgroups = tempfile::tempdir().unwrap();
-    kubelet_pod(cgroups.path(), 40 << 20);
+    kubelet_pod(cgroups.path(), memory);
     let token = c.admin.token("shared", "10m").await;
-    let config = c.agent_config("gov-node", &token);
+    let config = c.agent_config(name, &token);
     let pods = Arc::new(StaticPodSource::new(vec![PodInfo {
         namespace: "hx-acme".into(),
         name: "web".into(),
@@ -55,9 +60,16 @@ async fn tenants_placed_on_a_node_are_held_to_their_allocation_and_their_usage_r
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(hexa_agent::run(config, host, stopped));
     eventually(Duration::from_secs(20), "node Ready", async || {
-        c.admin.node("gov-node").await.filter(|n| n.health == Health::Ready)
+        c.admin.node(name).await.filter(|n| n.health == Health::Ready)
     })
     .await;
+    (cgroups, stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_placed_on_a_node_are_held_to_their_allocation_and_their_usage_reported() {
+    let c = Coordinator::start().await;
+    let (cgroups, stop, task) = governed_node(&c, "gov-node", 40 << 20).await;
 
     let plan = json!({"kind": "shared", "cpu_millis": 500, "memory_bytes": 256u64 << 20, "pods": 4, "replicas": 1, "spread": 1});
     let (status, body) =
@@ -100,24 +112,7 @@ async fn the_pids_cap_on_a_tenant_pod_is_the_coordinators_pids_per_pod() {
     assert_eq!(from_file.isolation.pids_per_pod, PIDS_PER_POD);
     let c = Coordinator::start_tuned(|config| config.isolation = from_file.isolation).await;
 
-    let cgroups = tempfile::tempdir().unwrap();
-    kubelet_pod(cgroups.path(), 8 << 20);
-    let token = c.admin.token("shared", "10m").await;
-    let config = c.agent_config("pids-node", &token);
-    let pods = Arc::new(StaticPodSource::new(vec![PodInfo {
-        namespace: "hx-acme".into(),
-        name: "web".into(),
-        uid: "aaaa-1111".into(),
-        ip: Some("10.42.0.9".parse().unwrap()),
-        tenant: Some("acme".into()),
-    }]));
-    let host = hexa_agent::Host { cgroup_root: cgroups.path().to_path_buf(), pods, ..test_host(&config) };
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(hexa_agent::run(config, host, stopped));
-    eventually(Duration::from_secs(20), "node Ready", async || {
-        c.admin.node("pids-node").await.filter(|n| n.health == Health::Ready)
-    })
-    .await;
+    let (cgroups, stop, task) = governed_node(&c, "pids-node", 8 << 20).await;
 
     let plan = json!({"kind": "shared", "cpu_millis": 500, "memory_bytes": 256u64 << 20, "pods": 3, "replicas": 1, "spread": 1});
     let (status, body) =
