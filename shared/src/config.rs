@@ -2,6 +2,10 @@
 //! keys refused, and every key overridable from the environment as `HEXA_<KEY>` (upper case; keys
 //! of a `[section]` as `HEXA_<SECTION>_<KEY>`). Command-line flags, applied by the caller, win over
 //! both.
+//!
+//! The packaged files (`packaging/agent.toml`, `packaging/coordinator.toml`) are held to the
+//! types' defaults by tests beside the types (`hexa_agent::config`, `hexa_coordinator::config`):
+//! loaded, each file must equal `Default::default()`, and every key must have a comment above it.
 
 use std::path::Path;
 
@@ -96,12 +100,6 @@ fn apply_env(
         table.insert(key.clone(), value);
     }
     Ok(())
-}
-
-/// Renders `T::default()` as a commented TOML document: the packaged default config files are
-/// checked against this so that they never drift from the code.
-pub fn default_toml<T: Serialize + Default>() -> String {
-    toml::to_string(&T::default()).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -86,10 +86,6 @@ impl Governor {
         &*self.cgroups
     }
 
-    pub fn settings(&self) -> &GovernorSettings {
-        &self.settings
-    }
-
     /// Enforces the coordinator's allocations on this node (`NodeSpec::tenants`), the pids cap
     /// derived from each allocation's pod count ([`TenantShare::from_allocation`]).
     pub fn reconcile(
