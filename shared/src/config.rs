@@ -14,8 +14,9 @@ use serde::de::DeserializeOwned;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    /// The io error's text is part of the message and not repeated as a source.
+    #[error("config file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("environment variable {var}={value:?}: {message}")]
@@ -45,7 +46,7 @@ where
             .parse::<toml::Table>()
             .map_err(|e| ConfigError::Parse { path: display.clone(), message: e.to_string() })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => toml::Table::new(),
-        Err(source) => return Err(ConfigError::Read { path: display, source }),
+        Err(error) => return Err(ConfigError::Read { path: display, error }),
     };
     let overrides: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("HEXA_")).collect();
     apply_env(&defaults, &mut table, &[], &overrides)?;
