@@ -72,10 +72,6 @@ impl Collector {
         Collector { settings, prev_cpu: None, cgroup: None }
     }
 
-    pub fn settings(&self) -> &CollectorSettings {
-        &self.settings
-    }
-
     /// Reads everything once. The first call reports zero CPU usage, since usage is a delta between samples.
     pub fn sample(&mut self) -> Result<Sample, CollectError> {
         let proc_root = self.settings.proc_root.clone();

@@ -8,6 +8,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use hexa_shared::clock::now_unix;
 use hexa_shared::pki::{self, COORDINATOR_SERVER_NAME};
 use hexa_shared::proto::{
     AgentMessage, CoordinatorMessage, Hello, PROTOCOL_VERSION, RefusalCode, SystemInfo, close_code,
@@ -33,10 +34,6 @@ const RENEW_AT_FRACTION: f64 = 2.0 / 3.0;
 pub fn renewal_due(not_before_unix: i64, not_after_unix: i64, now_unix: i64) -> bool {
     let lifetime = (not_after_unix - not_before_unix).max(0) as f64;
     now_unix as f64 >= not_before_unix as f64 + lifetime * RENEW_AT_FRACTION
-}
-
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 pub fn system_info() -> SystemInfo {
@@ -146,19 +143,9 @@ impl Link {
         info!(node = %welcome.node_name, pool = %welcome.pool, interval_ms = welcome.report_interval_ms, "connected to the coordinator");
 
         // Frames are read in their own task: a partially read frame must never be dropped by select!.
-        let (msg_tx, mut msg_rx) = mpsc::channel::<Result<CoordinatorMessage, FrameError>>(16);
-        let reader = tokio::spawn(async move {
-            loop {
-                let msg = wire::read_frame::<CoordinatorMessage, _>(&mut recv).await.transpose();
-                let Some(msg) = msg else { break };
-                let failed = msg.is_err();
-                if msg_tx.send(msg).await.is_err() || failed {
-                    break;
-                }
-            }
-        });
+        let (mut msg_rx, reader) = wire::spawn_reader::<CoordinatorMessage, _>(recv);
         let end = self.exchange(&conn, &mut send, &mut msg_rx, interval, &identity, shutdown).await;
-        reader.abort();
+        drop(reader);
         if matches!(end, Ok(SessionEnd::Shutdown)) {
             conn.close(close_code::DONE.into(), b"agent stopping");
         }

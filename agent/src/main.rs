@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
         let mut agent = tokio::spawn(hexa_agent::run(config, hexa_agent::Host::default(), stopped));
         tokio::select! {
             result = &mut agent => return result.context("agent task")?.map_err(anyhow::Error::from),
-            signal = wait_for_signal() => signal?,
+            signal = hexa_shared::signals::wait_for_termination() => signal?,
         }
         tracing::info!("stopping");
         let _ = stop.send(true);
@@ -126,15 +126,5 @@ fn apply_once(config: &AgentConfig, spec_path: &std::path::Path, root: Option<Pa
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(applier.apply(&spec))?;
     println!("applied generation {}", spec.generation);
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("SIGINT handler")?,
-        _ = term.recv() => {}
-    }
     Ok(())
 }

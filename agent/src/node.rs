@@ -27,6 +27,7 @@ use tokio::task::{self, JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use hexa_shared::clock::now_unix_ms;
 use hexa_shared::k3s::K3sState;
 use hexa_shared::report::{CapacityReport, PodInfo, TenantUsage};
 use hexa_shared::spec::{AppliedStatus, ApplyOutcome, NodeSpec};
@@ -582,10 +583,6 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-fn now_unix_ms() -> u64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64
 }
 
 #[cfg(test)]

@@ -8,9 +8,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use hexa_shared::isolation::Ipv4Cidr;
 use hexa_shared::logging::LogFormat;
 
 use crate::placement::PlacementConfig;
+
+pub mod error;
+pub use error::ConfigError;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/hexabase/coordinator.toml";
 
@@ -77,23 +81,33 @@ impl Default for IsolationSettings {
 }
 
 impl IsolationSettings {
-    /// The parsed settings, or `None` when isolation is off.
-    pub fn plan(&self) -> Result<Option<crate::desired::IsolationPlan>, String> {
-        if !self.enabled {
-            return Ok(None);
-        }
-        let parse = |key: &str, text: &str| {
-            text.parse::<hexa_shared::isolation::Ipv4Cidr>().map_err(|e| format!("isolation.{key} {text:?}: {e}"))
-        };
-        Ok(Some(crate::desired::IsolationPlan {
-            pod_cidr: parse("pod_cidr", &self.pod_cidr)?,
-            management_cidrs: self
-                .management_cidrs
-                .iter()
-                .map(|c| parse("management_cidrs", c))
-                .collect::<Result<_, _>>()?,
-        }))
+    /// `isolation.pod_cidr`, parsed.
+    pub fn pod_cidr(&self) -> Result<Ipv4Cidr, ConfigError> {
+        parse_cidr("isolation.pod_cidr", &self.pod_cidr)
     }
+
+    /// `isolation.management_cidrs`, parsed.
+    pub fn management_cidrs(&self) -> Result<Vec<Ipv4Cidr>, ConfigError> {
+        self.management_cidrs.iter().map(|c| parse_cidr("isolation.management_cidrs", c)).collect()
+    }
+
+    /// Checks what [`pod_cidr`](Self::pod_cidr) and [`management_cidrs`](Self::management_cidrs)
+    /// parse, when isolation is on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.enabled {
+            self.pod_cidr()?;
+            self.management_cidrs()?;
+        }
+        // Every tenant pod's pids.max comes from it, isolation or not: 0 would stop every pod.
+        if self.pids_per_pod == 0 {
+            return Err(ConfigError::Zero { key: "isolation.pids_per_pod" });
+        }
+        Ok(())
+    }
+}
+
+fn parse_cidr(key: &'static str, text: &str) -> Result<Ipv4Cidr, ConfigError> {
+    text.parse().map_err(|reason| ConfigError::Cidr { key, value: text.to_string(), reason })
 }
 
 /// How the coordinator has agents run K3s. Roles follow pools: nodes of the `server` pool run the
@@ -121,19 +135,14 @@ pub struct K3sSettings {
 }
 
 impl K3sSettings {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let hex_sha256 = self.sha256.len() == 64 && self.sha256.bytes().all(|b| b.is_ascii_hexdigit());
         if !self.sha256.is_empty() && !hex_sha256 {
-            return Err(format!("k3s.sha256 {:?} is not a sha256 in hex (64 characters)", self.sha256));
+            return Err(ConfigError::NotSha256 { key: "k3s.sha256", value: self.sha256.clone() });
         }
         let plain_http = self.artifact_base.starts_with("http://");
         if self.manage && self.airgap_dir.is_empty() && plain_http && self.sha256.is_empty() {
-            return Err(format!(
-                "k3s.artifact_base {:?} is plain http, where the binary and its checksum file could both be \
-                 swapped on the way: serve the release over https, or pin the binary with k3s.sha256 = \
-                 \"<sha256 of the k3s binary>\"",
-                self.artifact_base
-            ));
+            return Err(ConfigError::UnpinnedPlainHttp { key: "k3s.artifact_base", value: self.artifact_base.clone() });
         }
         Ok(())
     }
@@ -193,31 +202,30 @@ impl Default for CoordinatorConfig {
 
 impl CoordinatorConfig {
     /// Checks the relations between keys that serde cannot.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.report_interval.is_zero() {
-            return Err("report_interval must be greater than zero".into());
+            return Err(ConfigError::Zero { key: "report_interval" });
         }
-        if self.unreachable_after <= self.report_interval {
-            return Err(format!(
-                "unreachable_after ({}) must be longer than report_interval ({})",
-                humantime::format_duration(self.unreachable_after),
-                humantime::format_duration(self.report_interval)
-            ));
-        }
-        if self.lost_after <= self.unreachable_after {
-            return Err(format!(
-                "lost_after ({}) must be longer than unreachable_after ({})",
-                humantime::format_duration(self.lost_after),
-                humantime::format_duration(self.unreachable_after)
-            ));
-        }
-        if self.node_cert_validity < Duration::from_secs(10) {
-            return Err("node_cert_validity must be at least 10s".into());
+        let longer = |key, value: Duration, shorter, shorter_value: Duration| {
+            if value <= shorter_value {
+                return Err(ConfigError::NotLonger { key, value, shorter, shorter_value });
+            }
+            Ok(())
+        };
+        longer("unreachable_after", self.unreachable_after, "report_interval", self.report_interval)?;
+        longer("lost_after", self.lost_after, "unreachable_after", self.unreachable_after)?;
+        let min_validity = Duration::from_secs(10);
+        if self.node_cert_validity < min_validity {
+            return Err(ConfigError::TooShort {
+                key: "node_cert_validity",
+                value: self.node_cert_validity,
+                min: min_validity,
+            });
         }
         self.k3s.validate()?;
-        self.placement.validate().map_err(|e| e.to_string())?;
+        self.placement.validate()?;
         self.hostcluster.validate()?;
-        self.isolation.plan()?;
+        self.isolation.validate()?;
         Ok(())
     }
 }
@@ -272,9 +280,10 @@ mod tests {
             ..Default::default()
         };
         let err = http("").validate().unwrap_err();
+        let err = err.to_string();
         assert!(err.contains("plain http") && err.contains("k3s.sha256"), "{err}");
         assert!(http(&"ab".repeat(32)).validate().is_ok());
-        assert!(http("abc").validate().unwrap_err().contains("not a sha256"));
+        assert!(http("abc").validate().unwrap_err().to_string().contains("not a sha256"));
         let pinned = http(&"AB".repeat(32)).k3s.artifact_source();
         assert_eq!(
             pinned,
@@ -292,7 +301,55 @@ mod tests {
     #[test]
     fn inconsistent_thresholds_are_explained() {
         let config = CoordinatorConfig { lost_after: Duration::from_secs(2), ..Default::default() };
-        let err = config.validate().unwrap_err();
+        let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("lost_after (2s) must be longer than unreachable_after (3s)"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_its_value() {
+        let table: [(CoordinatorConfig, &str); 6] = [
+            (
+                CoordinatorConfig { report_interval: Duration::ZERO, ..Default::default() },
+                "report_interval must be greater than zero",
+            ),
+            (
+                CoordinatorConfig { unreachable_after: Duration::from_secs(1), ..Default::default() },
+                "unreachable_after (1s) must be longer than report_interval (1s)",
+            ),
+            (
+                CoordinatorConfig { node_cert_validity: Duration::from_secs(5), ..Default::default() },
+                "node_cert_validity (5s) must be at least 10s",
+            ),
+            (
+                CoordinatorConfig {
+                    isolation: IsolationSettings { pod_cidr: "10.42.0.0/x".into(), ..Default::default() },
+                    ..Default::default()
+                },
+                "isolation.pod_cidr \"10.42.0.0/x\": ",
+            ),
+            (
+                CoordinatorConfig {
+                    isolation: IsolationSettings { management_cidrs: vec!["10.0.0.0/33".into()], ..Default::default() },
+                    ..Default::default()
+                },
+                "isolation.management_cidrs \"10.0.0.0/33\": ",
+            ),
+            (
+                CoordinatorConfig {
+                    isolation: IsolationSettings { pids_per_pod: 0, ..Default::default() },
+                    ..Default::default()
+                },
+                "isolation.pids_per_pod must be greater than zero",
+            ),
+        ];
+        for (config, expected) in table {
+            let err = config.validate().unwrap_err();
+            assert!(err.to_string().starts_with(expected), "got {err}, expected {expected}");
+            // The message is the whole story: nothing is printed again as a cause.
+            assert!(std::error::Error::source(&err).is_none(), "{err:?}");
+        }
+        // Off, the CIDRs are not looked at.
+        let off = IsolationSettings { enabled: false, pod_cidr: "nonsense".into(), ..Default::default() };
+        assert_eq!(CoordinatorConfig { isolation: off, ..Default::default() }.validate(), Ok(()));
     }
 }

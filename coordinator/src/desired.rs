@@ -13,7 +13,7 @@ use hexa_shared::report::PodInfo;
 use hexa_shared::spec::{NodeSpec, TenantAllocation};
 use hexa_shared::tenant::ShareSize;
 
-use crate::config::K3sSettings;
+use crate::config::{ConfigError, IsolationSettings, K3sSettings};
 use crate::store::NodeRecord;
 
 /// What the whole fleet contributes to one node's desired state.
@@ -199,6 +199,16 @@ impl K3sPlan {
 /// Whether `hash` looks like a sha256 in lowercase hex, as a report must give it.
 pub fn is_sha256_hex(hash: &str) -> bool {
     hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl IsolationPlan {
+    /// The plan `[isolation]` describes, or `None` when isolation is off.
+    pub fn from_settings(settings: &IsolationSettings) -> Result<Option<IsolationPlan>, ConfigError> {
+        if !settings.enabled {
+            return Ok(None);
+        }
+        Ok(Some(IsolationPlan { pod_cidr: settings.pod_cidr()?, management_cidrs: settings.management_cidrs()? }))
+    }
 }
 
 #[cfg(test)]

@@ -10,13 +10,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hexa_shared::clock::now_unix;
 use hexa_shared::names::{node_name_from_hostname, validate_node_name};
 use hexa_shared::proto::{EnrollRequest, Enrolled, ProviderIdentity, Refusal, RefusalCode};
 use hexa_shared::spec::NodeSpec;
 
 use crate::bootstrap::{CertificateAuthority, Issued, hashes_equal, parse_token, sha256_hex};
 use crate::store::{Health, NodeRecord, Store, TokenRecord, TokenState, Tx};
-use crate::tokens::now_unix;
 
 pub fn refusal(code: RefusalCode, message: impl Into<String>) -> Refusal {
     Refusal { code, message: message.into() }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use hexa_shared::clock::now_unix;
 use hexa_shared::names::Pool;
 use hexa_shared::proto::{EnrollRequest, Enrolled, ProviderIdentity, Refusal, RefusalCode};
 use hexa_shared::report::{CapacityReport, Resources, Usage};
@@ -20,7 +21,6 @@ use crate::enroll::{Enroller, refusal};
 use crate::metrics::Metrics;
 use crate::placement;
 use crate::store::{Health, NodeRecord, Store, StoreError};
-use crate::tokens::now_unix;
 
 /// Thresholds that turn silence into health.
 #[derive(Debug, Clone, Copy)]

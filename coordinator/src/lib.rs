@@ -38,8 +38,11 @@ use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The message includes the cause's, so it is not repeated as a source.
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Config(config::ConfigError),
+    #[error("cannot load the tenants from the state database: {0}")]
+    Tenants(tenants::TenantsError),
     #[error(transparent)]
     Fs(#[from] fsutil::FsError),
     #[error(transparent)]
@@ -50,8 +53,8 @@ pub enum StartError {
     Pki(#[from] pki::PkiError),
     #[error(transparent)]
     HostCluster(#[from] hostcluster::reconcile::HostClusterError),
-    #[error("cannot listen on {what} {addr}: {source}")]
-    Listen { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on {what} {addr}: {error}")]
+    Listen { what: &'static str, addr: SocketAddr, error: std::io::Error },
 }
 
 /// A running coordinator.
@@ -107,6 +110,26 @@ fn k3s_secret(store: &Store, key: &str) -> Result<String, StartError> {
     Ok(secret)
 }
 
+/// Spawns a task that runs `pass` every `period` (the first at once) until `shutdown` changes or
+/// its sender is gone. A pass that overruns delays the next one rather than bunching them up, and
+/// a pass under way finishes before the task ends.
+fn every<F, Fut>(period: Duration, mut shutdown: watch::Receiver<bool>, mut pass: F) -> JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => pass().await,
+                _ = shutdown.changed() => break,
+            }
+        }
+    })
+}
+
 /// How long the coordinator waits after a report changed other nodes' desired state before it
 /// recomputes them, so that a burst of changes (a deployment scaling up) costs one pass.
 const DESIRED_STATE_DEBOUNCE: Duration = Duration::from_millis(100);
@@ -129,7 +152,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
             server_secret: k3s_secret(&store, desired::K3S_SERVER_SECRET)?,
             agent_secret: k3s_secret(&store, desired::K3S_AGENT_SECRET)?,
         },
-        isolation: config.isolation.plan().map_err(StartError::Config)?,
+        isolation: desired::IsolationPlan::from_settings(&config.isolation).map_err(StartError::Config)?,
     };
     let inventory = Arc::new(Inventory::load(
         store.clone(),
@@ -149,7 +172,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
             Arc::new(tenants::RecordOnly),
             config.hostcluster.mode != hostcluster::render::Mode::Off,
         )
-        .map_err(|e| StartError::Config(e.to_string()))?,
+        .map_err(StartError::Tenants)?,
     );
 
     let host_cluster = Arc::new(
@@ -163,25 +186,22 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
 
     let (chain, key) = ca.issue_server_cert()?;
     let server_config = pki::server_config(ca.cert_der(), chain, key)?;
-    let endpoint = quinn::Endpoint::server(server_config, config.quic_listen).map_err(|source| StartError::Listen {
+    let endpoint = quinn::Endpoint::server(server_config, config.quic_listen).map_err(|error| StartError::Listen {
         what: "QUIC",
         addr: config.quic_listen,
-        source,
+        error,
     })?;
-    let quic_addr = endpoint.local_addr().map_err(|source| StartError::Listen {
-        what: "QUIC",
-        addr: config.quic_listen,
-        source,
-    })?;
-    let listener = tokio::net::TcpListener::bind(config.admin_listen).await.map_err(|source| StartError::Listen {
+    let quic_addr =
+        endpoint.local_addr().map_err(|error| StartError::Listen { what: "QUIC", addr: config.quic_listen, error })?;
+    let listener = tokio::net::TcpListener::bind(config.admin_listen).await.map_err(|error| StartError::Listen {
         what: "admin HTTP",
         addr: config.admin_listen,
-        source,
+        error,
     })?;
-    let admin_addr = listener.local_addr().map_err(|source| StartError::Listen {
+    let admin_addr = listener.local_addr().map_err(|error| StartError::Listen {
         what: "admin HTTP",
         addr: config.admin_listen,
-        source,
+        error,
     })?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -213,16 +233,9 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
 
     let tick_every = (config.report_interval / 4).min(Duration::from_millis(250));
     let ticker_inventory = inventory.clone();
-    let mut ticker_shutdown = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut interval = tokio::time::interval(tick_every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = interval.tick() => ticker_inventory.tick(std::time::Instant::now()),
-                _ = ticker_shutdown.changed() => break,
-            }
-        }
+    tasks.push(every(tick_every, shutdown_rx.clone(), move || {
+        ticker_inventory.tick(std::time::Instant::now());
+        std::future::ready(())
     }));
 
     // Desired state that reports made stale (pods moved, so tenants' IP sets changed) is
@@ -245,37 +258,23 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
 
     // Realisation on the host cluster: a pass every two report intervals (tenants that fail back off).
     let realize = host_cluster.clone();
-    let mut realize_shutdown = shutdown_rx.clone();
-    let realize_every = config.report_interval * 2;
-    tasks.push(tokio::spawn(async move {
-        let mut interval = tokio::time::interval(realize_every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = interval.tick() => {
-                    let pass = realize.reconcile().await;
-                    if pass.writes > 0 || pass.failures > 0 {
-                        tracing::debug!(writes = pass.writes, failures = pass.failures, "host cluster pass");
-                    }
-                }
-                _ = realize_shutdown.changed() => break,
+    tasks.push(every(config.report_interval * 2, shutdown_rx.clone(), move || {
+        let realize = realize.clone();
+        async move {
+            let pass = realize.reconcile().await;
+            if pass.writes > 0 || pass.failures > 0 {
+                tracing::debug!(writes = pass.writes, failures = pass.failures, "host cluster pass");
             }
         }
     }));
 
     // The placement control loop: one reconcile per report interval.
     let reconcile_tenants = tenants.clone();
-    let mut reconcile_shutdown = shutdown_rx;
-    let reconcile_every = config.report_interval;
-    tasks.push(tokio::spawn(async move {
-        let mut interval = tokio::time::interval(reconcile_every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = interval.tick() => if let Err(e) = reconcile_tenants.reconcile().await {
-                    tracing::error!(error = %e, "placement reconcile failed");
-                },
-                _ = reconcile_shutdown.changed() => break,
+    tasks.push(every(config.report_interval, shutdown_rx, move || {
+        let tenants = reconcile_tenants.clone();
+        async move {
+            if let Err(e) = tenants.reconcile().await {
+                tracing::error!(error = %e, "placement reconcile failed");
             }
         }
     }));
@@ -294,4 +293,34 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         shutdown,
         tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn every_runs_at_once_then_each_period_until_shutdown() {
+        let passes = Arc::new(AtomicU32::new(0));
+        let (stop, stopped) = watch::channel(false);
+        let counted = passes.clone();
+        let task = every(Duration::from_millis(20), stopped, move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(())
+        });
+        // Passes keep coming (no timing is asserted: only that they repeat).
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while passes.load(Ordering::SeqCst) < 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        let _ = stop.send(true);
+        tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+        let ran = passes.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(passes.load(Ordering::SeqCst), ran, "no pass after shutdown");
+    }
 }

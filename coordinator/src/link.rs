@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use hexa_shared::pki;
@@ -360,20 +360,8 @@ async fn run_link(
     let mut sent_generation = hello.applied_generation;
 
     // Frames are read in their own task: a partially read frame must never be dropped by select!.
-    let (msg_tx, mut msg_rx) = mpsc::channel::<Result<AgentMessage, FrameError>>(16);
-    let reader = tokio::spawn(async move {
-        loop {
-            let msg = match wire::read_payload(&mut recv).await {
-                Ok(Some(payload)) => wire::decode_payload::<AgentMessage>(&payload),
-                Ok(None) => break,
-                Err(e) => Err(e),
-            };
-            let failed = msg.is_err();
-            if msg_tx.send(msg).await.is_err() || failed {
-                break;
-            }
-        }
-    });
+    // The guard stops the task when this function returns.
+    let (mut msg_rx, _reader) = wire::spawn_reader::<AgentMessage, _>(recv);
 
     let mut last_heard = tokio::time::Instant::now();
     let mut watchdog = tokio::time::interval(ctx.silence_limit / 4);
@@ -438,7 +426,6 @@ async fn run_link(
             }
         }
     }
-    reader.abort();
 }
 
 fn handle(ctx: &LinkContext, peer: LinkPeer<'_>, msg: AgentMessage) -> Option<CoordinatorMessage> {

@@ -55,19 +55,9 @@ fn main() -> anyhow::Result<()> {
         println!("CA {}", running.ca_hash);
         println!("admin token: {}", running.admin_token_path.display());
         println!("QUIC {} admin http://{}", running.quic_addr, running.admin_addr);
-        wait_for_signal().await?;
+        hexa_shared::signals::wait_for_termination().await?;
         tracing::info!("shutting down");
         running.shutdown().await;
         anyhow::Ok(())
     })
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("SIGINT handler")?,
-        _ = term.recv() => {}
-    }
-    Ok(())
 }

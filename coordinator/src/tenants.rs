@@ -73,7 +73,7 @@ pub struct Tenants {
 }
 
 fn now_ms() -> u64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64
+    hexa_shared::clock::now_unix_ms()
 }
 
 fn state_of(tenant: &Tenant) -> placement::TenantState {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use hexa_shared::clock::now_unix;
 use hexa_shared::names::Pool;
 use hexa_shared::tenant::NodeClass;
 
@@ -66,10 +67,6 @@ fn status_schema() -> utoipa::openapi::schema::Object {
         .schema_type(SchemaType::Type(Type::String))
         .enum_values(Some(["active", "expired", "used", "revoked"]))
         .build()
-}
-
-pub fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 /// What a new token admits.

@@ -2,6 +2,10 @@
 //! keys refused, and every key overridable from the environment as `HEXA_<KEY>` (upper case; keys
 //! of a `[section]` as `HEXA_<SECTION>_<KEY>`). Command-line flags, applied by the caller, win over
 //! both.
+//!
+//! The packaged files (`packaging/agent.toml`, `packaging/coordinator.toml`) are held to the
+//! types' defaults by tests beside the types (`hexa_agent::config`, `hexa_coordinator::config`):
+//! loaded, each file must equal `Default::default()`, and every key must have a comment above it.
 
 use std::path::Path;
 
@@ -10,8 +14,9 @@ use serde::de::DeserializeOwned;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    /// The io error's text is part of the message and not repeated as a source.
+    #[error("config file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("environment variable {var}={value:?}: {message}")]
@@ -41,7 +46,7 @@ where
             .parse::<toml::Table>()
             .map_err(|e| ConfigError::Parse { path: display.clone(), message: e.to_string() })?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => toml::Table::new(),
-        Err(source) => return Err(ConfigError::Read { path: display, source }),
+        Err(error) => return Err(ConfigError::Read { path: display, error }),
     };
     let overrides: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("HEXA_")).collect();
     apply_env(&defaults, &mut table, &[], &overrides)?;
@@ -96,12 +101,6 @@ fn apply_env(
         table.insert(key.clone(), value);
     }
     Ok(())
-}
-
-/// Renders `T::default()` as a commented TOML document: the packaged default config files are
-/// checked against this so that they never drift from the code.
-pub fn default_toml<T: Serialize + Default>() -> String {
-    toml::to_string(&T::default()).unwrap_or_default()
 }
 
 #[cfg(test)]

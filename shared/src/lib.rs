@@ -7,7 +7,9 @@
 //! - [`pki`]: CA pinning, certificate identities and the TLS configurations of both ends.
 //! - [`names`]: node pools and the name rules both sides enforce.
 //! - [`config`]: TOML configuration files with `HEXA_*` environment overrides.
+//! - [`signals`]: waiting for SIGINT/SIGTERM; [`clock`]: wall-clock timestamps.
 
+pub mod clock;
 pub mod config;
 pub mod fsutil;
 pub mod isolation;
@@ -20,6 +22,7 @@ pub mod pki;
 pub mod proto;
 pub mod quantity;
 pub mod report;
+pub mod signals;
 pub mod spec;
 pub mod tenant;
 pub mod wire;

@@ -8,6 +8,8 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 /// Largest frame payload either side accepts on the link (1 MiB).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
@@ -126,6 +128,40 @@ pub async fn write_frame<T: Serialize, W: AsyncWrite + Unpin>(writer: &mut W, ms
     Ok(())
 }
 
+/// Frames [`spawn_reader`] reads ahead of the one being handled.
+const READ_AHEAD: usize = 16;
+
+/// Reads frames of `T` from `recv` in a task of its own and passes them on in order. A `select!`
+/// over `read_frame` would drop a half-read frame whenever another branch won, and the stream would
+/// lose its framing; a channel's `recv` loses nothing. The channel ends after a clean end of stream,
+/// or after the first error, which is passed on. The task stops when the guard is dropped.
+pub fn spawn_reader<T, R>(mut recv: R) -> (mpsc::Receiver<Result<T, FrameError>>, AbortOnDrop)
+where
+    T: DeserializeOwned + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(READ_AHEAD);
+    let task = tokio::spawn(async move {
+        while let Some(msg) = read_frame::<T, _>(&mut recv).await.transpose() {
+            let failed = msg.is_err();
+            if tx.send(msg).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    (rx, AbortOnDrop(task))
+}
+
+/// Aborts its task when dropped, so a task reading for a connection ends with it on every path out.
+#[derive(Debug)]
+pub struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +255,42 @@ mod tests {
     fn a_message_over_the_cap_is_not_encoded() {
         let msg = AgentMessage::RenewCertificate { csr_der: vec![0; MAX_FRAME_LEN + 1] };
         assert!(matches!(encode_frame(&msg), Err(FrameError::Encode(_) | FrameError::TooLarge { .. })));
+    }
+
+    #[tokio::test]
+    async fn the_reader_passes_frames_on_in_order_and_ends_with_the_stream() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let (mut frames, _guard) = spawn_reader::<AgentMessage, _>(rx);
+        let sent: Vec<AgentMessage> =
+            (0..5u8).map(|i| AgentMessage::RenewCertificate { csr_der: vec![i; 40 * usize::from(i)] }).collect();
+        for msg in &sent {
+            write_frame(&mut tx, msg).await.unwrap();
+        }
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(msg) = frames.recv().await {
+            got.push(msg.unwrap());
+        }
+        assert_eq!(got, sent);
+    }
+
+    #[tokio::test]
+    async fn the_reader_passes_the_first_error_on_and_stops() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let (mut frames, _guard) = spawn_reader::<AgentMessage, _>(rx);
+        tx.write_all(&((MAX_FRAME_LEN as u32) + 1).to_be_bytes()).await.unwrap();
+        assert!(matches!(frames.recv().await, Some(Err(FrameError::TooLarge { .. }))));
+        assert!(frames.recv().await.is_none(), "nothing is read after an error");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_guard_stops_the_reader() {
+        let (tx, rx) = tokio::io::duplex(64);
+        let (mut frames, guard) = spawn_reader::<AgentMessage, _>(rx);
+        drop(guard);
+        // The aborted task drops its sender: the channel ends although the stream is still open.
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), frames.recv()).await;
+        assert!(matches!(ended, Ok(None)), "{ended:?}");
+        drop(tx);
     }
 }

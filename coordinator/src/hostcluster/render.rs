@@ -23,6 +23,8 @@ use hexa_shared::names::TENANT_LABEL_PREFIX;
 use hexa_shared::spec::{DEDICATED_TAINT, POOL_LABEL, Taint, TaintEffect};
 use hexa_shared::tenant::TenantError;
 
+use crate::config::error::ConfigError;
+
 pub use super::helmchart::FailurePolicy;
 
 mod objects;
@@ -157,18 +159,15 @@ impl Default for RenderSettings {
 
 impl RenderSettings {
     /// Checks what serde cannot; the message names the key and what to write instead.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.chart_repo.starts_with("https://") && !self.chart_repo.starts_with("oci://") {
-            return Err(format!(
-                "hostcluster.chart_repo {:?} is not a chart repository URL: write https://... or oci://...",
-                self.chart_repo
-            ));
+            return Err(ConfigError::NotChartRepo { key: "hostcluster.chart_repo", value: self.chart_repo.clone() });
         }
         if self.chart_version.is_empty() || self.chart_version.chars().any(char::is_whitespace) {
-            return Err(format!(
-                "hostcluster.chart_version {:?} is not a version: pin one, e.g. 0.36.1",
-                self.chart_version
-            ));
+            return Err(ConfigError::NotChartVersion {
+                key: "hostcluster.chart_version",
+                value: self.chart_version.clone(),
+            });
         }
         let version_ok = self.pod_security_version == "latest"
             || self
@@ -176,28 +175,27 @@ impl RenderSettings {
                 .strip_prefix("v1.")
                 .is_some_and(|minor| !minor.is_empty() && minor.bytes().all(|b| b.is_ascii_digit()));
         if !version_ok {
-            return Err(format!(
-                "hostcluster.pod_security_version {:?} is not a Pod Security version: write latest or v1.<minor>, e.g. v1.33",
-                self.pod_security_version
-            ));
+            return Err(ConfigError::NotPodSecurityVersion {
+                key: "hostcluster.pod_security_version",
+                value: self.pod_security_version.clone(),
+            });
         }
         for (key, resources) in
             [("control_plane", &self.control_plane), ("etcd", &self.etcd), ("containers", &self.containers)]
         {
             if resources.cpu_request_millis == 0 || resources.memory_request_bytes == 0 {
-                return Err(format!(
-                    "hostcluster.{key} requests nothing: set cpu_request_millis and memory_request_bytes above 0"
-                ));
+                return Err(ConfigError::RequestsNothing { key: format!("hostcluster.{key}") });
             }
             if resources.memory_limit_bytes < resources.memory_request_bytes {
-                return Err(format!(
-                    "hostcluster.{key}.memory_limit_bytes ({}) is below memory_request_bytes ({}): raise the limit",
-                    resources.memory_limit_bytes, resources.memory_request_bytes
-                ));
+                return Err(ConfigError::LimitBelowRequest {
+                    key: format!("hostcluster.{key}"),
+                    limit: resources.memory_limit_bytes,
+                    request: resources.memory_request_bytes,
+                });
             }
         }
         if self.dedicated_pods_per_node == 0 {
-            return Err("hostcluster.dedicated_pods_per_node is 0: set the kubelet's maxPods, e.g. 110".into());
+            return Err(ConfigError::NoPodsPerNode { key: "hostcluster.dedicated_pods_per_node" });
         }
         Ok(())
     }

@@ -563,7 +563,7 @@ fn settings_come_from_the_hostcluster_table_with_defaults() {
         (RenderSettings { dedicated_pods_per_node: 0, ..defaults.clone() }, "dedicated_pods_per_node is 0"),
     ];
     for (settings, expected) in table {
-        let err = settings.validate().unwrap_err();
+        let err = settings.validate().unwrap_err().to_string();
         assert!(err.contains(expected), "got {err:?}, expected {expected:?}");
     }
 }

@@ -78,10 +78,6 @@ impl Governor {
         &*self.cgroups
     }
 
-    pub fn settings(&self) -> &GovernorSettings {
-        &self.settings
-    }
-
     /// Enforces the coordinator's allocations on this node (`NodeSpec::tenants`), exactly as they
     /// are, on the pods of `pods` found here; tenants without an allocation are not touched. `now`
     /// is when the samples are taken (the cpu demand is measured from one reconcile to the next).
