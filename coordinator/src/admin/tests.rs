@@ -206,9 +206,3 @@ fn name_patterns_agree_with_the_naming_rules() {
         assert_eq!(pool.is_valid(&json!(other)), other.parse::<hexa_shared::names::Pool>().is_ok(), "{other}");
     }
 }
-
-#[test]
-#[ignore = "prints the document"]
-fn print_document() {
-    println!("{}", serde_json::to_string_pretty(&openapi_document()).unwrap());
-}
