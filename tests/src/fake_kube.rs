@@ -66,6 +66,7 @@ mod selectors;
 mod store;
 mod types;
 mod validation;
+mod verbs;
 mod watch;
 
 pub use types::*;
