@@ -20,6 +20,8 @@ pub mod k3s;
 pub mod link;
 pub mod node;
 pub mod pods;
+#[cfg(test)]
+mod printed;
 pub mod state;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -136,8 +136,8 @@ pub struct K3sSettings {
 
 impl K3sSettings {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let hex_sha256 = self.sha256.len() == 64 && self.sha256.bytes().all(|b| b.is_ascii_hexdigit());
-        if !self.sha256.is_empty() && !hex_sha256 {
+        // Accepted in either case, as operators copy it; agents get it in lowercase.
+        if !self.sha256.is_empty() && !hexa_shared::k3s::is_sha256_hex(&self.sha256.to_ascii_lowercase()) {
             return Err(ConfigError::NotSha256 { key: "k3s.sha256", value: self.sha256.clone() });
         }
         let plain_http = self.artifact_base.starts_with("http://");

@@ -196,11 +196,6 @@ impl K3sPlan {
     }
 }
 
-/// Whether `hash` looks like a sha256 in lowercase hex, as a report must give it.
-pub fn is_sha256_hex(hash: &str) -> bool {
-    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 impl IsolationPlan {
     /// The plan `[isolation]` describes, or `None` when isolation is off.
     pub fn from_settings(settings: &IsolationSettings) -> Result<Option<IsolationPlan>, ConfigError> {

@@ -475,7 +475,7 @@ impl Inventory {
         if known.as_deref() == Some(hash.as_str()) {
             return;
         }
-        if !desired::is_sha256_hex(&hash) {
+        if !hexa_shared::k3s::is_sha256_hex(&hash) {
             tracing::warn!(node = server, "ignoring a cluster CA hash that is not a sha256 in hex");
             return;
         }

@@ -319,9 +319,7 @@ impl K3sSpec {
             validate_environment(key, value)?;
         }
         match &self.artifacts {
-            ArtifactSource::Url { sha256: Some(pin), .. }
-                if !(pin.len() == 64 && pin.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) =>
-            {
+            ArtifactSource::Url { sha256: Some(pin), .. } if !is_sha256_hex(pin) => {
                 Err(K3sSpecError::BadArtifactPin(pin.clone()))
             }
             ArtifactSource::Url { base, .. } => validate_artifact_base(base),
@@ -329,6 +327,11 @@ impl K3sSpec {
             ArtifactSource::AirGap { .. } => Ok(()),
         }
     }
+}
+
+/// Whether `hash` is a sha256 written as K3s and `sha256sum` write it: 64 lowercase hex digits.
+pub fn is_sha256_hex(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn validate_version(version: &str) -> Result<(), K3sSpecError> {

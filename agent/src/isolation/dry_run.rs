@@ -65,26 +65,13 @@ impl Firewall for DryRunFirewall {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use hexa_shared::isolation::TenantIsolation;
 
     use super::*;
     use crate::isolation::firewall::{Reconciled, reconcile_spec, render};
 
-    #[derive(Clone, Default)]
-    struct Printed(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Printed {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::printed::Printed;
 
     #[test]
     fn prints_the_whole_batch_once_and_then_has_no_drift() {
@@ -98,7 +85,7 @@ mod tests {
         let firewall = DryRunFirewall::with_output(Some(&spec), Box::new(printed.clone())).unwrap();
         assert!(matches!(reconcile_spec(&firewall, &spec).unwrap(), Reconciled::Applied { .. }));
         assert_eq!(reconcile_spec(&firewall, &spec).unwrap(), Reconciled::Unchanged);
-        let text = String::from_utf8(printed.0.lock().unwrap().clone()).unwrap();
+        let text = printed.text();
         let batch = render(&Ruleset::desired(&spec).unwrap());
         assert_eq!(text, format!("would apply this firewall batch:\n{batch}\n"));
         assert!(text.contains("hx-sys") && text.contains("HEXA-FWD"), "{text}");

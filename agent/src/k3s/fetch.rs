@@ -164,8 +164,7 @@ pub fn checksum_for(listing: &str, file: &str) -> Option<String> {
         let mut fields = line.split_whitespace();
         let (hash, name) = (fields.next()?, fields.next()?);
         let name = name.strip_prefix('*').unwrap_or(name);
-        (name == file && hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| hash.to_ascii_lowercase())
+        (name == file && hexa_shared::k3s::is_sha256_hex(&hash.to_ascii_lowercase())).then(|| hash.to_ascii_lowercase())
     })
 }
 

@@ -316,20 +316,7 @@ mod tests {
         assert!(systemd.calls().is_empty());
     }
 
-    /// Collects what a dry run prints.
-    #[derive(Clone, Default)]
-    struct Printed(std::sync::Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Printed {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::printed::Printed;
 
     #[test]
     fn the_dry_run_prints_every_call_and_tracks_what_would_run() {
@@ -342,7 +329,7 @@ mod tests {
         assert!(!systemd.is_active("k3s.service").unwrap());
         systemd.restart("k3s-agent.service").unwrap();
         assert!(systemd.is_active("k3s-agent.service").unwrap());
-        let text = String::from_utf8(printed.0.lock().unwrap().clone()).unwrap();
+        let text = printed.text();
         assert_eq!(
             text,
             "would run: systemctl DaemonReload\nwould run: systemctl Stop(\"k3s.service\")\n\
