@@ -15,6 +15,7 @@ pub mod inventory;
 pub mod link;
 pub mod metrics;
 pub mod placement;
+pub mod pod_owners;
 pub mod store;
 pub mod tenants;
 pub mod tokens;
