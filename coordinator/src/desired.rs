@@ -1,19 +1,19 @@
 //! Desired state: what each node's `NodeSpec` should be, as a pure function of the node's record,
 //! the tenants placed on it, and what the rest of the fleet says (the first server, the cluster
-//! CA, every node's pods). No I/O, no clock, no locks: the inventory calls [`node_spec`] when one
+//! CA, who owns which pod IP). No I/O, no clock, no locks: the inventory calls [`node_spec`] when one
 //! of those inputs changes and keeps the result only when its content differs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec, TenantIsolation};
 use hexa_shared::k3s::{JoinToken, K3sRole, K3sSpec};
 use hexa_shared::names::Pool;
-use hexa_shared::report::PodInfo;
 use hexa_shared::spec::{NodeSpec, TenantAllocation};
 use hexa_shared::tenant::ShareSize;
 
 use crate::config::{ConfigError, IsolationSettings, K3sSettings};
+use crate::pod_owners::OwnerMap;
 use crate::store::NodeRecord;
 
 /// What the whole fleet contributes to one node's desired state.
@@ -23,8 +23,8 @@ pub struct Fleet<'a> {
     pub first_server: Option<&'a NodeRecord>,
     /// The K3s cluster CA's hash, once the first server has reported it.
     pub cluster_ca_sha256: Option<&'a str>,
-    /// Every node's latest reported pods.
-    pub pods: &'a [&'a PodInfo],
+    /// Who owns each pod IP (see [`crate::pod_owners`]): never one node's say-so alone.
+    pub owners: &'a OwnerMap,
 }
 
 /// The server that initialises the cluster among `records`: the earliest-enrolled of the
@@ -49,7 +49,7 @@ pub fn node_spec(
     plans: &Plans,
 ) -> NodeSpec {
     let k3s = plans.k3s.spec_for(record, fleet);
-    let isolation = plans.isolation.as_ref().and_then(|plan| plan.spec_for(&record.pool, &tenants, fleet.pods));
+    let isolation = plans.isolation.as_ref().and_then(|plan| plan.spec_for(&record.pool, &tenants, fleet.owners));
     let mut spec = NodeSpec::build(&record.name, &record.pool, generation, tenants).with_k3s(k3s);
     spec.isolation = isolation;
     spec
@@ -88,23 +88,16 @@ pub struct IsolationPlan {
 }
 
 impl IsolationPlan {
-    /// Isolation for a node of `pool` holding `tenants`, from every node's reported pods: each
-    /// tenant's pod IPs cluster-wide, and kube-system's pods as system pods. Server nodes run no
-    /// tenants and get none.
-    pub fn spec_for(&self, pool: &Pool, tenants: &[TenantAllocation], pods: &[&PodInfo]) -> Option<IsolationSpec> {
+    /// Isolation for a node of `pool` holding `tenants`, from the pod ownership map: each
+    /// tenant's pod IPs cluster-wide, and the system pods. Server nodes run no tenants and get none.
+    pub fn spec_for(&self, pool: &Pool, tenants: &[TenantAllocation], owners: &OwnerMap) -> Option<IsolationSpec> {
         if *pool == Pool::Server {
             return None;
         }
-        let mut system = BTreeSet::new();
-        let mut by_tenant: BTreeMap<&str, BTreeSet<Ipv4Addr>> = BTreeMap::new();
-        for pod in pods {
-            let Some(ip) = pod.ip.filter(|ip| self.pod_cidr.contains(*ip)) else { continue };
-            if pod.namespace == "kube-system" {
-                system.insert(ip);
-            } else if let Some(tenant) = &pod.tenant {
-                by_tenant.entry(tenant).or_default().insert(ip);
-            }
-        }
+        let in_pod_cidr = |ips: &BTreeSet<Ipv4Addr>| -> BTreeSet<Ipv4Addr> {
+            ips.iter().copied().filter(|ip| self.pod_cidr.contains(*ip)).collect()
+        };
+        let system = in_pod_cidr(owners.system_ips());
         let mut isolated: Vec<TenantIsolation> = Vec::new();
         for allocation in tenants {
             if isolated.iter().any(|t| t.tenant == allocation.tenant) {
@@ -112,7 +105,7 @@ impl IsolationPlan {
             }
             isolated.push(TenantIsolation {
                 tenant: allocation.tenant.clone(),
-                pod_ips: by_tenant.get(allocation.tenant.as_str()).cloned().unwrap_or_default(),
+                pod_ips: in_pod_cidr(owners.tenant_ips(&allocation.tenant)),
             });
         }
         Some(IsolationSpec {
@@ -248,7 +241,8 @@ mod tests {
         let records = [first.clone(), second.clone(), worker.clone()];
         let chosen = first_server(&records);
         assert_eq!(chosen.map(|r| r.name.as_str()), Some("cp-1"));
-        let waiting = Fleet { first_server: chosen, cluster_ca_sha256: None, pods: &[] };
+        let owners = OwnerMap::default();
+        let waiting = Fleet { first_server: chosen, cluster_ca_sha256: None, owners: &owners };
         let spec = |r: &NodeRecord, fleet: &Fleet<'_>| node_spec(r, 2, Vec::new(), fleet, &plans());
         assert_eq!(spec(&first, &waiting), spec(&first, &waiting), "pure");
         let init = spec(&first, &waiting).k3s.unwrap();
