@@ -185,6 +185,12 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         .await?,
     );
 
+    // With an API server, it alone says who owns which pod IP; agents' reports no longer count.
+    let pod_owners_client = host_cluster.client().filter(|_| config.isolation.enabled);
+    if pod_owners_client.is_some() {
+        inventory.take_pod_owners_from_api();
+    }
+
     let (chain, key) = ca.issue_server_cert()?;
     let server_config = pki::server_config(ca.cert_der(), chain, key)?;
     let endpoint = quinn::Endpoint::server(server_config, config.quic_listen).map_err(|error| StartError::Listen {
@@ -232,6 +238,10 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         shutdown_rx.clone(),
     )));
 
+    if let Some(client) = pod_owners_client {
+        tasks.push(tokio::spawn(hostcluster::pod_watch::run(client, inventory.clone(), shutdown_rx.clone())));
+    }
+
     let tick_every = (config.report_interval / 4).min(Duration::from_millis(250));
     let ticker_inventory = inventory.clone();
     tasks.push(every(tick_every, shutdown_rx.clone(), move || {
@@ -239,8 +249,9 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         std::future::ready(())
     }));
 
-    // Desired state that reports made stale (pods moved, so tenants' IP sets changed) is
-    // recomputed here, once per burst, never on the report path.
+    // Desired state that pod ownership made stale (pods moved, a node was lost, the API's pods
+    // changed, so tenants' IP sets did) is recomputed here, once per burst, never on the report
+    // path, and only for the nodes whose sets changed.
     let desired_inventory = inventory.clone();
     let mut desired_shutdown = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
