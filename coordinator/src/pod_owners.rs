@@ -328,18 +328,17 @@ impl PodOwners {
     }
 
     fn api_claims(&self, claims: &mut BTreeMap<Ipv4Addr, BTreeSet<Owner>>) {
-        let ranges: Vec<(&str, Ipv4Cidr)> =
-            self.api_nodes.iter().flat_map(|(node, rs)| rs.iter().map(move |r| (node.as_str(), *r))).collect();
+        let ranges =
+            RangeIndex::new(self.api_nodes.iter().flat_map(|(n, rs)| rs.iter().map(move |r| (n.as_str(), *r))));
         for pod in self.api_pods.values() {
             let Some(ip) = pod.ip.filter(|ip| pod.holds_ip && self.cluster_cidr.contains(*ip)) else { continue };
             let Some(owner) = Owner::of_namespace(&pod.namespace) else { continue };
-            let node = pod.node.as_deref();
-            let own: Vec<Ipv4Cidr> = ranges.iter().filter(|(n, _)| Some(*n) == node).map(|(_, r)| *r).collect();
-            let allowed = if own.is_empty() {
-                // A node without a range (or a pod not bound yet) speaks only outside every range.
-                !ranges.iter().any(|(_, r)| r.contains(ip))
-            } else {
-                own.iter().any(|r| r.contains(ip))
+            let holders = ranges.holders(ip);
+            let allowed = match pod.node.as_deref() {
+                // A node with a range speaks inside it only.
+                Some(node) if ranges.has(node) => holders.contains(&node),
+                // A node without one (or a pod not bound yet) speaks only outside every range.
+                _ => holders.is_empty(),
             };
             if allowed {
                 claims.entry(ip).or_default().insert(owner);
@@ -374,6 +373,39 @@ impl PodOwners {
                 }
             }
         }
+    }
+}
+
+/// Which node's ranges hold an address, in a lookup per prefix length in use (one, usually)
+/// rather than a scan of every node.
+struct RangeIndex<'a> {
+    by_prefix: BTreeMap<u8, BTreeMap<Ipv4Cidr, Vec<&'a str>>>,
+    nodes: BTreeSet<&'a str>,
+}
+
+impl<'a> RangeIndex<'a> {
+    fn new(ranges: impl Iterator<Item = (&'a str, Ipv4Cidr)>) -> RangeIndex<'a> {
+        let mut index = RangeIndex { by_prefix: BTreeMap::new(), nodes: BTreeSet::new() };
+        for (node, range) in ranges {
+            index.by_prefix.entry(range.prefix()).or_default().entry(range).or_default().push(node);
+            index.nodes.insert(node);
+        }
+        index
+    }
+
+    fn has(&self, node: &str) -> bool {
+        self.nodes.contains(node)
+    }
+
+    /// The nodes whose ranges hold `ip`.
+    fn holders(&self, ip: Ipv4Addr) -> Vec<&'a str> {
+        let mut holders = Vec::new();
+        for (prefix, ranges) in &self.by_prefix {
+            if let Some(nodes) = ranges.get(&block_of(ip, *prefix)) {
+                holders.extend(nodes.iter().copied());
+            }
+        }
+        holders
     }
 }
 

@@ -310,6 +310,42 @@ proptest! {
         }
     }
 
+    /// With the API, an address inside a node's range is owned only on the word of pods bound to
+    /// that node, whatever the other nodes' kubelets write, and the specs still validate.
+    #[test]
+    fn with_the_api_no_node_claims_inside_another_nodes_range(
+        pods in proptest::collection::vec((0usize..NODES.len(), 0usize..NAMESPACES.len(), 0u8..4, 0u8..8), 0..24),
+    ) {
+        let mut o = owners();
+        o.use_api();
+        // n3 has no range: it may speak only outside every range.
+        let ranges = vec![
+            ("n0".to_string(), vec![cidr("10.42.0.0/24")]),
+            ("n1".to_string(), vec![cidr("10.42.1.0/24")]),
+            ("n2".to_string(), vec![cidr("10.42.2.0/25")]),
+        ];
+        o.apply_api(ApiChange::NodesListed(ranges.clone()));
+        let listed: Vec<(PodKey, ApiPod)> = pods
+            .iter()
+            .map(|(node, ns, third, fourth)| api_pod(NAMESPACES[*ns], NODES[*node], &format!("10.42.{third}.{fourth}")))
+            .collect();
+        o.apply_api(ApiChange::PodsListed(listed.clone()));
+        let map = o.resolve(&BTreeMap::new());
+        prop_assert_eq!(spec_from(&map).validate(), Ok(()));
+        for (_, pod) in &listed {
+            let ip = pod.ip.unwrap();
+            let Some(owner) = map.owner_of(ip) else { continue };
+            let holder = ranges.iter().find(|(_, rs)| rs.iter().any(|r| r.contains(ip))).map(|(n, _)| n.as_str());
+            // Some pod with this owner, bound to the range's node (or anywhere outside all ranges), says so.
+            let said = listed.iter().any(|(_, p)| {
+                p.ip == Some(ip)
+                    && Owner::of_namespace(&p.namespace) == Some(owner.clone())
+                    && holder.is_none_or(|h| p.node.as_deref() == Some(h))
+            });
+            prop_assert!(said, "{} owned as {:?} without its node's word", ip, owner);
+        }
+    }
+
     /// With the API, reports make no difference at all.
     #[test]
     fn with_the_api_reports_change_nothing(reports in reports(), pools in pools()) {
