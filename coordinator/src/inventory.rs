@@ -375,6 +375,7 @@ impl Inventory {
                 "pod IPs claimed by two owners are left out of every set until one claim goes"
             );
         }
+        self.metrics.set_pod_ownership(map.conflicts().len(), map.refused());
         let changes = book.map.changes(&map);
         book.map = map;
         let changed = !changes.is_empty();

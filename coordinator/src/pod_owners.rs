@@ -106,6 +106,10 @@ pub struct OwnerMap {
     tenants: BTreeMap<String, BTreeSet<Ipv4Addr>>,
     /// IPs with more than one owner: in no set.
     conflicts: BTreeSet<Ipv4Addr>,
+    /// Per node, the claims it made that were not taken (outside its range, a kube-system pod
+    /// on a node whose word does not make system pods, another tenant on a dedicated node, a
+    /// report whose tenant contradicts its namespace). `""` for pods not bound to a node.
+    refused: BTreeMap<String, usize>,
 }
 
 /// What changed between two maps: the nodes to recompute are those holding one of `tenants`, and
@@ -143,6 +147,11 @@ impl OwnerMap {
     /// IPs claimed by two owners, which are in no set.
     pub fn conflicts(&self) -> &BTreeSet<Ipv4Addr> {
         &self.conflicts
+    }
+
+    /// Claims each node made that were not taken; nodes with none are left out.
+    pub fn refused(&self) -> &BTreeMap<String, usize> {
+        &self.refused
     }
 
     pub fn owner_of(&self, ip: Ipv4Addr) -> Option<Owner> {
@@ -293,11 +302,11 @@ impl PodOwners {
     /// The map, with `standing` saying which nodes' reports count and in which pool they are.
     pub fn resolve(&self, standing: &BTreeMap<String, Standing>) -> OwnerMap {
         let mut claims: BTreeMap<Ipv4Addr, BTreeSet<Owner>> = BTreeMap::new();
-        match self.source {
-            Source::Api => self.api_claims(&mut claims),
-            Source::Reports => self.report_claims(standing, &mut claims),
-        }
         let mut map = OwnerMap::default();
+        match self.source {
+            Source::Api => self.api_claims(&mut claims, &mut map.refused),
+            Source::Reports => self.report_claims(standing, &mut claims, &mut map.refused),
+        }
         for (ip, owners) in claims {
             let mut owners = owners.into_iter();
             match (owners.next(), owners.next()) {
@@ -327,7 +336,7 @@ impl PodOwners {
         ranges
     }
 
-    fn api_claims(&self, claims: &mut BTreeMap<Ipv4Addr, BTreeSet<Owner>>) {
+    fn api_claims(&self, claims: &mut BTreeMap<Ipv4Addr, BTreeSet<Owner>>, refused: &mut BTreeMap<String, usize>) {
         let ranges =
             RangeIndex::new(self.api_nodes.iter().flat_map(|(n, rs)| rs.iter().map(move |r| (n.as_str(), *r))));
         for pod in self.api_pods.values() {
@@ -342,21 +351,26 @@ impl PodOwners {
             };
             if allowed {
                 claims.entry(ip).or_default().insert(owner);
+            } else {
+                *refused.entry(pod.node.clone().unwrap_or_default()).or_default() += 1;
             }
         }
     }
 
-    fn report_claims(&self, standing: &BTreeMap<String, Standing>, claims: &mut BTreeMap<Ipv4Addr, BTreeSet<Owner>>) {
+    fn report_claims(
+        &self,
+        standing: &BTreeMap<String, Standing>,
+        claims: &mut BTreeMap<Ipv4Addr, BTreeSet<Owner>>,
+        refused: &mut BTreeMap<String, usize>,
+    ) {
         let ranges = self.ranges();
         for (node, pods) in &self.reports {
             let Some(standing) = standing.get(node).filter(|s| s.live) else { continue };
             let own: Vec<Ipv4Cidr> = ranges.iter().filter(|(n, _)| n == node).map(|(_, r)| *r).collect();
             for pod in pods {
                 let Some(ip) = pod.ip.filter(|ip| self.cluster_cidr.contains(*ip)) else { continue };
-                if !own.iter().any(|r| r.contains(ip)) {
-                    continue;
-                }
                 let Some(owner) = Owner::of_namespace(&pod.namespace) else { continue };
+                let inside = own.iter().any(|r| r.contains(ip));
                 let accepted = match (&owner, &standing.pool) {
                     (Owner::System, pool) => *pool == Pool::Server,
                     (Owner::Tenant(tenant), Pool::Dedicated { tenant: bound }) => tenant == bound,
@@ -368,8 +382,10 @@ impl PodOwners {
                     (Owner::Tenant(_), None) => false,
                     (Owner::System, said) => said.is_none(),
                 };
-                if accepted && consistent {
+                if inside && accepted && consistent {
                     claims.entry(ip).or_default().insert(owner);
+                } else {
+                    *refused.entry(node.clone()).or_default() += 1;
                 }
             }
         }

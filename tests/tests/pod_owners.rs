@@ -13,6 +13,7 @@ use hexa_agent::pods::StaticPodSource;
 use hexa_coordinator::hostcluster::render::Mode;
 use hexa_coordinator::store::Health;
 use hexa_shared::report::PodInfo;
+use hexa_tests::admin::metric;
 use hexa_tests::eventually;
 use hexa_tests::fake_kube::{FakeKube, Verb};
 use hexa_tests::inproc::{Coordinator, test_host};
@@ -179,12 +180,20 @@ async fn without_an_api_server_a_node_speaks_only_for_its_own_pod_range() {
     no_node_refuses(&c).await;
     let map = c.running.inventory.pod_owner_map();
     assert!(map.conflicts().is_empty(), "claims outside the liar's range are no claims: {:?}", map.conflicts());
+    // An operator sees who made the claims that were not taken: the liar's six lies, and
+    // honest-1's kube-system pod (a tenant node's word makes no system pod).
+    let metrics = c.admin.metrics().await;
+    assert_eq!(metric(&metrics, "hexa_pod_claims_refused{node=\"liar\"}"), 6, "{metrics}");
+    assert_eq!(metric(&metrics, "hexa_pod_claims_refused{node=\"honest-1\"}"), 1, "{metrics}");
+    assert!(!metrics.contains("hexa_pod_claims_refused{node=\"honest-2\"}"), "{metrics}");
+    assert!(metrics.contains("\nhexa_pod_ip_conflicts 0\n"), "{metrics}");
 
     // A claim inside its own range under two tenants is dropped from every set, not refused.
     liar.pods.set(vec![pod("hx-acme", "acme-3", "10.42.3.5"), pod("hx-globex", "twice", "10.42.3.5")]);
     let without = sets(&[("acme", &["10.42.1.5", "10.42.2.5"]), ("globex", &["10.42.2.6"]), ("sys", &["10.42.0.10"])]);
     converge(&[&honest_1, &honest_2], &without, "the doubly claimed IP dropped").await;
     no_node_refuses(&c).await;
+    assert_eq!(metric(&c.admin.metrics().await, "hexa_pod_ip_conflicts"), 1);
     liar.pods.set(vec![pod("hx-acme", "acme-3", "10.42.3.5")]);
     converge(&[&honest_1, &honest_2], &truth, "the IP back once claimed once").await;
 
@@ -276,6 +285,8 @@ async fn with_an_api_server_only_the_api_says_whose_a_pod_is() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     converge(&[&api_1, &api_2], &truth, "the honest nodes unchanged").await;
     no_node_refuses(&c).await;
+    let metrics = c.admin.metrics().await;
+    assert_eq!(metric(&metrics, "hexa_pod_claims_refused{node=\"api-liar\"}"), 1, "{metrics}");
 
     // Two pods the API holds with one IP under two tenants: the IP leaves every set.
     kube.add_pod("hx-globex", "stale", "api-2", "10.42.1.5").unwrap();

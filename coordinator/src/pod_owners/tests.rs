@@ -54,6 +54,7 @@ fn a_node_is_pinned_to_the_block_of_its_first_pods_and_speaks_only_inside_it() {
     assert_eq!(map.owner_of(ip("10.42.1.77")), None);
     assert_eq!(map.tenant_ips("globex"), &[ip("10.42.2.5")].into());
     assert!(map.conflicts().is_empty(), "a claim outside the node's range is no claim");
+    assert_eq!(map.refused(), &BTreeMap::from([("n2".to_string(), 2)]), "and it is counted against n2");
     // A report never moves a pin, and an empty report pins nothing.
     assert_eq!(o.report("n2", &[pod("hx-globex", "10.42.9.1")]), Pinning::Unchanged);
     assert_eq!(o.range_of("n2"), [cidr("10.42.2.0/24")]);
@@ -161,6 +162,8 @@ fn with_the_api_reports_are_ignored_and_pods_must_sit_in_their_nodes_range() {
     assert_eq!(map.system_ips(), &[ip("10.42.2.10")].into());
     assert_eq!(map.tenant_ips("globex"), &[ip("10.42.3.1")].into());
     assert_eq!(map.owner_of(ip("10.42.1.20")), None, "default's pods are nobody's");
+    let refused = BTreeMap::from([("n2".to_string(), 1), ("n3".to_string(), 1)]);
+    assert_eq!(map.refused(), &refused, "the mirror pod and default's pod claim nothing");
 }
 
 #[test]
