@@ -222,6 +222,7 @@ impl PodOwners {
     /// From now on the host cluster's API alone says who owns which pod; reports are ignored.
     pub fn use_api(&mut self) {
         self.source = Source::Api;
+        self.reports.clear();
     }
 
     pub fn uses_api(&self) -> bool {
@@ -244,8 +245,12 @@ impl PodOwners {
     /// Takes `node`'s latest reported pods, and pins the node to a range when it has none yet
     /// (the caller persists [`PodOwners::pins`] when that happens).
     pub fn report(&mut self, node: &str, pods: &[PodInfo]) -> Pinning {
+        if self.source == Source::Api {
+            // The API decides; a report is not even kept.
+            return Pinning::Unchanged;
+        }
         self.reports.insert(node.to_string(), pods.to_vec());
-        if self.source == Source::Api || !self.range_of(node).is_empty() {
+        if !self.range_of(node).is_empty() {
             return Pinning::Unchanged;
         }
         let Some(block) = self.block_for(pods) else { return Pinning::Unchanged };
