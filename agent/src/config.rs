@@ -36,6 +36,28 @@ pub struct AgentConfig {
     pub reserved: Reserved,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// What the firewall needs to know about this node's pod network.
+    pub isolation: IsolationConfig,
+}
+
+/// `[isolation]`: where this node's pods are attached, as K3s' flannel sets them up.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IsolationConfig {
+    /// The bridge the pods' veths hang on (`cni0` under K3s' flannel). Every packet from it must
+    /// carry its pod's own source address; every IPv6 packet from it is dropped.
+    pub pod_bridge: String,
+    /// libcni's result cache, which says which bridge port each local pod sends from.
+    pub cni_results_dir: PathBuf,
+}
+
+impl Default for IsolationConfig {
+    fn default() -> Self {
+        IsolationConfig {
+            pod_bridge: crate::isolation::firewall::DEFAULT_BRIDGE.to_string(),
+            cni_results_dir: PathBuf::from(crate::isolation::local_pods::DEFAULT_CNI_RESULTS_DIR),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
@@ -66,6 +88,7 @@ impl Default for AgentConfig {
             eviction_memory_bytes: 100 << 20,
             reserved: Reserved::default(),
             log_format: LogFormat::Text,
+            isolation: IsolationConfig::default(),
         }
     }
 }

@@ -53,6 +53,8 @@ pub struct Host {
     pub readiness: Arc<dyn k3s::NodeReadiness>,
     pub firewall: apply::SharedFirewall,
     pub pods: Arc<dyn pods::PodSource>,
+    /// This node's pods' bridge ports (for the firewall's anti-spoofing rules).
+    pub local_pods: Arc<dyn isolation::local_pods::LocalPodSource>,
 }
 
 impl Default for Host {
@@ -65,11 +67,30 @@ impl Default for Host {
             readiness: Arc::new(k3s::KubectlReadiness::under(Path::new("/"))),
             firewall: Arc::new(isolation::firewall::SystemFirewall::new()),
             pods: Arc::new(pods::KubectlPodSource::under(Path::new("/"))),
+            local_pods: Arc::new(isolation::local_pods::CniResults::new(
+                isolation::local_pods::DEFAULT_CNI_RESULTS_DIR,
+                isolation::firewall::DEFAULT_BRIDGE,
+            )),
         }
     }
 }
 
 impl Host {
+    /// The production host, with the pod network `config` describes under `root`.
+    pub fn for_config(config: &AgentConfig) -> Host {
+        let host = Host::default();
+        Host { local_pods: Host::local_pods_under(config, &host.root), ..host }
+    }
+
+    /// The CNI results of `config`, read below `root`.
+    pub fn local_pods_under(config: &AgentConfig, root: &Path) -> Arc<dyn isolation::local_pods::LocalPodSource> {
+        let dir = &config.isolation.cni_results_dir;
+        Arc::new(isolation::local_pods::CniResults::new(
+            root.join(dir.strip_prefix("/").unwrap_or(dir)),
+            &config.isolation.pod_bridge,
+        ))
+    }
+
     /// The applier for this host, keeping applied specs in `state`.
     pub fn applier(&self, state: StateDir) -> Result<apply::Applier, AgentError> {
         let arch = k3s::Arch::of_this_machine().map_err(ConfigError::Installer)?;
@@ -81,6 +102,8 @@ impl Host {
             readiness: self.readiness.clone(),
             fetcher: Arc::new(fetcher),
             firewall: self.firewall.clone(),
+            local_pods: self.local_pods.clone(),
+            displacements: Default::default(),
         })
     }
 }

@@ -48,7 +48,8 @@ pub struct Periods {
     pub pods: Duration,
     /// Tenants' pod cgroups are brought in line with their allocations this often.
     pub govern: Duration,
-    /// The firewall is compared with the applied isolation this often, and hand-made drift undone.
+    /// The firewall is compared with the applied isolation this often, and hand-made drift undone;
+    /// also at once whenever the node's pods change (their bridge ports are in the rules).
     pub firewall: Duration,
 }
 
@@ -491,10 +492,12 @@ impl Supervisor {
             }
             (Ok(Done::K3s(state)), _) => self.k3s_observed(state),
             (Ok(Done::Pods(Ok(pods))), _) => {
-                // A change in the node's pods is news for the coordinator's IP sets.
+                // A change in the node's pods is news for the coordinator's IP sets, and for the
+                // firewall here: a new pod's traffic is dropped until its bridge port is known.
                 if pods != self.pods {
                     self.pods = pods;
                     self.emit(Event::Changed);
+                    self.slots[Job::FirewallDrift.index()].last = None;
                 }
             }
             (Ok(Done::Pods(Err(e))), _) => warn!(error = %e, "cannot list this node's pods; reporting the last list"),
@@ -596,7 +599,7 @@ mod tests {
 
     use super::*;
     use crate::collector::CollectorSettings;
-    use crate::isolation::firewall::{Batch, Firewall, FirewallError, MemoryFirewall, Ruleset};
+    use crate::isolation::firewall::{Batch, Firewall, FirewallError, LocalPods, MemoryFirewall, Ruleset};
     use crate::k3s::{self, RecordingSystemd, ScriptedReadiness};
     use crate::pods::StaticPodSource;
     use crate::state::StateDir;
@@ -641,6 +644,10 @@ mod tests {
             }
             self.inner.apply(batch)
         }
+
+        fn ensure_bridge_filtering(&self) -> Result<bool, FirewallError> {
+            self.inner.ensure_bridge_filtering()
+        }
     }
 
     fn isolation(tenants: &[(&str, &str)]) -> IsolationSpec {
@@ -655,6 +662,8 @@ mod tests {
                     pod_ips: [ip.parse().unwrap()].into(),
                 })
                 .collect(),
+            node_addresses: Default::default(),
+            node_services: Vec::new(),
         }
     }
 
@@ -672,6 +681,8 @@ mod tests {
             readiness: Arc::new(ScriptedReadiness::new([Ok(false)])),
             fetcher: Arc::new(k3s::Fetcher::new(k3s::Arch::of_this_machine().unwrap(), Default::default()).unwrap()),
             firewall,
+            local_pods: Arc::new(crate::isolation::local_pods::CniResults::new(dir.join("cni"), "cni0")),
+            displacements: Default::default(),
         };
         let collector = Collector::new(CollectorSettings {
             proc_root: "/proc".into(),
@@ -723,7 +734,7 @@ mod tests {
 
         release.send(()).unwrap();
         assert_eq!(status(&mut node).await, AppliedStatus { generation: 2, outcome: ApplyOutcome::Applied });
-        let want = Ruleset::desired(new.isolation.as_ref().unwrap()).unwrap();
+        let want = Ruleset::desired(new.isolation.as_ref().unwrap(), &LocalPods::default()).unwrap();
         assert_eq!(firewall.current().unwrap(), want, "the newer spec's rules are in force");
         // Later drift checks enforce the newest applied spec.
         firewall.inner.exec_ipset("add hx-sys 10.42.9.9\n").unwrap();
@@ -751,7 +762,10 @@ mod tests {
         );
         assert_eq!(node.applied_generation(), 0);
         assert_eq!(status(&mut node).await, AppliedStatus { generation: 1, outcome: ApplyOutcome::Applied });
-        assert_eq!(firewall.current().unwrap(), Ruleset::desired(wanted.isolation.as_ref().unwrap()).unwrap());
+        assert_eq!(
+            firewall.current().unwrap(),
+            Ruleset::desired(wanted.isolation.as_ref().unwrap(), &LocalPods::default()).unwrap()
+        );
         assert_eq!(node.applied_generation(), 1);
     }
 

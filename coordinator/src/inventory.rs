@@ -221,10 +221,12 @@ impl Inventory {
         let pods: Vec<&hexa_shared::report::PodInfo> =
             nodes.values().filter_map(|e| e.last_report.as_ref()).flat_map(|(r, _)| r.pods.iter()).collect();
         let ca = self.cluster_ca_sha256.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let addresses = desired::node_addresses(nodes.values().map(|e| &e.record));
         let fleet = Fleet {
             first_server: desired::first_server(nodes.values().map(|e| &e.record)),
             cluster_ca_sha256: ca.as_deref(),
             pods: &pods,
+            node_addresses: &addresses,
         };
         let mut tenants = tenants;
         nodes
@@ -366,8 +368,9 @@ impl Inventory {
             spec: entry.spec_tx.subscribe(),
             auth: entry.auth_tx.subscribe(),
         };
-        if address_changed && entry.record.pool == Pool::Server {
-            // The first server's address is where the others join.
+        if address_changed && (entry.record.pool == Pool::Server || self.plans.isolation.is_some()) {
+            // The first server's address is where the others join, and every node's address is
+            // in every node's isolation.
             self.respec_all(&mut nodes)?;
         }
         Ok(admitted)

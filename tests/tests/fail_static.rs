@@ -53,6 +53,8 @@ async fn isolation_is_back_in_force_before_the_first_connection() {
             tenant: "acme".into(),
             pod_ips: ["10.42.1.5".parse().unwrap(), "10.42.2.7".parse().unwrap()].into(),
         }],
+        node_addresses: Default::default(),
+        node_services: Vec::new(),
     });
     state.save_spec(&spec).unwrap();
 
@@ -72,7 +74,7 @@ async fn isolation_is_back_in_force_before_the_first_connection() {
     .await;
     let set = rules.sets.get(&tenant_set_name("acme")).expect("the tenant's set");
     assert_eq!(set.members.len(), 2, "{set:?}");
-    assert!(rules.chains.keys().all(|c| c.starts_with("HEXA-")), "{:?}", rules.chains.keys());
+    assert!(rules.chains.keys().all(|c| c.name.starts_with("HEXA-")), "{:?}", rules.chains.keys());
     let saved = topology.exec("fs", &["iptables-save"]).unwrap();
     let saved = String::from_utf8_lossy(&saved.stdout);
     assert!(
@@ -104,6 +106,8 @@ async fn a_corrupt_spec_file_falls_back_to_the_last_good_one_and_then_the_fresh_
         management_cidrs: vec!["192.0.2.0/24".parse().unwrap()],
         system_pod_ips: Default::default(),
         tenants: vec![TenantIsolation { tenant: "acme".into(), pod_ips: ["10.43.1.5".parse().unwrap()].into() }],
+        node_addresses: Default::default(),
+        node_services: Vec::new(),
     });
     state.save_spec(&spec).unwrap();
     std::fs::write(config.state_dir.join("spec.json"), "{\"generation\": 3, \"trunc").unwrap();
