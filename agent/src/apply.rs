@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec};
 use hexa_shared::k3s::K3sState;
 use hexa_shared::names::{NameError, validate_node_name};
 use hexa_shared::spec::NodeSpec;
@@ -106,6 +107,28 @@ impl Applier {
                 tracing::info!(generation = spec.generation, %drift, "firewall brought in line");
             }
         }
+        Ok(())
+    }
+
+    /// Isolation when the node's last spec is lost: every pod-to-pod connection in `pod_cidr` and
+    /// every pod connection to the node dropped, each pod held to its own source address, until
+    /// the coordinator sends a spec.
+    pub async fn enforce_baseline(&self, pod_cidr: Ipv4Cidr) -> Result<(), ApplyError> {
+        let baseline = IsolationSpec {
+            pod_cidr,
+            management_cidrs: Vec::new(),
+            system_pod_ips: Default::default(),
+            tenants: Vec::new(),
+            node_addresses: Default::default(),
+            node_services: Vec::new(),
+        };
+        let firewall = self.firewall.clone();
+        let local_pods = self.local_pods.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::isolation::firewall::reconcile_spec(firewall.as_ref(), &baseline, &local_pods.local_pods())
+        })
+        .await
+        .map_err(ApplyError::Task)??;
         Ok(())
     }
 

@@ -49,6 +49,16 @@ pub struct IsolationConfig {
     pub pod_bridge: String,
     /// libcni's result cache, which says which bridge port each local pod sends from.
     pub cni_results_dir: PathBuf,
+    /// The cluster's pod network, for the baseline enforced when the node's last spec cannot be
+    /// read: every pod-to-pod connection in it is dropped until the coordinator sends a spec.
+    pub baseline_pod_cidr: String,
+}
+
+impl IsolationConfig {
+    /// `isolation.baseline_pod_cidr`, parsed.
+    pub fn baseline_pod_cidr(&self) -> Result<hexa_shared::isolation::Ipv4Cidr, crate::ConfigError> {
+        self.baseline_pod_cidr.parse().map_err(|e| crate::ConfigError::BaselinePodCidr(format!("{e}")))
+    }
 }
 
 impl Default for IsolationConfig {
@@ -56,6 +66,7 @@ impl Default for IsolationConfig {
         IsolationConfig {
             pod_bridge: crate::isolation::firewall::DEFAULT_BRIDGE.to_string(),
             cni_results_dir: PathBuf::from(crate::isolation::local_pods::DEFAULT_CNI_RESULTS_DIR),
+            baseline_pod_cidr: "10.42.0.0/16".into(),
         }
     }
 }

@@ -118,6 +118,7 @@ async fn resolve(address: &str) -> Result<SocketAddr, AgentError> {
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let state = StateDir::open(&config.state_dir)?;
+    let baseline_pod_cidr = config.isolation.baseline_pod_cidr()?;
     let addr = resolve(&config.coordinator).await?;
     let any = if addr.is_ipv6() { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
     let bind = SocketAddr::new(any, 0);
@@ -132,6 +133,13 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         match applier.enforce_isolation(spec).await {
             Ok(()) => tracing::info!(generation = spec.generation, "last applied isolation enforced"),
             Err(e) => warn!(generation = spec.generation, error = %e, "cannot enforce the last applied isolation"),
+        }
+    } else if state.spec_is_lost() {
+        // The node had a spec and both copies are damaged: its pods are kept apart altogether
+        // until the coordinator sends a new one.
+        match applier.enforce_baseline(baseline_pod_cidr).await {
+            Ok(()) => warn!(pod_cidr = %baseline_pod_cidr, "no readable spec: baseline isolation (pods kept apart) enforced"),
+            Err(e) => warn!(error = %e, "cannot enforce the baseline isolation"),
         }
     }
 
