@@ -228,6 +228,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_program_that_moves_our_rules_is_counted_as_a_displacement() {
+        let node = node();
+        let spec = isolated(NodeSpec::for_pool("n1", &Pool::Shared, 2));
+        node.applier.apply(&spec).await.unwrap();
+        node.applier.enforce_isolation(&spec).await.unwrap();
+        assert_eq!(node.applier.displacements.load(Ordering::Relaxed), 0, "no drift, no displacement");
+        node.firewall.inner().exec_iptables("*mangle\n-I FORWARD 1 -j ACCEPT\nCOMMIT\n").unwrap();
+        node.applier.enforce_isolation(&spec).await.unwrap();
+        assert_eq!(node.applier.displacements.load(Ordering::Relaxed), 1);
+        // A new spec is a change of ours, not a displacement.
+        let mut next = spec.clone();
+        next.generation = 3;
+        next.isolation.as_mut().unwrap().system_pod_ips.insert("10.42.0.54".parse().unwrap());
+        node.applier.apply(&next).await.unwrap();
+        assert_eq!(node.applier.displacements.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
     async fn specs_are_checked_and_recorded_once() {
         let node = node();
         let spec = isolated(NodeSpec::for_pool("n1", &Pool::Dedicated { tenant: "acme".into() }, 2));

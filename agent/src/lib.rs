@@ -138,7 +138,9 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         // The node had a spec and both copies are damaged: its pods are kept apart altogether
         // until the coordinator sends a new one.
         match applier.enforce_baseline(baseline_pod_cidr).await {
-            Ok(()) => warn!(pod_cidr = %baseline_pod_cidr, "no readable spec: baseline isolation (pods kept apart) enforced"),
+            Ok(()) => {
+                warn!(pod_cidr = %baseline_pod_cidr, "no readable spec: baseline isolation (pods kept apart) enforced")
+            }
             Err(e) => warn!(error = %e, "cannot enforce the baseline isolation"),
         }
     }

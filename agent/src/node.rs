@@ -577,6 +577,7 @@ impl Supervisor {
             k3s: self.k3s_state.clone(),
             pods: self.pods.clone(),
             tenant_usage: self.tenant_usage.clone(),
+            firewall_displacements: self.applier.displacements.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 }

@@ -153,6 +153,9 @@ pub struct NodeView {
     pub k3s: Option<hexa_shared::k3s::K3sState>,
     /// Each tenant's use of the node, from its pods' cgroups.
     pub tenant_usage: Vec<hexa_shared::report::TenantUsage>,
+    /// Firewall reconciles that only had to put the node's rules back in front of another
+    /// program's, since its agent started (from its latest report).
+    pub firewall_displacements: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -588,6 +591,7 @@ impl Inventory {
             usage: report.map(|(r, _)| r.usage),
             k3s: report.map(|(r, _)| r.k3s.clone()),
             tenant_usage: report.map(|(r, _)| r.tenant_usage.clone()).unwrap_or_default(),
+            firewall_displacements: report.map(|(r, _)| r.firewall_displacements),
         }
     }
 

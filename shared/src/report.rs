@@ -78,6 +78,10 @@ pub struct CapacityReport {
     pub pods: Vec<PodInfo>,
     /// Each tenant's use of this node, read from its pods' cgroups.
     pub tenant_usage: Vec<TenantUsage>,
+    /// Firewall reconciles since the agent started that only had to put our rules back in front
+    /// of another program's (something on the node keeps moving them).
+    #[serde(default)]
+    pub firewall_displacements: u64,
 }
 
 /// One tenant's use of one node.
