@@ -52,6 +52,8 @@ pub struct IsolationConfig {
     /// The cluster's pod network, for the baseline enforced when the node's last spec cannot be
     /// read: every pod-to-pod connection in it is dropped until the coordinator sends a spec.
     pub baseline_pod_cidr: String,
+    /// What the pods of a tenant with no allocation on this node are held to, together.
+    pub unknown_tenant: crate::isolation::cgroup::UnknownTenantCap,
 }
 
 impl IsolationConfig {
@@ -67,6 +69,7 @@ impl Default for IsolationConfig {
             pod_bridge: crate::isolation::firewall::DEFAULT_BRIDGE.to_string(),
             cni_results_dir: PathBuf::from(crate::isolation::local_pods::DEFAULT_CNI_RESULTS_DIR),
             baseline_pod_cidr: "10.42.0.0/16".into(),
+            unknown_tenant: Default::default(),
         }
     }
 }
@@ -152,16 +155,19 @@ mod tests {
                 .position(|l| l.starts_with(&format!("{key} =")))
                 .is_some_and(|i| lines[..i].iter().rev().take_while(|l| !l.is_empty()).any(|l| l.starts_with('#')))
         };
-        let keys = toml::Table::try_from(AgentConfig::default()).unwrap();
-        for (key, value) in &keys {
-            match value {
-                toml::Value::Table(section) => {
-                    assert!(text.contains(&format!("[{key}]")), "[{key}] missing");
-                    section.keys().for_each(|k| assert!(documented(k), "{key}.{k}"));
+        fn check(table: &toml::Table, prefix: &str, text: &str, documented: &dyn Fn(&str) -> bool) {
+            for (key, value) in table {
+                let name = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                match value {
+                    toml::Value::Table(section) => {
+                        assert!(text.contains(&format!("[{name}]")), "[{name}] missing");
+                        check(section, &name, text, documented);
+                    }
+                    _ => assert!(documented(key), "{name}"),
                 }
-                _ => assert!(documented(key), "{key}"),
             }
         }
+        check(&toml::Table::try_from(AgentConfig::default()).unwrap(), "", &text, &documented);
     }
 
     #[test]

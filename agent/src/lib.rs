@@ -190,6 +190,13 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         collector,
         host.pods.clone(),
         host.cgroup_root.clone(),
+        isolation::cgroup::GovernorSettings {
+            policy: isolation::cgroup::PolicySettings {
+                unknown_tenant: config.isolation.unknown_tenant,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
         applied,
         node::Periods::default(),
     );

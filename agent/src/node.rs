@@ -34,7 +34,7 @@ use hexa_shared::spec::{AppliedStatus, ApplyOutcome, NodeSpec};
 
 use crate::apply::{Applier, ApplyError};
 use crate::collector::Collector;
-use crate::isolation::cgroup::{Governor, PodTenant};
+use crate::isolation::cgroup::{Governor, GovernorSettings, PodTenant};
 use crate::pods::{PodSource, PodsError};
 
 /// How often each piece of work comes round; [`Default`] is production's.
@@ -205,6 +205,7 @@ pub struct Supervisor {
     collector: Collector,
     pod_source: Arc<dyn PodSource>,
     cgroup_root: PathBuf,
+    governor_settings: GovernorSettings,
     periods: Periods,
 
     applied: Option<NodeSpec>,
@@ -247,6 +248,7 @@ impl Supervisor {
         collector: Collector,
         pod_source: Arc<dyn PodSource>,
         cgroup_root: PathBuf,
+        governor_settings: GovernorSettings,
         applied: Option<NodeSpec>,
         periods: Periods,
     ) -> (Supervisor, mpsc::UnboundedReceiver<Event>, watch::Receiver<u64>) {
@@ -260,6 +262,7 @@ impl Supervisor {
             collector,
             pod_source,
             cgroup_root,
+            governor_settings,
             periods,
             applied,
             queued: None,
@@ -285,11 +288,12 @@ impl Supervisor {
         collector: Collector,
         pod_source: Arc<dyn PodSource>,
         cgroup_root: PathBuf,
+        governor_settings: GovernorSettings,
         applied: Option<NodeSpec>,
         periods: Periods,
     ) -> Node {
         let (supervisor, events, generation) =
-            Supervisor::new(applier, collector, pod_source, cgroup_root, applied, periods);
+            Supervisor::new(applier, collector, pod_source, cgroup_root, governor_settings, applied, periods);
         let (commands, commands_rx) = mpsc::unbounded_channel();
         tokio::spawn(supervisor.run(commands_rx));
         Node { commands, events, generation }
@@ -364,8 +368,12 @@ impl Supervisor {
             Job::FirewallDrift => self.work.is_some(),
             // K3s is being changed; it is looked at once the apply is done.
             Job::ObserveK3s => self.work == Some(Work::Apply),
-            // Nothing to govern on a node without tenants.
-            Job::Govern => self.applied.as_ref().is_none_or(|s| s.tenants.is_empty()),
+            // Nothing to govern on a node without tenants' pods (those of a tenant with no
+            // allocation here are held to the unknown-tenant default).
+            Job::Govern => {
+                self.applied.as_ref().is_none_or(|s| s.tenants.is_empty())
+                    && self.pods.iter().all(|p| p.tenant.is_none())
+            }
             Job::ListPods => false,
         }
     }
@@ -458,7 +466,7 @@ impl Supervisor {
     }
 
     fn open_governor(&self) -> Option<Box<Governor>> {
-        match Governor::open(&self.cgroup_root, Default::default()) {
+        match Governor::open(&self.cgroup_root, self.governor_settings.clone()) {
             Ok(governor) => Some(Box::new(governor)),
             Err(e) => {
                 warn!(root = %self.cgroup_root.display(), error = %e, "cannot open the cgroup hierarchy; tenants are not governed");
@@ -694,7 +702,7 @@ mod tests {
             max_pods: 110,
         });
         let pods = Arc::new(StaticPodSource::default());
-        Supervisor::spawn(applier, collector, pods, dir.join("cgroup"), None, periods)
+        Supervisor::spawn(applier, collector, pods, dir.join("cgroup"), Default::default(), None, periods)
     }
 
     async fn status(node: &mut Node) -> AppliedStatus {

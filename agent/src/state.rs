@@ -219,7 +219,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         assert_eq!(state.load_spec().unwrap(), None);
-        assert!(state.spec_is_lost());
+        assert!(!state.spec_is_lost(), "a node that never had a spec has lost none");
         let spec = NodeSpec::for_pool("n1", &hexa_shared::names::Pool::Shared, 7);
         state.save_spec(&spec).unwrap();
         std::fs::write(state.path(SPEC), "{ not json").unwrap();
@@ -231,6 +231,7 @@ mod tests {
         std::fs::write(state.path(SPEC), "garbage").unwrap();
         std::fs::write(state.path(LAST_GOOD_SPEC), "garbage").unwrap();
         assert_eq!(state.load_spec().unwrap(), None);
+        assert!(state.spec_is_lost(), "the baseline is due");
     }
 
     #[test]

@@ -183,6 +183,7 @@ pub(crate) mod strategies {
                         cpu_split: seq % 2 == 0,
                         memory_pressure: seq % 3 == 0,
                     }],
+                    firewall_displacements: generation / 5,
                     k3s: if generation % 2 == 0 {
                         crate::k3s::K3sState::Running { version: "v1.35.5+k3s1".into(), cluster_ca_sha256: None }
                     } else {
