@@ -7,12 +7,15 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec};
 use hexa_shared::k3s::K3sState;
 use hexa_shared::names::{NameError, validate_node_name};
 use hexa_shared::spec::NodeSpec;
 
 use crate::isolation::firewall::FirewallError;
+use crate::isolation::local_pods::LocalPodSource;
 use crate::k3s::{self, Fetcher, K3sError, NodeReadiness, Systemd};
 use crate::state::{StateDir, StateError};
 
@@ -65,6 +68,10 @@ pub struct Applier {
     pub readiness: Arc<dyn NodeReadiness>,
     pub fetcher: Arc<Fetcher>,
     pub firewall: SharedFirewall,
+    /// This node's pods' bridge ports, read at every enforcement.
+    pub local_pods: Arc<dyn LocalPodSource>,
+    /// Enforcements that only had to put our jumps back before another program's rules.
+    pub displacements: Arc<AtomicU64>,
 }
 
 impl Applier {
@@ -85,14 +92,43 @@ impl Applier {
     pub async fn enforce_isolation(&self, spec: &NodeSpec) -> Result<(), ApplyError> {
         let Some(isolation) = spec.isolation.clone() else { return Ok(()) };
         let firewall = self.firewall.clone();
+        let local_pods = self.local_pods.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            crate::isolation::firewall::reconcile_spec(firewall.as_ref(), &isolation)
+            let local = local_pods.local_pods();
+            crate::isolation::firewall::reconcile_spec(firewall.as_ref(), &isolation, &local)
         })
         .await
         .map_err(ApplyError::Task)??;
-        if let crate::isolation::firewall::Reconciled::Applied { drift } = outcome {
-            tracing::info!(generation = spec.generation, %drift, "firewall brought in line");
+        if let crate::isolation::firewall::Reconciled::Applied { drift, displaced } = outcome {
+            if displaced {
+                let count = self.displacements.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(generation = spec.generation, %drift, displacements = count, "firewall displaced by another program, put back first");
+            } else {
+                tracing::info!(generation = spec.generation, %drift, "firewall brought in line");
+            }
         }
+        Ok(())
+    }
+
+    /// Isolation when the node's last spec is lost: every pod-to-pod connection in `pod_cidr` and
+    /// every pod connection to the node dropped, each pod held to its own source address, until
+    /// the coordinator sends a spec.
+    pub async fn enforce_baseline(&self, pod_cidr: Ipv4Cidr) -> Result<(), ApplyError> {
+        let baseline = IsolationSpec {
+            pod_cidr,
+            management_cidrs: Vec::new(),
+            system_pod_ips: Default::default(),
+            tenants: Vec::new(),
+            node_addresses: Default::default(),
+            node_services: Vec::new(),
+        };
+        let firewall = self.firewall.clone();
+        let local_pods = self.local_pods.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::isolation::firewall::reconcile_spec(firewall.as_ref(), &baseline, &local_pods.local_pods())
+        })
+        .await
+        .map_err(ApplyError::Task)??;
         Ok(())
     }
 
@@ -173,6 +209,8 @@ mod tests {
             readiness: Arc::new(ScriptedReadiness::new([Ok(true)])),
             fetcher: Arc::new(testkit::fetcher(quick_policy())),
             firewall: firewall.clone(),
+            local_pods: Arc::new(crate::isolation::local_pods::CniResults::new(dir.path().join("cni"), "cni0")),
+            displacements: Default::default(),
         };
         Node { _dir: dir, state, firewall, systemd, applier }
     }
@@ -183,8 +221,28 @@ mod tests {
             management_cidrs: vec!["192.168.100.10".parse().unwrap()],
             system_pod_ips: ["10.42.0.53".parse().unwrap()].into(),
             tenants: vec![TenantIsolation { tenant: "acme".into(), pod_ips: ["10.42.0.11".parse().unwrap()].into() }],
+            node_addresses: Default::default(),
+            node_services: Vec::new(),
         };
         NodeSpec { isolation: Some(isolation), ..spec }
+    }
+
+    #[tokio::test]
+    async fn a_program_that_moves_our_rules_is_counted_as_a_displacement() {
+        let node = node();
+        let spec = isolated(NodeSpec::for_pool("n1", &Pool::Shared, 2));
+        node.applier.apply(&spec).await.unwrap();
+        node.applier.enforce_isolation(&spec).await.unwrap();
+        assert_eq!(node.applier.displacements.load(Ordering::Relaxed), 0, "no drift, no displacement");
+        node.firewall.inner().exec_iptables("*mangle\n-I FORWARD 1 -j ACCEPT\nCOMMIT\n").unwrap();
+        node.applier.enforce_isolation(&spec).await.unwrap();
+        assert_eq!(node.applier.displacements.load(Ordering::Relaxed), 1);
+        // A new spec is a change of ours, not a displacement.
+        let mut next = spec.clone();
+        next.generation = 3;
+        next.isolation.as_mut().unwrap().system_pod_ips.insert("10.42.0.54".parse().unwrap());
+        node.applier.apply(&next).await.unwrap();
+        assert_eq!(node.applier.displacements.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

@@ -36,6 +36,42 @@ pub struct AgentConfig {
     pub reserved: Reserved,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// What the firewall needs to know about this node's pod network.
+    pub isolation: IsolationConfig,
+}
+
+/// `[isolation]`: where this node's pods are attached, as K3s' flannel sets them up.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IsolationConfig {
+    /// The bridge the pods' veths hang on (`cni0` under K3s' flannel). Every packet from it must
+    /// carry its pod's own source address; every IPv6 packet from it is dropped.
+    pub pod_bridge: String,
+    /// libcni's result cache, which says which bridge port each local pod sends from.
+    pub cni_results_dir: PathBuf,
+    /// The cluster's pod network, for the baseline enforced when the node's last spec cannot be
+    /// read: every pod-to-pod connection in it is dropped until the coordinator sends a spec.
+    pub baseline_pod_cidr: String,
+    /// What the pods of a tenant with no allocation on this node are held to, together.
+    pub unknown_tenant: crate::isolation::cgroup::UnknownTenantCap,
+}
+
+impl IsolationConfig {
+    /// `isolation.baseline_pod_cidr`, parsed.
+    pub fn baseline_pod_cidr(&self) -> Result<hexa_shared::isolation::Ipv4Cidr, crate::ConfigError> {
+        self.baseline_pod_cidr.parse().map_err(|e| crate::ConfigError::BaselinePodCidr(format!("{e}")))
+    }
+}
+
+impl Default for IsolationConfig {
+    fn default() -> Self {
+        IsolationConfig {
+            pod_bridge: crate::isolation::firewall::DEFAULT_BRIDGE.to_string(),
+            cni_results_dir: PathBuf::from(crate::isolation::local_pods::DEFAULT_CNI_RESULTS_DIR),
+            baseline_pod_cidr: "10.42.0.0/16".into(),
+            unknown_tenant: Default::default(),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
@@ -66,6 +102,7 @@ impl Default for AgentConfig {
             eviction_memory_bytes: 100 << 20,
             reserved: Reserved::default(),
             log_format: LogFormat::Text,
+            isolation: IsolationConfig::default(),
         }
     }
 }
@@ -118,16 +155,19 @@ mod tests {
                 .position(|l| l.starts_with(&format!("{key} =")))
                 .is_some_and(|i| lines[..i].iter().rev().take_while(|l| !l.is_empty()).any(|l| l.starts_with('#')))
         };
-        let keys = toml::Table::try_from(AgentConfig::default()).unwrap();
-        for (key, value) in &keys {
-            match value {
-                toml::Value::Table(section) => {
-                    assert!(text.contains(&format!("[{key}]")), "[{key}] missing");
-                    section.keys().for_each(|k| assert!(documented(k), "{key}.{k}"));
+        fn check(table: &toml::Table, prefix: &str, text: &str, documented: &dyn Fn(&str) -> bool) {
+            for (key, value) in table {
+                let name = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                match value {
+                    toml::Value::Table(section) => {
+                        assert!(text.contains(&format!("[{name}]")), "[{name}] missing");
+                        check(section, &name, text, documented);
+                    }
+                    _ => assert!(documented(key), "{name}"),
                 }
-                _ => assert!(documented(key), "{key}"),
             }
         }
+        check(&toml::Table::try_from(AgentConfig::default()).unwrap(), "", &text, &documented);
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub enum ConfigError {
     /// The K3s installer cannot be set up on this machine (architecture, HTTP client).
     #[error("{0}")]
     Installer(FetchError),
+    #[error("[isolation] baseline_pod_cidr: {0}; set the cluster's pod network, e.g. 10.42.0.0/16")]
+    BaselinePodCidr(String),
 }
 
 /// Why a connection to the coordinator could not be made.

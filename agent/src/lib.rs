@@ -53,6 +53,8 @@ pub struct Host {
     pub readiness: Arc<dyn k3s::NodeReadiness>,
     pub firewall: apply::SharedFirewall,
     pub pods: Arc<dyn pods::PodSource>,
+    /// This node's pods' bridge ports (for the firewall's anti-spoofing rules).
+    pub local_pods: Arc<dyn isolation::local_pods::LocalPodSource>,
 }
 
 impl Default for Host {
@@ -65,11 +67,30 @@ impl Default for Host {
             readiness: Arc::new(k3s::KubectlReadiness::under(Path::new("/"))),
             firewall: Arc::new(isolation::firewall::SystemFirewall::new()),
             pods: Arc::new(pods::KubectlPodSource::under(Path::new("/"))),
+            local_pods: Arc::new(isolation::local_pods::CniResults::new(
+                isolation::local_pods::DEFAULT_CNI_RESULTS_DIR,
+                isolation::firewall::DEFAULT_BRIDGE,
+            )),
         }
     }
 }
 
 impl Host {
+    /// The production host, with the pod network `config` describes under `root`.
+    pub fn for_config(config: &AgentConfig) -> Host {
+        let host = Host::default();
+        Host { local_pods: Host::local_pods_under(config, &host.root), ..host }
+    }
+
+    /// The CNI results of `config`, read below `root`.
+    pub fn local_pods_under(config: &AgentConfig, root: &Path) -> Arc<dyn isolation::local_pods::LocalPodSource> {
+        let dir = &config.isolation.cni_results_dir;
+        Arc::new(isolation::local_pods::CniResults::new(
+            root.join(dir.strip_prefix("/").unwrap_or(dir)),
+            &config.isolation.pod_bridge,
+        ))
+    }
+
     /// The applier for this host, keeping applied specs in `state`.
     pub fn applier(&self, state: StateDir) -> Result<apply::Applier, AgentError> {
         let arch = k3s::Arch::of_this_machine().map_err(ConfigError::Installer)?;
@@ -81,6 +102,8 @@ impl Host {
             readiness: self.readiness.clone(),
             fetcher: Arc::new(fetcher),
             firewall: self.firewall.clone(),
+            local_pods: self.local_pods.clone(),
+            displacements: Default::default(),
         })
     }
 }
@@ -95,6 +118,7 @@ async fn resolve(address: &str) -> Result<SocketAddr, AgentError> {
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let state = StateDir::open(&config.state_dir)?;
+    let baseline_pod_cidr = config.isolation.baseline_pod_cidr()?;
     let addr = resolve(&config.coordinator).await?;
     let any = if addr.is_ipv6() { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
     let bind = SocketAddr::new(any, 0);
@@ -109,6 +133,15 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         match applier.enforce_isolation(spec).await {
             Ok(()) => tracing::info!(generation = spec.generation, "last applied isolation enforced"),
             Err(e) => warn!(generation = spec.generation, error = %e, "cannot enforce the last applied isolation"),
+        }
+    } else if state.spec_is_lost() {
+        // The node had a spec and both copies are damaged: its pods are kept apart altogether
+        // until the coordinator sends a new one.
+        match applier.enforce_baseline(baseline_pod_cidr).await {
+            Ok(()) => {
+                warn!(pod_cidr = %baseline_pod_cidr, "no readable spec: baseline isolation (pods kept apart) enforced")
+            }
+            Err(e) => warn!(error = %e, "cannot enforce the baseline isolation"),
         }
     }
 
@@ -157,6 +190,13 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         collector,
         host.pods.clone(),
         host.cgroup_root.clone(),
+        isolation::cgroup::GovernorSettings {
+            policy: isolation::cgroup::PolicySettings {
+                unknown_tenant: config.isolation.unknown_tenant,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
         applied,
         node::Periods::default(),
     );

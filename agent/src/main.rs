@@ -87,7 +87,8 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let mut agent = tokio::spawn(hexa_agent::run(config, hexa_agent::Host::default(), stopped));
+        let host = hexa_agent::Host::for_config(&config);
+        let mut agent = tokio::spawn(hexa_agent::run(config, host, stopped));
         tokio::select! {
             result = &mut agent => return result.context("agent task")?.map_err(anyhow::Error::from),
             signal = hexa_shared::signals::wait_for_termination() => signal?,
@@ -109,18 +110,21 @@ fn apply_once(config: &AgentConfig, spec_path: &std::path::Path, root: Option<Pa
         serde_json::from_str(&text).with_context(|| format!("{} is not a NodeSpec", spec_path.display()))?;
     let (host, state_dir) = match &root {
         Some(root) => {
+            let local_pods = hexa_agent::Host::local_pods_under(config, root);
+            let local = local_pods.local_pods();
             let host = hexa_agent::Host {
                 root: root.clone(),
                 // Units are taken as running; what systemd would be asked is printed.
                 systemd: Arc::new(hexa_agent::k3s::DryRunSystemd::new(&["k3s.service", "k3s-agent.service"])),
                 readiness: Arc::new(hexa_agent::k3s::KubectlReadiness::under(root)),
                 // Under a root the node's own firewall is not touched either: the batch is printed.
-                firewall: Arc::new(hexa_agent::isolation::DryRunFirewall::new(spec.isolation.as_ref())?),
+                firewall: Arc::new(hexa_agent::isolation::DryRunFirewall::new(spec.isolation.as_ref(), &local)?),
+                local_pods,
                 ..hexa_agent::Host::default()
             };
             (host, root.join(config.state_dir.strip_prefix("/").unwrap_or(&config.state_dir)))
         }
-        None => (hexa_agent::Host::default(), config.state_dir.clone()),
+        None => (hexa_agent::Host::for_config(config), config.state_dir.clone()),
     };
     let applier = host.applier(hexa_agent::state::StateDir::open(&state_dir)?)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;

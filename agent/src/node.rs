@@ -34,7 +34,7 @@ use hexa_shared::spec::{AppliedStatus, ApplyOutcome, NodeSpec};
 
 use crate::apply::{Applier, ApplyError};
 use crate::collector::Collector;
-use crate::isolation::cgroup::{Governor, PodTenant};
+use crate::isolation::cgroup::{Governor, GovernorSettings, PodTenant};
 use crate::pods::{PodSource, PodsError};
 
 /// How often each piece of work comes round; [`Default`] is production's.
@@ -48,7 +48,8 @@ pub struct Periods {
     pub pods: Duration,
     /// Tenants' pod cgroups are brought in line with their allocations this often.
     pub govern: Duration,
-    /// The firewall is compared with the applied isolation this often, and hand-made drift undone.
+    /// The firewall is compared with the applied isolation this often, and hand-made drift undone;
+    /// also at once whenever the node's pods change (their bridge ports are in the rules).
     pub firewall: Duration,
 }
 
@@ -204,6 +205,7 @@ pub struct Supervisor {
     collector: Collector,
     pod_source: Arc<dyn PodSource>,
     cgroup_root: PathBuf,
+    governor_settings: GovernorSettings,
     periods: Periods,
 
     applied: Option<NodeSpec>,
@@ -246,6 +248,7 @@ impl Supervisor {
         collector: Collector,
         pod_source: Arc<dyn PodSource>,
         cgroup_root: PathBuf,
+        governor_settings: GovernorSettings,
         applied: Option<NodeSpec>,
         periods: Periods,
     ) -> (Supervisor, mpsc::UnboundedReceiver<Event>, watch::Receiver<u64>) {
@@ -259,6 +262,7 @@ impl Supervisor {
             collector,
             pod_source,
             cgroup_root,
+            governor_settings,
             periods,
             applied,
             queued: None,
@@ -284,11 +288,12 @@ impl Supervisor {
         collector: Collector,
         pod_source: Arc<dyn PodSource>,
         cgroup_root: PathBuf,
+        governor_settings: GovernorSettings,
         applied: Option<NodeSpec>,
         periods: Periods,
     ) -> Node {
         let (supervisor, events, generation) =
-            Supervisor::new(applier, collector, pod_source, cgroup_root, applied, periods);
+            Supervisor::new(applier, collector, pod_source, cgroup_root, governor_settings, applied, periods);
         let (commands, commands_rx) = mpsc::unbounded_channel();
         tokio::spawn(supervisor.run(commands_rx));
         Node { commands, events, generation }
@@ -363,8 +368,12 @@ impl Supervisor {
             Job::FirewallDrift => self.work.is_some(),
             // K3s is being changed; it is looked at once the apply is done.
             Job::ObserveK3s => self.work == Some(Work::Apply),
-            // Nothing to govern on a node without tenants.
-            Job::Govern => self.applied.as_ref().is_none_or(|s| s.tenants.is_empty()),
+            // Nothing to govern on a node without tenants' pods (those of a tenant with no
+            // allocation here are held to the unknown-tenant default).
+            Job::Govern => {
+                self.applied.as_ref().is_none_or(|s| s.tenants.is_empty())
+                    && self.pods.iter().all(|p| p.tenant.is_none())
+            }
             Job::ListPods => false,
         }
     }
@@ -457,7 +466,7 @@ impl Supervisor {
     }
 
     fn open_governor(&self) -> Option<Box<Governor>> {
-        match Governor::open(&self.cgroup_root, Default::default()) {
+        match Governor::open(&self.cgroup_root, self.governor_settings.clone()) {
             Ok(governor) => Some(Box::new(governor)),
             Err(e) => {
                 warn!(root = %self.cgroup_root.display(), error = %e, "cannot open the cgroup hierarchy; tenants are not governed");
@@ -491,10 +500,12 @@ impl Supervisor {
             }
             (Ok(Done::K3s(state)), _) => self.k3s_observed(state),
             (Ok(Done::Pods(Ok(pods))), _) => {
-                // A change in the node's pods is news for the coordinator's IP sets.
+                // A change in the node's pods is news for the coordinator's IP sets, and for the
+                // firewall here: a new pod's traffic is dropped until its bridge port is known.
                 if pods != self.pods {
                     self.pods = pods;
                     self.emit(Event::Changed);
+                    self.slots[Job::FirewallDrift.index()].last = None;
                 }
             }
             (Ok(Done::Pods(Err(e))), _) => warn!(error = %e, "cannot list this node's pods; reporting the last list"),
@@ -574,6 +585,7 @@ impl Supervisor {
             k3s: self.k3s_state.clone(),
             pods: self.pods.clone(),
             tenant_usage: self.tenant_usage.clone(),
+            firewall_displacements: self.applier.displacements.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 }
@@ -596,7 +608,7 @@ mod tests {
 
     use super::*;
     use crate::collector::CollectorSettings;
-    use crate::isolation::firewall::{Batch, Firewall, FirewallError, MemoryFirewall, Ruleset};
+    use crate::isolation::firewall::{Batch, Firewall, FirewallError, LocalPods, MemoryFirewall, Ruleset};
     use crate::k3s::{self, RecordingSystemd, ScriptedReadiness};
     use crate::pods::StaticPodSource;
     use crate::state::StateDir;
@@ -641,6 +653,10 @@ mod tests {
             }
             self.inner.apply(batch)
         }
+
+        fn ensure_bridge_filtering(&self) -> Result<bool, FirewallError> {
+            self.inner.ensure_bridge_filtering()
+        }
     }
 
     fn isolation(tenants: &[(&str, &str)]) -> IsolationSpec {
@@ -655,6 +671,8 @@ mod tests {
                     pod_ips: [ip.parse().unwrap()].into(),
                 })
                 .collect(),
+            node_addresses: Default::default(),
+            node_services: Vec::new(),
         }
     }
 
@@ -672,6 +690,8 @@ mod tests {
             readiness: Arc::new(ScriptedReadiness::new([Ok(false)])),
             fetcher: Arc::new(k3s::Fetcher::new(k3s::Arch::of_this_machine().unwrap(), Default::default()).unwrap()),
             firewall,
+            local_pods: Arc::new(crate::isolation::local_pods::CniResults::new(dir.join("cni"), "cni0")),
+            displacements: Default::default(),
         };
         let collector = Collector::new(CollectorSettings {
             proc_root: "/proc".into(),
@@ -682,7 +702,7 @@ mod tests {
             max_pods: 110,
         });
         let pods = Arc::new(StaticPodSource::default());
-        Supervisor::spawn(applier, collector, pods, dir.join("cgroup"), None, periods)
+        Supervisor::spawn(applier, collector, pods, dir.join("cgroup"), Default::default(), None, periods)
     }
 
     async fn status(node: &mut Node) -> AppliedStatus {
@@ -723,7 +743,7 @@ mod tests {
 
         release.send(()).unwrap();
         assert_eq!(status(&mut node).await, AppliedStatus { generation: 2, outcome: ApplyOutcome::Applied });
-        let want = Ruleset::desired(new.isolation.as_ref().unwrap()).unwrap();
+        let want = Ruleset::desired(new.isolation.as_ref().unwrap(), &LocalPods::default()).unwrap();
         assert_eq!(firewall.current().unwrap(), want, "the newer spec's rules are in force");
         // Later drift checks enforce the newest applied spec.
         firewall.inner.exec_ipset("add hx-sys 10.42.9.9\n").unwrap();
@@ -751,7 +771,10 @@ mod tests {
         );
         assert_eq!(node.applied_generation(), 0);
         assert_eq!(status(&mut node).await, AppliedStatus { generation: 1, outcome: ApplyOutcome::Applied });
-        assert_eq!(firewall.current().unwrap(), Ruleset::desired(wanted.isolation.as_ref().unwrap()).unwrap());
+        assert_eq!(
+            firewall.current().unwrap(),
+            Ruleset::desired(wanted.isolation.as_ref().unwrap(), &LocalPods::default()).unwrap()
+        );
         assert_eq!(node.applied_generation(), 1);
     }
 

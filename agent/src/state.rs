@@ -168,6 +168,13 @@ impl StateDir {
         }
     }
 
+    /// True when the node holds a spec that cannot be read, and no good copy either: it applied
+    /// isolation once, so it must not run its pods open (the agent enforces a baseline).
+    pub fn spec_is_lost(&self) -> bool {
+        matches!(self.read_spec(SPEC), Err(StateError::Corrupt { .. }))
+            && !matches!(self.read_spec(LAST_GOOD_SPEC), Ok(Some(_)))
+    }
+
     fn read_spec(&self, name: &str) -> Result<Option<NodeSpec>, StateError> {
         let path = self.path(name);
         match std::fs::read_to_string(&path) {
@@ -212,6 +219,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         assert_eq!(state.load_spec().unwrap(), None);
+        assert!(!state.spec_is_lost(), "a node that never had a spec has lost none");
         let spec = NodeSpec::for_pool("n1", &hexa_shared::names::Pool::Shared, 7);
         state.save_spec(&spec).unwrap();
         std::fs::write(state.path(SPEC), "{ not json").unwrap();
@@ -223,6 +231,7 @@ mod tests {
         std::fs::write(state.path(SPEC), "garbage").unwrap();
         std::fs::write(state.path(LAST_GOOD_SPEC), "garbage").unwrap();
         assert_eq!(state.load_spec().unwrap(), None);
+        assert!(state.spec_is_lost(), "the baseline is due");
     }
 
     #[test]

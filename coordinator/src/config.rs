@@ -67,6 +67,12 @@ pub struct IsolationSettings {
     /// Pids a tenant may run per pod of its quota: part of every allocation the coordinator sends
     /// (`desired::AllocationPlan`), whether or not isolation specs are sent.
     pub pids_per_pod: u64,
+    /// The Kubernetes API port of server nodes: the one node port every pod may reach (vCluster's
+    /// syncer needs it).
+    pub kube_api_port: u16,
+    /// The kubelet's port on every node, which system pods (the metrics server) may reach and
+    /// tenant pods may not; 0 closes it to system pods too.
+    pub kubelet_port: u16,
 }
 
 impl Default for IsolationSettings {
@@ -76,6 +82,8 @@ impl Default for IsolationSettings {
             pod_cidr: "10.42.0.0/16".into(),
             management_cidrs: Vec::new(),
             pids_per_pod: 1024,
+            kube_api_port: 6443,
+            kubelet_port: 10250,
         }
     }
 }

@@ -3,10 +3,10 @@
 //! CA, who owns which pod IP). No I/O, no clock, no locks: the inventory calls [`node_spec`] when one
 //! of those inputs changes and keeps the result only when its content differs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec, TenantIsolation};
+use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec, NodeService, Protocol, TenantIsolation};
 use hexa_shared::k3s::{JoinToken, K3sRole, K3sSpec};
 use hexa_shared::names::Pool;
 use hexa_shared::spec::{NodeSpec, TenantAllocation};
@@ -25,6 +25,20 @@ pub struct Fleet<'a> {
     pub cluster_ca_sha256: Option<&'a str>,
     /// Who owns each pod IP (see [`crate::pod_owners`]): never one node's say-so alone.
     pub owners: &'a OwnerMap,
+    /// Every node's address, as the coordinator sees it (where its link comes from), and whether
+    /// it is a server's.
+    pub node_addresses: &'a BTreeMap<Ipv4Addr, bool>,
+}
+
+/// Every node's IPv4 address as its link came from, with whether the node is a server.
+pub fn node_addresses<'a>(records: impl IntoIterator<Item = &'a NodeRecord>) -> BTreeMap<Ipv4Addr, bool> {
+    let mut addresses = BTreeMap::new();
+    for record in records {
+        if let Some(std::net::IpAddr::V4(ip)) = record.address {
+            *addresses.entry(ip).or_insert(false) |= record.pool == Pool::Server;
+        }
+    }
+    addresses
 }
 
 /// The server that initialises the cluster among `records`: the earliest-enrolled of the
@@ -49,7 +63,7 @@ pub fn node_spec(
     plans: &Plans,
 ) -> NodeSpec {
     let k3s = plans.k3s.spec_for(record, fleet);
-    let isolation = plans.isolation.as_ref().and_then(|plan| plan.spec_for(&record.pool, &tenants, fleet.owners));
+    let isolation = plans.isolation.as_ref().and_then(|plan| plan.spec_for(&record.pool, &tenants, fleet));
     let mut spec = NodeSpec::build(&record.name, &record.pool, generation, tenants).with_k3s(k3s);
     spec.isolation = isolation;
     spec
@@ -84,20 +98,27 @@ impl AllocationPlan {
 #[derive(Debug, Clone)]
 pub struct IsolationPlan {
     pub pod_cidr: Ipv4Cidr,
+    /// `[isolation] management_cidrs`, and the coordinator's own addresses (and its Proxmox
+    /// endpoint's) that they do not already cover: those are management whatever the config says.
     pub management_cidrs: Vec<Ipv4Cidr>,
+    pub kube_api_port: u16,
+    /// 0 when the kubelet is closed to system pods too.
+    pub kubelet_port: u16,
 }
 
 impl IsolationPlan {
     /// Isolation for a node of `pool` holding `tenants`, from the pod ownership map: each
-    /// tenant's pod IPs cluster-wide, and the system pods. Server nodes run no tenants and get none.
-    pub fn spec_for(&self, pool: &Pool, tenants: &[TenantAllocation], owners: &OwnerMap) -> Option<IsolationSpec> {
+    /// tenant's pod IPs cluster-wide, and the system pods; every node's address, with the
+    /// Kubernetes API open on servers' and the kubelet on every node's to system pods. Server
+    /// nodes run no tenants and get none.
+    pub fn spec_for(&self, pool: &Pool, tenants: &[TenantAllocation], fleet: &Fleet<'_>) -> Option<IsolationSpec> {
         if *pool == Pool::Server {
             return None;
         }
         let in_pod_cidr = |ips: &BTreeSet<Ipv4Addr>| -> BTreeSet<Ipv4Addr> {
             ips.iter().copied().filter(|ip| self.pod_cidr.contains(*ip)).collect()
         };
-        let system = in_pod_cidr(owners.system_ips());
+        let system = in_pod_cidr(fleet.owners.system_ips());
         let mut isolated: Vec<TenantIsolation> = Vec::new();
         for allocation in tenants {
             if isolated.iter().any(|t| t.tenant == allocation.tenant) {
@@ -105,7 +126,30 @@ impl IsolationPlan {
             }
             isolated.push(TenantIsolation {
                 tenant: allocation.tenant.clone(),
-                pod_ips: in_pod_cidr(owners.tenant_ips(&allocation.tenant)),
+                pod_ips: in_pod_cidr(fleet.owners.tenant_ips(&allocation.tenant)),
+            });
+        }
+        // An address in the pod network is no node's; one can only be there by misconfiguration.
+        let nodes: BTreeMap<Ipv4Addr, bool> = fleet
+            .node_addresses
+            .iter()
+            .filter(|(ip, _)| !self.pod_cidr.contains(**ip))
+            .map(|(ip, s)| (*ip, *s))
+            .collect();
+        let mut node_services = vec![NodeService {
+            name: "kube-api".into(),
+            protocol: Protocol::Tcp,
+            port: self.kube_api_port,
+            addresses: nodes.iter().filter(|(_, server)| **server).map(|(ip, _)| *ip).collect(),
+            system_only: false,
+        }];
+        if self.kubelet_port != 0 {
+            node_services.push(NodeService {
+                name: "kubelet".into(),
+                protocol: Protocol::Tcp,
+                port: self.kubelet_port,
+                addresses: nodes.keys().copied().collect(),
+                system_only: true,
             });
         }
         Some(IsolationSpec {
@@ -113,8 +157,22 @@ impl IsolationPlan {
             management_cidrs: self.management_cidrs.clone(),
             system_pod_ips: system,
             tenants: isolated,
+            node_addresses: nodes.keys().copied().collect(),
+            node_services,
         })
     }
+}
+
+/// `configured` with each of `always` that no configured network already covers, as single
+/// addresses; addresses inside the pod network are left out (they cannot be management).
+pub fn with_always_management(configured: &[Ipv4Cidr], always: &[Ipv4Addr], pod_cidr: Ipv4Cidr) -> Vec<Ipv4Cidr> {
+    let mut all = configured.to_vec();
+    for ip in always {
+        if !pod_cidr.contains(*ip) && !all.iter().any(|c| c.contains(*ip)) {
+            all.push(Ipv4Cidr::host(*ip));
+        }
+    }
+    all
 }
 
 /// State-database keys of the K3s cluster's two secrets. The server secret is what `server` nodes
@@ -190,12 +248,23 @@ impl K3sPlan {
 }
 
 impl IsolationPlan {
-    /// The plan `[isolation]` describes, or `None` when isolation is off.
-    pub fn from_settings(settings: &IsolationSettings) -> Result<Option<IsolationPlan>, ConfigError> {
+    /// The plan `[isolation]` describes, with `always_management` (the coordinator's own
+    /// addresses, its Proxmox endpoint) added to the management networks, or `None` when isolation
+    /// is off.
+    pub fn from_settings(
+        settings: &IsolationSettings,
+        always_management: &[Ipv4Addr],
+    ) -> Result<Option<IsolationPlan>, ConfigError> {
         if !settings.enabled {
             return Ok(None);
         }
-        Ok(Some(IsolationPlan { pod_cidr: settings.pod_cidr()?, management_cidrs: settings.management_cidrs()? }))
+        let pod_cidr = settings.pod_cidr()?;
+        Ok(Some(IsolationPlan {
+            pod_cidr,
+            management_cidrs: with_always_management(&settings.management_cidrs()?, always_management, pod_cidr),
+            kube_api_port: settings.kube_api_port,
+            kubelet_port: settings.kubelet_port,
+        }))
     }
 }
 
@@ -241,8 +310,10 @@ mod tests {
         let records = [first.clone(), second.clone(), worker.clone()];
         let chosen = first_server(&records);
         assert_eq!(chosen.map(|r| r.name.as_str()), Some("cp-1"));
+        let addresses = node_addresses(&records);
         let owners = OwnerMap::default();
-        let waiting = Fleet { first_server: chosen, cluster_ca_sha256: None, owners: &owners };
+        let waiting =
+            Fleet { first_server: chosen, cluster_ca_sha256: None, owners: &owners, node_addresses: &addresses };
         let spec = |r: &NodeRecord, fleet: &Fleet<'_>| node_spec(r, 2, Vec::new(), fleet, &plans());
         assert_eq!(spec(&first, &waiting), spec(&first, &waiting), "pure");
         let init = spec(&first, &waiting).k3s.unwrap();
@@ -278,5 +349,37 @@ mod tests {
         assert_eq!(none.pids, Some(321), "a tenant with a share always has room for one pod");
         let huge = AllocationPlan { pids_per_pod: u64::MAX }.allocation("acme", size, false);
         assert_eq!(huge.pids, Some(u64::MAX));
+    }
+
+    #[test]
+    fn isolation_names_every_node_address_and_opens_only_the_api_and_the_kubelet() {
+        let (server, worker) = (record("cp-1", Pool::Server, 1), record("w-1", Pool::Shared, 2));
+        let mut worker = worker;
+        worker.address = Some(std::net::IpAddr::V4(Ipv4Addr::new(10, 0, 0, 11)));
+        let mut stray = record("w-2", Pool::Shared, 3);
+        // An address inside the pod network is no node's: left out, not a spec every node refuses.
+        stray.address = Some(std::net::IpAddr::V4(Ipv4Addr::new(10, 42, 3, 3)));
+        let addresses = node_addresses([&server, &worker, &stray]);
+        let owners = OwnerMap::default();
+        let fleet =
+            Fleet { first_server: Some(&server), cluster_ca_sha256: None, owners: &owners, node_addresses: &addresses };
+        let settings = IsolationSettings { management_cidrs: vec!["192.0.2.0/24".into()], ..Default::default() };
+        let coordinator = [Ipv4Addr::new(192, 0, 2, 7), Ipv4Addr::new(198, 51, 100, 4), Ipv4Addr::new(10, 42, 0, 9)];
+        let plan = IsolationPlan::from_settings(&settings, &coordinator).unwrap().unwrap();
+        let spec = plan.spec_for(&Pool::Shared, &[], &fleet).unwrap();
+        spec.validate().unwrap();
+        // The coordinator's own address is management whatever the config says; one already
+        // covered is not listed twice, one in the pod network cannot be.
+        let management: Vec<String> = spec.management_cidrs.iter().map(|c| c.to_string()).collect();
+        assert_eq!(management, ["192.0.2.0/24", "198.51.100.4/32"]);
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(spec.node_addresses, [ip("10.0.0.10"), ip("10.0.0.11")].into());
+        let services: Vec<(&str, u16, bool, usize)> =
+            spec.node_services.iter().map(|s| (s.name.as_str(), s.port, s.system_only, s.addresses.len())).collect();
+        assert_eq!(services, [("kube-api", 6443, false, 1), ("kubelet", 10250, true, 2)]);
+        assert_eq!(spec.node_services[0].addresses, [ip("10.0.0.10")].into(), "the API on the server only");
+        let closed =
+            IsolationPlan::from_settings(&IsolationSettings { kubelet_port: 0, ..settings }, &[]).unwrap().unwrap();
+        assert_eq!(closed.spec_for(&Pool::Shared, &[], &fleet).unwrap().node_services.len(), 1);
     }
 }

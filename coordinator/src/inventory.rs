@@ -154,6 +154,9 @@ pub struct NodeView {
     pub k3s: Option<hexa_shared::k3s::K3sState>,
     /// Each tenant's use of the node, from its pods' cgroups.
     pub tenant_usage: Vec<hexa_shared::report::TenantUsage>,
+    /// Firewall reconciles that only had to put the node's rules back in front of another
+    /// program's, since its agent started (from its latest report).
+    pub firewall_displacements: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -263,10 +266,12 @@ impl Inventory {
         }
         let no_owners = OwnerMap::default();
         let ca = self.cluster_ca_sha256.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let addresses = desired::node_addresses(nodes.values().map(|e| &e.record));
         let fleet = Fleet {
             first_server: desired::first_server(nodes.values().map(|e| &e.record)),
             cluster_ca_sha256: ca.as_deref(),
             owners: book.as_ref().map_or(&no_owners, |b| &b.map),
+            node_addresses: &addresses,
         };
         let mut tenants = tenants;
         nodes
@@ -502,8 +507,9 @@ impl Inventory {
             spec: entry.spec_tx.subscribe(),
             auth: entry.auth_tx.subscribe(),
         };
-        if address_changed && entry.record.pool == Pool::Server {
-            // The first server's address is where the others join.
+        if address_changed && (entry.record.pool == Pool::Server || self.plans.isolation.is_some()) {
+            // The first server's address is where the others join, and every node's address is
+            // in every node's isolation.
             self.respec_all(&mut nodes)?;
         }
         Ok(admitted)
@@ -753,6 +759,7 @@ impl Inventory {
             usage: report.map(|(r, _)| r.usage),
             k3s: report.map(|(r, _)| r.k3s.clone()),
             tenant_usage: report.map(|(r, _)| r.tenant_usage.clone()).unwrap_or_default(),
+            firewall_displacements: report.map(|(r, _)| r.firewall_displacements),
         }
     }
 
@@ -971,6 +978,15 @@ mod tests {
         CapacityReport { pods, ..Default::default() }
     }
 
+    fn isolation_plan() -> desired::IsolationPlan {
+        desired::IsolationPlan {
+            pod_cidr: "10.42.0.0/16".parse().unwrap(),
+            management_cidrs: vec![],
+            kube_api_port: 6443,
+            kubelet_port: 10250,
+        }
+    }
+
     fn allocation(tenant: &str) -> TenantAllocation {
         desired::AllocationPlan { pids_per_pod: 10 }.allocation(
             tenant,
@@ -981,8 +997,8 @@ mod tests {
 
     #[test]
     fn pod_ownership_recomputes_only_the_nodes_whose_sets_changed_and_its_ranges_persist() {
-        let plan = desired::IsolationPlan { pod_cidr: "10.42.0.0/16".parse().unwrap(), management_cidrs: vec![] };
-        let f = fixture_with(K3sSettings { manage: false, ..Default::default() }, Some(plan.clone()));
+        let plan = isolation_plan();
+        let f = fixture_with(K3sSettings { manage: false, ..Default::default() }, Some(plan));
         for (name, tenant) in [("n1", "acme"), ("n2", "globex")] {
             enroll(&f, &token(&f, Pool::Shared), name);
             f.inventory.set_tenants(name, vec![allocation(tenant)]).unwrap();
@@ -1024,7 +1040,7 @@ mod tests {
 
     #[test]
     fn a_lost_nodes_pods_leave_the_other_nodes_sets() {
-        let plan = desired::IsolationPlan { pod_cidr: "10.42.0.0/16".parse().unwrap(), management_cidrs: vec![] };
+        let plan = isolation_plan();
         let f = fixture_with(K3sSettings { manage: false, ..Default::default() }, Some(plan));
         for name in ["n1", "n2"] {
             enroll(&f, &token(&f, Pool::Shared), name);

@@ -86,6 +86,32 @@ impl Running {
 }
 
 /// Reads the admin token file, creating it (0600) when missing, and returns the token's hash.
+/// The coordinator's own IPv4 addresses, which no pod may reach whatever `[isolation]
+/// management_cidrs` says: the listeners' addresses, or every address of this machine for a
+/// listener on all of them. Loopback is left out (no pod reaches the coordinator's loopback).
+fn own_addresses(config: &CoordinatorConfig) -> Vec<std::net::Ipv4Addr> {
+    let mut addresses = std::collections::BTreeSet::new();
+    for listen in [config.quic_listen.ip(), config.admin_listen.ip()] {
+        match listen {
+            std::net::IpAddr::V4(ip) if ip.is_unspecified() => match nix::ifaddrs::getifaddrs() {
+                Ok(interfaces) => addresses.extend(
+                    interfaces
+                        .filter_map(|i| i.address.and_then(|a| a.as_sockaddr_in().map(|s| s.ip())))
+                        .filter(|ip| !ip.is_loopback()),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list this machine's addresses; pods are kept from the configured management networks only")
+                }
+            },
+            std::net::IpAddr::V4(ip) if !ip.is_loopback() => {
+                addresses.insert(ip);
+            }
+            _ => {}
+        }
+    }
+    addresses.into_iter().collect()
+}
+
 fn admin_token_hash(config: &CoordinatorConfig, store: &Store) -> Result<String, StartError> {
     let path = config.state_dir.join(ADMIN_TOKEN_FILE);
     let hash = match std::fs::read_to_string(&path) {
@@ -153,7 +179,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
             server_secret: k3s_secret(&store, desired::K3S_SERVER_SECRET)?,
             agent_secret: k3s_secret(&store, desired::K3S_AGENT_SECRET)?,
         },
-        isolation: desired::IsolationPlan::from_settings(&config.isolation).map_err(StartError::Config)?,
+        isolation: desired::IsolationPlan::from_settings(&config.isolation, &own_addresses(&config))
+            .map_err(StartError::Config)?,
     };
     let inventory = Arc::new(Inventory::load(
         store.clone(),

@@ -6,7 +6,9 @@
 //! The coordinator builds one [`IsolationSpec`] per node from the pods the agents report and sends
 //! each node only the tenants it hosts, each with its pod IPs *cluster-wide* (a pod on this node must
 //! be able to reach its tenant's pods on other nodes). The agent turns it into firewall rules
-//! (`isolation::firewall`). IPv4 only for now.
+//! (`isolation::firewall`), together with what only the node itself knows (which bridge port each
+//! of its own pods sends from). Pods reach node addresses only through [`NodeService`]s. The
+//! cluster's pod network is IPv4; pods' IPv6 is dropped altogether.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -34,7 +36,49 @@ pub struct IsolationSpec {
     pub system_pod_ips: BTreeSet<Ipv4Addr>,
     /// The tenants hosted on this node, each with its pods cluster-wide.
     pub tenants: Vec<TenantIsolation>,
+    /// Every node's addresses (as the coordinator sees them, not as nodes claim them). Pods reach
+    /// a node address, and any address of their own node, only through `node_services`.
+    #[serde(default)]
+    pub node_addresses: BTreeSet<Ipv4Addr>,
+    /// The only ports of node addresses pods may open connections to (the Kubernetes API on server
+    /// nodes, which vCluster's syncer needs; DNS when the host serves it; the kubelet for system
+    /// pods only, which the metrics server scrapes). No pod reaches a management address.
+    #[serde(default)]
+    pub node_services: Vec<NodeService>,
 }
+
+/// A port on some node addresses that pods may open connections to.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NodeService {
+    /// A short name for people and for the set that holds `addresses` (`[a-z0-9-]`, at most 12).
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    /// The node addresses that serve it.
+    pub addresses: BTreeSet<Ipv4Addr>,
+    /// Only system pods may use it (the kubelet's port, for the metrics server).
+    #[serde(default)]
+    pub system_only: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// Longest [`NodeService::name`].
+pub const MAX_SERVICE_NAME: usize = 12;
 
 /// One tenant hosted on the node. (Specs saved before allocations moved to `NodeSpec::tenants`
 /// carry an `allocation` here too; it is ignored when they load.)
@@ -84,6 +128,13 @@ pub enum IsolationError {
     IpOutsidePodCidr { ip: Ipv4Addr, owner: String, pod_cidr: Ipv4Cidr },
     #[error("{owner} has {count} pod IPs, more than the {max} one node's firewall set can hold")]
     TooManyIps { owner: String, count: usize, max: usize },
+    #[error("node address {ip} is inside the pod CIDR {pod_cidr}: a node's address is never a pod's")]
+    NodeAddressInPodCidr { ip: Ipv4Addr, pod_cidr: Ipv4Cidr },
+    #[error(
+        "node service {name:?}: {why} (names are 1 to 12 of a-z, 0-9 and '-', ports 1 to 65535, addresses \
+         among node_addresses)"
+    )]
+    BadNodeService { name: String, why: String },
 }
 
 impl Ipv4Cidr {
@@ -210,6 +261,28 @@ impl IsolationSpec {
             }
         };
         check_set("the system pods", &self.system_pod_ips)?;
+        if let Some(ip) = self.node_addresses.iter().find(|ip| self.pod_cidr.contains(**ip)) {
+            return Err(IsolationError::NodeAddressInPodCidr { ip: *ip, pod_cidr: self.pod_cidr });
+        }
+        let mut service_names = BTreeSet::new();
+        for service in &self.node_services {
+            let bad = |why: String| IsolationError::BadNodeService { name: service.name.clone(), why };
+            let name_ok = !service.name.is_empty()
+                && service.name.len() <= MAX_SERVICE_NAME
+                && service.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !name_ok {
+                return Err(bad("the name is not valid".into()));
+            }
+            if !service_names.insert(service.name.as_str()) {
+                return Err(bad("the name is listed twice".into()));
+            }
+            if service.port == 0 {
+                return Err(bad("port 0".into()));
+            }
+            if let Some(ip) = service.addresses.iter().find(|ip| !self.node_addresses.contains(ip)) {
+                return Err(bad(format!("{ip} is not a node address")));
+            }
+        }
         let mut owners: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
         let mut names = BTreeSet::new();
         for tenant in &self.tenants {
@@ -262,6 +335,14 @@ mod tests {
             management_cidrs: vec![cidr("192.168.10.0/24"), cidr("172.16.0.5")],
             system_pod_ips: [ip("10.42.0.10")].into(),
             tenants: vec![tenant("acme", &["10.42.0.11", "10.42.1.11"]), tenant("globex", &["10.42.0.12"])],
+            node_addresses: [ip("192.168.1.10"), ip("192.168.1.11")].into(),
+            node_services: vec![NodeService {
+                name: "kube-api".into(),
+                protocol: Protocol::Tcp,
+                port: 6443,
+                addresses: [ip("192.168.1.10")].into(),
+                system_only: false,
+            }],
         }
     }
 
@@ -299,6 +380,13 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains(r#""pod_cidr":"10.42.0.0/16""#), "{json}");
         assert!(json.contains(r#""10.42.1.11""#), "{json}");
+        assert!(json.contains(r#""protocol":"tcp""#), "{json}");
+        let old = r#"{"pod_cidr":"10.42.0.0/16","management_cidrs":[],"system_pod_ips":[],"tenants":[]}"#;
+        let old: IsolationSpec = serde_json::from_str(old).unwrap();
+        assert!(
+            old.node_addresses.is_empty() && old.node_services.is_empty(),
+            "specs saved before node addresses load"
+        );
         assert_eq!(serde_json::from_str::<IsolationSpec>(&json).unwrap(), s);
         let bad = json.replace("10.42.0.0/16", "10.42.0.1/16");
         let err = serde_json::from_str::<IsolationSpec>(&bad).unwrap_err().to_string();
@@ -345,6 +433,21 @@ mod tests {
         let mut s = spec();
         s.system_pod_ips.insert(ip("10.43.0.10"));
         cases.push((s, "10.43.0.10 of the system pods is outside the pod CIDR"));
+        let mut s = spec();
+        s.node_addresses.insert(ip("10.42.9.9"));
+        cases.push((s, "node address 10.42.9.9 is inside the pod CIDR"));
+        let mut s = spec();
+        s.node_services[0].addresses.insert(ip("192.168.1.99"));
+        cases.push((s, "node service \"kube-api\": 192.168.1.99 is not a node address"));
+        let mut s = spec();
+        s.node_services.push(s.node_services[0].clone());
+        cases.push((s, "the name is listed twice"));
+        let mut s = spec();
+        s.node_services[0].name = "Kube API".into();
+        cases.push((s, "the name is not valid"));
+        let mut s = spec();
+        s.node_services[0].port = 0;
+        cases.push((s, "port 0"));
         for (s, want) in cases {
             let err = s.validate().unwrap_err().to_string();
             assert!(err.contains(want), "want {want:?} in {err:?}");

@@ -17,8 +17,10 @@ use crate::names::Pool;
 use crate::report::CapacityReport;
 use crate::spec::{AppliedStatus, NodeSpec};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks. 2: isolation specs carry node addresses and node
+/// services, reports carry firewall displacements (bincode is positional: a version 1 peer cannot
+/// read them, so it is told the version instead).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// ALPN of the enrollment protocol.
 pub const ALPN_ENROLL: &[u8] = b"hexa-enroll/1";
 /// ALPN of the node link.

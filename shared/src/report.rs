@@ -78,6 +78,10 @@ pub struct CapacityReport {
     pub pods: Vec<PodInfo>,
     /// Each tenant's use of this node, read from its pods' cgroups.
     pub tenant_usage: Vec<TenantUsage>,
+    /// Firewall reconciles since the agent started that only had to put our rules back in front
+    /// of another program's (something on the node keeps moving them).
+    #[serde(default)]
+    pub firewall_displacements: u64,
 }
 
 /// One tenant's use of one node.
@@ -179,6 +183,7 @@ pub(crate) mod strategies {
                         cpu_split: seq % 2 == 0,
                         memory_pressure: seq % 3 == 0,
                     }],
+                    firewall_displacements: generation / 5,
                     k3s: if generation % 2 == 0 {
                         crate::k3s::K3sState::Running { version: "v1.35.5+k3s1".into(), cluster_ca_sha256: None }
                     } else {

@@ -95,6 +95,11 @@ pub fn test_host(config: &AgentConfig) -> hexa_agent::Host {
         // The machine's firewall is left alone; firewall tests use network namespaces.
         firewall: std::sync::Arc::new(hexa_agent::isolation::firewall::MemoryFirewall::new()),
         pods: std::sync::Arc::new(hexa_agent::pods::StaticPodSource::default()),
+        // The machine's own pods are not this node's.
+        local_pods: std::sync::Arc::new(hexa_agent::isolation::local_pods::CniResults::new(
+            config.state_dir.with_extension("cni"),
+            &config.isolation.pod_bridge,
+        )),
         ..hexa_agent::Host::default()
     }
 }

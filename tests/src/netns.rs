@@ -88,6 +88,8 @@ pub struct Pod {
     pub netns: String,
     pub node: String,
     pub ip: Ipv4Addr,
+    /// The host end of its veth: its port on the node's bridge `br0`.
+    pub port: String,
 }
 
 /// What a probe tries.
@@ -252,7 +254,7 @@ impl Topology {
             ip(&ns, &format!("addr add {address}/{} dev eth0", host.pod_subnet.prefix()))?;
             ip(&ns, "link set eth0 up")?;
             ip(&ns, &format!("route add default via {}", host.gateway))?;
-            self.pods.insert(name.clone(), Pod { netns: ns, node: node.clone(), ip: *address });
+            self.pods.insert(name.clone(), Pod { netns: ns, node: node.clone(), ip: *address, port });
         }
 
         if let Some(address) = spec.management {

@@ -23,7 +23,8 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use hexa_agent::isolation::cgroup::{
-    Driver, Governor, GovernorSettings, Layout, Limit, PodTenant, Qos, Reconcile, TenantUsage, V1, V2,
+    Driver, Governor, GovernorSettings, Layout, Limit, PodTenant, PolicySettings, Qos, Reconcile, TenantUsage,
+    UnknownTenantCap, V1, V2,
 };
 use hexa_shared::spec::TenantAllocation;
 use nix::sys::signal::{Signal, kill};
@@ -143,7 +144,11 @@ impl FakeNode {
     }
 
     fn governor(&self) -> Governor {
-        let settings = GovernorSettings { layout: Some(self.layout()), ..GovernorSettings::default() };
+        self.governor_with(GovernorSettings::default())
+    }
+
+    fn governor_with(&self, settings: GovernorSettings) -> Governor {
+        let settings = GovernorSettings { layout: Some(self.layout()), ..settings };
         if self.unified {
             return Governor::new(Box::new(V2::new(Path::new(CGROUP_ROOT))), settings);
         }
@@ -367,7 +372,7 @@ fn the_tenant_over_its_memory_share_is_oom_killed_and_the_other_is_not() {
     let pods = [
         pod_tenant("0000000a-0000-4000-8000-000000000001", "tenant-a"),
         pod_tenant("0000000b-0000-4000-8000-000000000001", "tenant-b"),
-        pod_tenant("00000005-0000-4000-8000-000000000001", "kube-system"),
+        // The system pod is in no tenant's namespace: the pod list names no tenant for it.
     ];
     let mut governor = node.governor();
 
@@ -527,8 +532,14 @@ while True:
             assert!(usage.cpu_millis <= 300 * 5 / 4, "tenant-d used {} millicpu against 300", usage.cpu_millis);
         }
     }
-    let limits = governor.cgroups().limits(&busy).unwrap();
-    assert_eq!(limits.memory_max, Limit::Value(256 * MIB));
+    // Both pods' memory limits together are the tenant's 256 MiB (the kernel rounds each down to
+    // its page size), not 256 MiB each.
+    let memory_max = |pod: &Path| match governor.cgroups().limits(pod).unwrap().memory_max {
+        Limit::Value(v) => v,
+        Limit::Max => u64::MAX,
+    };
+    let together = memory_max(&busy).saturating_add(memory_max(&light));
+    assert!(together <= 256 * MIB && together > 255 * MIB, "the pods' limits add up to {together}");
 }
 
 // The same scenarios on the unified hierarchy (pure cgroup v2 hosts).
@@ -544,7 +555,7 @@ fn the_tenant_over_its_memory_share_is_oom_killed_and_the_other_is_not_on_v2() {
     let pods = [
         pod_tenant("0000000a-0000-4000-8000-000000000001", "tenant-a"),
         pod_tenant("0000000b-0000-4000-8000-000000000001", "tenant-b"),
-        pod_tenant("00000005-0000-4000-8000-000000000001", "kube-system"),
+        // The system pod is in no tenant's namespace: the pod list names no tenant for it.
     ];
     let mut governor = node.governor();
 
@@ -641,4 +652,76 @@ while True:
 fn the_cpu_split_sums_to_the_tenant_quota_on_v2() {
     let Some(node) = FakeNode::new_v2("the_cpu_split_sums_to_the_tenant_quota_on_v2", "cpusplit") else { return };
     cpu_split_sums_to_the_tenant_quota(node);
+}
+
+/// The memory limit the kernel has for `pod`, on either hierarchy.
+fn memory_limit(node: &FakeNode, pod: &Path) -> u64 {
+    let file = if node.unified { "memory.max" } else { "memory.limit_in_bytes" };
+    node.memory_file(pod, file).parse().unwrap_or(u64::MAX)
+}
+
+/// Two pods of one tenant that together want more than its share, and a pod of a tenant with no
+/// allocation on the node, on either hierarchy.
+fn pods_are_held_to_the_share_together(mut node: FakeNode) {
+    let (holder_uid, hog_uid) = ("0000000f-0000-4000-8000-000000000001", "0000000f-0000-4000-8000-000000000002");
+    let stranger_uid = "00000001-0000-4000-8000-0000000000aa";
+    let holder = node.add_pod(Qos::Burstable, holder_uid);
+    let hog = node.add_pod(Qos::Burstable, hog_uid);
+    let stranger = node.add_pod(Qos::BestEffort, stranger_uid);
+    let share = 128 * MIB;
+    let allocations = [allocation("tenant-f", 1000, share, 2, 256)];
+    let pods =
+        [pod_tenant(holder_uid, "tenant-f"), pod_tenant(hog_uid, "tenant-f"), pod_tenant(stranger_uid, "tenant-u")];
+    let unknown = UnknownTenantCap { cpu_millis: 250, memory_bytes: 48 * MIB, pids: 64 };
+    let settings = GovernorSettings {
+        policy: PolicySettings { unknown_tenant: unknown, ..Default::default() },
+        ..Default::default()
+    };
+    let mut governor = node.governor_with(settings);
+
+    // One pod holds 64 MiB (plus the interpreter) for the whole test; the governor then looks.
+    let holding = node.spawn(&holder, &allocate(64, 600));
+    let mut line = String::new();
+    BufReader::new(holding.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "holding", "the holder died before holding its memory");
+    let held = governor.reconcile(&allocations, &pods, Instant::now()).unwrap();
+    assert_clean(&held);
+    let limits = [memory_limit(&node, &holder), memory_limit(&node, &hog)];
+    eprintln!(
+        "limits with the holder at {} bytes: {limits:?} (share {share})",
+        usage_of(&held, "tenant-f").memory_bytes
+    );
+    // The kernel may round a limit down to its page size; never up.
+    assert!(limits.iter().sum::<u64>() <= share, "the pods' limits add up to more than the share: {limits:?}");
+    assert!(limits[0] >= 64 * MIB, "the holder is squeezed below what it holds: {limits:?}");
+
+    // The other pod now tries for 100 MiB: under the old per-pod cap it would get it and the tenant
+    // would hold 164 MiB of its 128; held to the share together, it is killed.
+    let wanting = node.spawn(&hog, &allocate(100, 0));
+    let status = wait_for(wanting, Duration::from_secs(60));
+    eprintln!("the second pod's 100 MiB process: {status:?}");
+    assert_eq!(status.signal(), Some(Signal::SIGKILL as i32), "the second pod got past the tenant's share");
+    let holding = &mut node.children[0];
+    assert_eq!(holding.try_wait().unwrap(), None, "the holder died");
+
+    // A pod of a tenant with no allocation here is held to the configured default.
+    assert_eq!(memory_limit(&node, &stranger), 48 * MIB);
+    assert_eq!(node.read(&node.pids, &stranger, "pids.max"), "64");
+    let stranger_hog = node.spawn(&stranger, &allocate(100, 0));
+    let status = wait_for(stranger_hog, Duration::from_secs(60));
+    assert_eq!(status.signal(), Some(Signal::SIGKILL as i32), "an unknown tenant's pod ran past the default");
+}
+
+#[test]
+fn a_tenant_s_pods_are_held_to_its_share_together() {
+    let Some(node) = FakeNode::new("a_tenant_s_pods_are_held_to_its_share_together", "together") else { return };
+    pods_are_held_to_the_share_together(node);
+}
+
+#[test]
+fn a_tenant_s_pods_are_held_to_its_share_together_on_v2() {
+    let Some(node) = FakeNode::new_v2("a_tenant_s_pods_are_held_to_its_share_together_on_v2", "together") else {
+        return;
+    };
+    pods_are_held_to_the_share_together(node);
 }

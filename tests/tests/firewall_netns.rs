@@ -1,28 +1,41 @@
 //! The tenant firewall against real packets: two "nodes" (network namespaces) joined by a LAN, pods
 //! of three tenants and a system pod on bridges, a management host on the LAN and a management
-//! address on node a itself. Needs root, iproute2, iptables, ipset, ping and nc; each test says why
-//! it skipped otherwise.
+//! address on node a itself. Node b is a server: its Kubernetes API port is the one node service.
+//! Both nodes masquerade pod traffic leaving the cluster, as flannel does, and node b has a NodePort
+//! that kube-proxy would DNAT to the management host. Needs root, iproute2, iptables, ip6tables,
+//! ipset, ping and nc; each test says why it skipped otherwise.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use hexa_agent::isolation::firewall::{
-    self, Firewall, Reconciled, Recording, Ruleset, SystemFirewall, reconcile, reconcile_spec, tenant_set_name,
+    self, Firewall, LocalPods, Reconciled, Recording, Ruleset, SystemFirewall, reconcile, tenant_set_name,
 };
-use hexa_shared::isolation::{IsolationSpec, TenantIsolation};
+use hexa_shared::isolation::{IsolationSpec, NodeService, Protocol, TenantIsolation};
 use hexa_tests::netns::{Probe, Topology, unavailable};
 
-const TOOLS: [&str; 6] = ["ip", "ping", "nc", "iptables-save", "iptables-restore", "ipset"];
+const TOOLS: [&str; 8] =
+    ["ip", "ping", "nc", "iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore", "ipset"];
 const PORT: u16 = 8080;
 /// Management host on the LAN.
 const MGMT_HOST: &str = "192.168.100.10";
 /// An address of node a inside a management CIDR (say, its BMC-facing address).
 const NODE_MGMT_ADDRESS: &str = "172.31.0.1";
 const SYSTEM_POD: &str = "dns";
+/// The Kubernetes API port, served by node b.
+const API_PORT: u16 = 6443;
+/// Node b's NodePort that leads to the management host.
+const NODE_PORT: u16 = 30080;
+/// The kubelet's port: a node service for system pods only.
+const KUBELET_PORT: u16 = 10250;
+/// The nodes' LAN addresses, as the topology gives them.
+const NODE_A: &str = "192.168.100.1";
+const NODE_B: &str = "192.168.100.2";
 
 /// (pod, node, address, tenant or None for the system pod)
-const PODS: [(&str, &str, &str, Option<&str>); 7] = [
+const PODS: [(&str, &str, &str, Option<&str>); 8] = [
     ("red-a", "a", "10.42.0.11", Some("red")),
+    ("red-a2", "a", "10.42.0.14", Some("red")),
     ("green-a", "a", "10.42.0.12", Some("green")),
     ("blue-a", "a", "10.42.0.13", Some("blue")),
     (SYSTEM_POD, "a", "10.42.0.53", None),
@@ -66,6 +79,21 @@ fn cluster() -> Topology {
     }
     topology.listen_tcp("mgmt", PORT).unwrap();
     topology.listen_tcp("a", PORT).unwrap();
+    topology.listen_tcp("b", PORT).unwrap();
+    topology.listen_tcp("b", API_PORT).unwrap();
+    topology.listen_tcp("b", KUBELET_PORT).unwrap();
+    for node in ["a", "b"] {
+        // flannel: pod traffic leaving the pod network goes out with the node's address.
+        let masquerade = "*nat\n-A POSTROUTING -s 10.42.0.0/16 ! -d 10.42.0.0/16 -j MASQUERADE\nCOMMIT\n";
+        topology.exec_with_input(node, &["iptables-restore", "--noflush"], masquerade).unwrap();
+    }
+    // kube-proxy: a NodePort Service whose endpoint is the management host (masqueraded, as
+    // kube-proxy does for traffic from outside the node).
+    let node_port = format!(
+        "*nat\n-A PREROUTING -d {NODE_B}/32 -p tcp --dport {NODE_PORT} -j DNAT --to-destination {MGMT_HOST}:{PORT}\n\
+         -A POSTROUTING -d {MGMT_HOST}/32 -p tcp --dport {PORT} -j MASQUERADE\nCOMMIT\n"
+    );
+    topology.exec_with_input("b", &["iptables-restore", "--noflush"], &node_port).unwrap();
     topology
 }
 
@@ -82,7 +110,37 @@ fn spec(tenants: &[&str]) -> IsolationSpec {
                 pod_ips: PODS.iter().filter(|p| p.3 == Some(*tenant)).map(|p| addr(p.2)).collect(),
             })
             .collect(),
+        node_addresses: [addr(NODE_A), addr(NODE_B)].into(),
+        node_services: vec![
+            NodeService {
+                name: "kube-api".into(),
+                protocol: Protocol::Tcp,
+                port: API_PORT,
+                addresses: [addr(NODE_B)].into(),
+                system_only: false,
+            },
+            NodeService {
+                name: "kubelet".into(),
+                protocol: Protocol::Tcp,
+                port: KUBELET_PORT,
+                addresses: [addr(NODE_A), addr(NODE_B)].into(),
+                system_only: true,
+            },
+        ],
     }
+}
+
+/// What node `node` itself knows: its pods' bridge ports on `br0` and its pod subnet.
+fn local_pods(topology: &Topology, node: &str) -> LocalPods {
+    LocalPods {
+        bridge: "br0".into(),
+        ports: topology.pods().filter(|(_, p)| p.node == node).map(|(_, p)| (p.ip, p.port.clone())).collect(),
+        pod_subnet: Some(topology.node(node).pod_subnet),
+    }
+}
+
+fn reconcile_node(topology: &Topology, node: &str, spec: &IsolationSpec) -> Reconciled {
+    firewall::reconcile_spec(&firewall_of(topology, node), spec, &local_pods(topology, node)).unwrap()
 }
 
 fn all_tenants() -> IsolationSpec {
@@ -95,7 +153,7 @@ fn firewall_of(topology: &Topology, node: &str) -> SystemFirewall {
 
 fn apply_everywhere(topology: &Topology, spec: &IsolationSpec) {
     for node in ["a", "b"] {
-        reconcile_spec(&firewall_of(topology, node), spec).unwrap();
+        reconcile_node(topology, node, spec);
     }
 }
 
@@ -131,6 +189,16 @@ fn isolation_expectations(topology: &Topology) -> Vec<(String, Ipv4Addr, Probe, 
         }
         expected.extend(both_probes(from, topology.management_ip(), false));
         expected.extend(both_probes(from, addr(NODE_MGMT_ADDRESS), false));
+        // Node addresses: their own node's, the bridge gateway, the other node's; only the API
+        // port of the server passes, and the kubelet's for the system pod.
+        let own = PODS.iter().find(|p| p.0 == from).map(|p| p.1).unwrap_or_default();
+        expected.extend(both_probes(from, topology.node(own).gateway, false));
+        expected.extend(both_probes(from, addr(NODE_A), false));
+        expected.extend(both_probes(from, addr(NODE_B), false));
+        expected.push((from.to_string(), addr(NODE_B), Probe::Tcp(API_PORT), true));
+        expected.push((from.to_string(), addr(NODE_B), Probe::Tcp(KUBELET_PORT), from == SYSTEM_POD));
+        // The NodePort leads to a management host: nobody gets there.
+        expected.push((from.to_string(), addr(NODE_B), Probe::Tcp(NODE_PORT), false));
     }
     for node in ["a", "b"] {
         expected.extend(both_probes(node, topology.management_ip(), true));
@@ -155,11 +223,12 @@ fn tenants_are_isolated_across_two_nodes() {
     let topology = cluster();
     // Without the firewall everything reaches everything: the drops below are ours.
     let open: Vec<_> = isolation_expectations(&topology).into_iter().map(|(f, t, p, _)| (f, t, p, true)).collect();
+    // The NodePort really leads to the management host then (masqueraded on a, DNATed on b).
     let wrong = mismatches(&topology, &open);
     assert!(wrong.is_empty(), "the topology is broken before any firewall:\n{}", wrong.join("\n"));
 
     // Node b alone already drops cross-tenant traffic that crosses it, in both directions.
-    reconcile_spec(&firewall_of(&topology, "b"), &all_tenants()).unwrap();
+    reconcile_node(&topology, "b", &all_tenants());
     let (red_a, red_b, green_b) = (topology.pod("red-a").ip, topology.pod("red-b").ip, topology.pod("green-b").ip);
     let only_b = [
         ("red-a".to_string(), green_b, Probe::Tcp(PORT), false),
@@ -177,15 +246,19 @@ fn tenants_are_isolated_across_two_nodes() {
 
 /// Deletes, on `node`, the rule of ours that mentions `needle`, as an admin would by hand.
 fn delete_rule_by_hand(topology: &Topology, node: &str, needle: &str) {
-    let save = String::from_utf8(topology.exec(node, &["iptables-save", "-t", "filter"]).unwrap().stdout).unwrap();
+    let save = String::from_utf8(topology.exec(node, &["iptables-save", "-t", "mangle"]).unwrap().stdout).unwrap();
     let line = save.lines().find(|l| l.starts_with("-A ") && l.contains(needle)).unwrap();
-    let input = format!("*filter\n{}\nCOMMIT\n", line.replacen("-A ", "-D ", 1));
+    let input = format!("*mangle\n{}\nCOMMIT\n", line.replacen("-A ", "-D ", 1));
     topology.exec_with_input(node, &["iptables-restore", "--noflush"], &input).unwrap();
 }
 
-fn assert_repaired(topology: &Topology, node: &str, mentions: &str) {
-    match reconcile_spec(&firewall_of(topology, node), &all_tenants()).unwrap() {
-        Reconciled::Applied { drift } => assert!(drift.to_string().contains(mentions), "{drift}"),
+/// Reconciles `node` and checks the drift it repaired; returns whether it was a displacement.
+fn assert_repaired(topology: &Topology, node: &str, mentions: &str) -> bool {
+    match reconcile_node(topology, node, &all_tenants()) {
+        Reconciled::Applied { drift, displaced } => {
+            assert!(drift.to_string().contains(mentions), "{drift}");
+            displaced
+        }
         Reconciled::Unchanged => panic!("the reconcile on {node} found no drift, expected {mentions}"),
     }
 }
@@ -205,7 +278,7 @@ fn hand_made_changes_are_undone_by_the_next_reconcile() {
     // Our rule for red on node a goes: red's cross-node traffic is dropped there.
     delete_rule_by_hand(&topology, "a", "tenant red");
     assert!(!topology.reaches("red-a", red_b, Probe::Tcp(PORT)), "the deleted rule did not matter");
-    assert_repaired(&topology, "a", "chain HEXA-POD: rules 1 missing");
+    assert!(!assert_repaired(&topology, "a", "chain mangle HEXA-POD: rules 1 missing"));
     assert!(topology.reaches("red-a", red_b, Probe::Tcp(PORT)));
     assert!(topology.reaches("red-a", red_b, Probe::Icmp));
 
@@ -219,16 +292,31 @@ fn hand_made_changes_are_undone_by_the_next_reconcile() {
     // The jump from FORWARD goes: isolation is off on node a until the reconcile.
     delete_rule_by_hand(&topology, "a", "-A FORWARD -j HEXA-FWD");
     assert!(topology.reaches("red-a", green_a, Probe::Icmp), "isolation held without the jump");
-    assert_repaired(&topology, "a", "jump FORWARD -j HEXA-FWD not rule 1");
+    assert!(assert_repaired(&topology, "a", "jump mangle FORWARD -j HEXA-FWD not rule 1"), "a displacement");
     assert!(!topology.reaches("red-a", green_a, Probe::Icmp));
 
-    // Someone puts an ACCEPT in front of us: the reconcile moves our jump back to the top.
-    let input = "*filter\n-I FORWARD 1 -j ACCEPT\nCOMMIT\n";
+    // kube-router's network-policy controller puts an ACCEPT first in filter's FORWARD: our DROP in
+    // mangle is final anyway, and there is nothing to repair.
+    for node in ["a", "b"] {
+        let input = "*filter\n-I FORWARD 1 -j ACCEPT\n-I INPUT 1 -j ACCEPT\nCOMMIT\n";
+        topology.exec_with_input(node, &["iptables-restore", "--noflush"], input).unwrap();
+    }
+    let green_b = topology.pod("green-b").ip;
+    for (from, to) in [("red-a", green_a), ("red-a", green_b), ("green-b", red_a)] {
+        assert!(!topology.reaches(from, to, Probe::Tcp(PORT)), "{from} -> {to} passed behind filter's ACCEPT");
+        assert!(!topology.reaches(from, to, Probe::Icmp), "{from} -> {to} passed behind filter's ACCEPT");
+    }
+    assert!(topology.reaches("red-a", red_b, Probe::Tcp(PORT)));
+    assert_eq!(reconcile_node(&topology, "a", &all_tenants()), Reconciled::Unchanged);
+
+    // The same ACCEPT first in mangle's FORWARD: isolation is off until the reconcile, which moves
+    // our jump back to the top and counts a displacement.
+    let input = "*mangle\n-I FORWARD 1 -j ACCEPT\nCOMMIT\n";
     topology.exec_with_input("a", &["iptables-restore", "--noflush"], input).unwrap();
-    assert!(topology.reaches("red-a", green_a, Probe::Icmp), "isolation held behind an ACCEPT");
-    assert_repaired(&topology, "a", "unexpected jump FORWARD -j HEXA-FWD at rule 2");
+    assert!(topology.reaches("red-a", green_a, Probe::Icmp), "isolation held behind a mangle ACCEPT");
+    assert!(assert_repaired(&topology, "a", "unexpected jump mangle FORWARD -j HEXA-FWD at rule 2"));
     assert!(!topology.reaches("red-a", green_a, Probe::Icmp));
-    let save = String::from_utf8(topology.exec("a", &["iptables-save", "-t", "filter"]).unwrap().stdout).unwrap();
+    let save = String::from_utf8(topology.exec("a", &["iptables-save", "-t", "mangle"]).unwrap().stdout).unwrap();
     let forward: Vec<&str> = save.lines().filter(|l| l.starts_with("-A FORWARD")).collect();
     assert_eq!(forward, ["-A FORWARD -j HEXA-FWD", "-A FORWARD -j ACCEPT"], "the foreign rule must stay");
 }
@@ -239,7 +327,7 @@ fn a_reconcile_without_drift_writes_nothing() {
         return;
     }
     let topology = cluster();
-    let desired = Ruleset::desired(&all_tenants()).unwrap();
+    let desired = Ruleset::desired(&all_tenants(), &local_pods(&topology, "a")).unwrap();
     let recording = Recording::new(firewall_of(&topology, "a"));
     assert!(matches!(reconcile(&recording, &desired).unwrap(), Reconciled::Applied { .. }));
     assert_eq!(recording.writes().len(), 1);
@@ -255,7 +343,7 @@ fn a_reconcile_without_drift_writes_nothing() {
 
 /// `iptables-save` without its comment lines, and `ipset save`, of our namespace.
 fn state_text(topology: &Topology, node: &str) -> (Vec<String>, Vec<String>) {
-    let save = String::from_utf8(topology.exec(node, &["iptables-save", "-t", "filter"]).unwrap().stdout).unwrap();
+    let save = String::from_utf8(topology.exec(node, &["iptables-save", "-t", "mangle"]).unwrap().stdout).unwrap();
     let sets = String::from_utf8(topology.exec(node, &["ipset", "save"]).unwrap().stdout).unwrap();
     let lines = |s: &str| s.lines().filter(|l| !l.starts_with('#')).map(str::to_string).collect::<Vec<_>>();
     (lines(&save), lines(&sets))
@@ -276,7 +364,7 @@ fn removing_a_tenant_removes_exactly_its_rule_and_set() {
     let (rules_before, sets_before) = state_text(&topology, "b");
 
     let blue_set = tenant_set_name("blue");
-    let outcome = reconcile_spec(&firewall_of(&topology, "b"), &spec(&["red", "green"])).unwrap();
+    let outcome = reconcile_node(&topology, "b", &spec(&["red", "green"]));
     assert!(matches!(outcome, Reconciled::Applied { .. }));
     let (rules_after, sets_after) = state_text(&topology, "b");
 
@@ -316,10 +404,93 @@ fn the_legacy_backend_converges_too() {
     }
     let topology = Topology::builder().node("solo", "10.42.0.0/24").build().unwrap();
     let firewall = Recording::new(firewall_of(&topology, "solo").with_iptables("iptables-legacy"));
-    let desired = Ruleset::desired(&all_tenants()).unwrap();
+    let desired = Ruleset::desired(&all_tenants(), &local_pods(&topology, "solo")).unwrap();
     assert!(matches!(reconcile(&firewall, &desired).unwrap(), Reconciled::Applied { .. }));
     assert_eq!(reconcile(&firewall, &desired).unwrap(), Reconciled::Unchanged);
     assert_eq!(firewall.writes().len(), 1);
     assert!(matches!(firewall::teardown(&firewall).unwrap(), Reconciled::Applied { .. }));
     assert_eq!(firewall.inner().current().unwrap(), Ruleset::default());
+}
+
+/// Adds a counter for UDP packets to `port` from `source` in `who`'s raw table (before any other
+/// table sees them), so a one-way packet's arrival can be told.
+fn count_udp(topology: &Topology, who: &str, source: Ipv4Addr, port: u16) {
+    let input = format!("*raw\n-A PREROUTING -s {source}/32 -p udp -m udp --dport {port}\nCOMMIT\n");
+    topology.exec_with_input(who, &["iptables-restore", "--noflush"], &input).unwrap();
+}
+
+fn udp_arrivals(topology: &Topology, who: &str, source: Ipv4Addr, port: u16) -> u64 {
+    let save = String::from_utf8(topology.exec(who, &["iptables-save", "-c", "-t", "raw"]).unwrap().stdout).unwrap();
+    let rule = format!("-A PREROUTING -s {source}/32 -p udp -m udp --dport {port}");
+    let line = save.lines().find(|l| l.ends_with(&rule)).unwrap_or_else(|| panic!("no counter in {who}: {save}"));
+    line.trim_start_matches('[').split(':').next().unwrap().parse().unwrap()
+}
+
+/// Sends one UDP datagram from `who` with `source` (an address of `who`) to `to:port`.
+fn send_udp(topology: &Topology, who: &str, source: Ipv4Addr, to: Ipv4Addr, port: u16) {
+    let (source, to, port) = (source.to_string(), to.to_string(), port.to_string());
+    topology.exec_with_input(who, &["nc", "-u", "-w", "1", "-s", &source, &to, &port], "x\n").unwrap();
+}
+
+/// The pod's IPv6 link-local address on eth0, once duplicate address detection is done.
+fn link_local(topology: &Topology, pod: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = topology.exec(pod, &["ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"]).unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        if let Some(address) = text.split_whitespace().skip_while(|w| *w != "inet6").nth(1)
+            && !text.contains("tentative")
+        {
+            return address.split('/').next().unwrap().to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "{pod} has no link-local address: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn pings6(topology: &Topology, from: &str, to: &str) -> bool {
+    topology.exec(from, &["ping", "-6", "-n", "-q", "-c", "1", "-W", "2", &format!("{to}%eth0")]).is_ok()
+}
+
+#[test]
+fn ways_around_the_firewall_are_closed() {
+    if skip("ways_around_the_firewall_are_closed") {
+        return;
+    }
+    let topology = cluster();
+    let (red_a, red_a2, green_a, green_b) =
+        (topology.pod("red-a").ip, topology.pod("red-a2").ip, topology.pod("green-a").ip, topology.pod("green-b").ip);
+    const VXLAN: u16 = 8472;
+    const PROBE_PORT: u16 = 9999;
+
+    // Before the firewall each of these gets through: the drops after it are ours.
+    let green_link_local = link_local(&topology, "green-a");
+    link_local(&topology, "red-a");
+    assert!(pings6(&topology, "red-a", &green_link_local), "IPv6 link-local does not work on the bridge");
+    // (Node a masquerades it: it arrives from node a's address.)
+    count_udp(&topology, "b", addr(NODE_A), VXLAN);
+    send_udp(&topology, "red-a", red_a, addr(NODE_B), VXLAN);
+    assert_eq!(udp_arrivals(&topology, "b", addr(NODE_A), VXLAN), 1, "the VXLAN probe never reached node b");
+    // red-a takes green-a's address as its own to pass as green towards green-b...
+    topology.exec("red-a", &["ip", "addr", "add", &format!("{green_a}/32"), "dev", "eth0", "nodad"]).unwrap();
+    count_udp(&topology, "green-b", green_a, PROBE_PORT);
+    send_udp(&topology, "red-a", green_a, green_b, PROBE_PORT);
+    assert_eq!(udp_arrivals(&topology, "green-b", green_a, PROBE_PORT), 1, "the spoofed probe never arrived");
+    // ...and a host on the LAN sends as red-a, as a forged overlay packet would, to red's other pod.
+    topology.exec("mgmt", &["ip", "addr", "add", &format!("{red_a}/32"), "dev", "lo"]).unwrap();
+    count_udp(&topology, "red-a2", red_a, PROBE_PORT);
+    send_udp(&topology, "mgmt", red_a, red_a2, PROBE_PORT);
+    assert_eq!(udp_arrivals(&topology, "red-a2", red_a, PROBE_PORT), 1, "the forged probe never arrived");
+
+    apply_everywhere(&topology, &all_tenants());
+    assert!(!pings6(&topology, "red-a", &green_link_local), "IPv6 between two tenants on one bridge");
+    send_udp(&topology, "red-a", red_a, addr(NODE_B), VXLAN);
+    assert_eq!(udp_arrivals(&topology, "b", addr(NODE_A), VXLAN), 1, "a pod reached node b's VXLAN port");
+    send_udp(&topology, "red-a", green_a, green_b, PROBE_PORT);
+    assert_eq!(udp_arrivals(&topology, "green-b", green_a, PROBE_PORT), 1, "a spoofed source passed");
+    send_udp(&topology, "mgmt", red_a, red_a2, PROBE_PORT);
+    assert_eq!(udp_arrivals(&topology, "red-a2", red_a, PROBE_PORT), 1, "a forged local pod source passed");
+    // The pods' own traffic still flows.
+    assert!(topology.reaches("red-a", red_a2, Probe::Tcp(PORT)));
+    assert!(topology.reaches("red-a", topology.pod("red-b").ip, Probe::Tcp(PORT)));
 }

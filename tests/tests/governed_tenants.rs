@@ -70,6 +70,18 @@ async fn governed_node(
 async fn tenants_placed_on_a_node_are_held_to_their_allocation_and_their_usage_reported() {
     let c = Coordinator::start().await;
     let (cgroups, stop, task) = governed_node(&c, "gov-node", 40 << 20).await;
+    let pod = cgroups.path().join(POD);
+    let read = |file: &str| std::fs::read_to_string(pod.join(file)).unwrap().trim().to_string();
+
+    // Before acme is placed here its pod is of a tenant the node knows no allocation for: held to
+    // the unknown-tenant default meanwhile, not left unlimited.
+    let unknown = hexa_agent::isolation::cgroup::UnknownTenantCap::default();
+    eventually(Duration::from_secs(30), "unknown tenant's pod capped", async || {
+        (read("memory.max") == unknown.memory_bytes.to_string()).then_some(())
+    })
+    .await;
+    assert_eq!(read("cpu.max"), "25000 100000");
+    assert_eq!(read("pids.max"), unknown.pids.to_string());
 
     let plan = json!({"kind": "shared", "cpu_millis": 500, "memory_bytes": 256u64 << 20, "pods": 4, "replicas": 1, "spread": 1});
     let (status, body) =
@@ -77,9 +89,7 @@ async fn tenants_placed_on_a_node_are_held_to_their_allocation_and_their_usage_r
     assert_eq!(status, 201, "{body}");
 
     // The pod is capped at the tenant's allocation on this node.
-    let pod = cgroups.path().join(POD);
-    let read = |file: &str| std::fs::read_to_string(pod.join(file)).unwrap().trim().to_string();
-    eventually(Duration::from_secs(30), "pod capped", async || (read("memory.max") != "max").then_some(())).await;
+    eventually(Duration::from_secs(30), "pod capped", async || (read("cpu.max") == "50000 100000").then_some(())).await;
     assert_eq!(read("memory.max"), (256u64 << 20).to_string());
     assert_eq!(read("cpu.max"), "50000 100000");
     assert_eq!(read("pids.max"), (4 * 1024).to_string());
@@ -131,7 +141,10 @@ async fn the_pids_cap_on_a_tenant_pod_is_the_coordinators_pids_per_pod() {
     // And the agent's governor writes exactly that into the pod's cgroup.
     let pod = cgroups.path().join(POD);
     let read = |file: &str| std::fs::read_to_string(pod.join(file)).unwrap().trim().to_string();
-    eventually(Duration::from_secs(30), "pod pids capped", async || (read("pids.max") != "max").then_some(())).await;
+    eventually(Duration::from_secs(30), "pod pids capped", async || {
+        (read("pids.max") == wanted.to_string()).then_some(())
+    })
+    .await;
     assert_eq!(read("pids.max"), wanted.to_string(), "3 pods x pids_per_pod {PIDS_PER_POD}");
     assert_eq!(read("memory.max"), (256u64 << 20).to_string());
     let _ = stop.send(true);

@@ -60,6 +60,7 @@ fn report(seq: u64, claimed: &str, cpu_millis: u64) -> AgentMessage {
         k3s: Default::default(),
         pods: Vec::new(),
         tenant_usage: Vec::new(),
+        firewall_displacements: 0,
     }))
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use hexa_shared::isolation::IsolationSpec;
 
-use super::firewall::{Batch, Firewall, FirewallError, Ruleset};
+use super::firewall::{Batch, Firewall, FirewallError, LocalPods, Ruleset};
 
 /// A dry run towards one isolation spec, on a node where nothing of ours exists yet.
 pub struct DryRunFirewall {
@@ -25,17 +25,18 @@ impl fmt::Debug for DryRunFirewall {
 }
 
 impl DryRunFirewall {
-    /// A dry run of `isolation` that prints on standard output.
-    pub fn new(isolation: Option<&IsolationSpec>) -> Result<DryRunFirewall, FirewallError> {
-        DryRunFirewall::with_output(isolation, Box::new(std::io::stdout()))
+    /// A dry run of `isolation` on a node whose pods are `local`, that prints on standard output.
+    pub fn new(isolation: Option<&IsolationSpec>, local: &LocalPods) -> Result<DryRunFirewall, FirewallError> {
+        DryRunFirewall::with_output(isolation, local, Box::new(std::io::stdout()))
     }
 
     /// A dry run of `isolation` that prints to `out`.
     pub fn with_output(
         isolation: Option<&IsolationSpec>,
+        local: &LocalPods,
         out: Box<dyn Write + Send>,
     ) -> Result<DryRunFirewall, FirewallError> {
-        let target = isolation.map(Ruleset::desired).transpose()?.unwrap_or_default();
+        let target = isolation.map(|spec| Ruleset::desired(spec, local)).transpose()?.unwrap_or_default();
         Ok(DryRunFirewall { state: Mutex::new(Ruleset::default()), target, out: Mutex::new(out) })
     }
 
@@ -61,6 +62,11 @@ impl Firewall for DryRunFirewall {
         *self.state() = self.target.clone();
         Ok(())
     }
+
+    /// A dry run leaves the node's settings alone.
+    fn ensure_bridge_filtering(&self) -> Result<bool, FirewallError> {
+        Ok(false)
+    }
 }
 
 #[cfg(test)]
@@ -80,13 +86,16 @@ mod tests {
             management_cidrs: vec!["192.168.100.10".parse().unwrap()],
             system_pod_ips: ["10.42.0.53".parse().unwrap()].into(),
             tenants: vec![TenantIsolation { tenant: "acme".into(), pod_ips: ["10.42.0.11".parse().unwrap()].into() }],
+            node_addresses: Default::default(),
+            node_services: Vec::new(),
         };
+        let local = LocalPods::default();
         let printed = Printed::default();
-        let firewall = DryRunFirewall::with_output(Some(&spec), Box::new(printed.clone())).unwrap();
-        assert!(matches!(reconcile_spec(&firewall, &spec).unwrap(), Reconciled::Applied { .. }));
-        assert_eq!(reconcile_spec(&firewall, &spec).unwrap(), Reconciled::Unchanged);
+        let firewall = DryRunFirewall::with_output(Some(&spec), &local, Box::new(printed.clone())).unwrap();
+        assert!(matches!(reconcile_spec(&firewall, &spec, &local).unwrap(), Reconciled::Applied { .. }));
+        assert_eq!(reconcile_spec(&firewall, &spec, &local).unwrap(), Reconciled::Unchanged);
         let text = printed.text();
-        let batch = render(&Ruleset::desired(&spec).unwrap());
+        let batch = render(&Ruleset::desired(&spec, &local).unwrap());
         assert_eq!(text, format!("would apply this firewall batch:\n{batch}\n"));
         assert!(text.contains("hx-sys") && text.contains("HEXA-FWD"), "{text}");
     }

@@ -254,6 +254,8 @@ fn spec_from(map: &OwnerMap) -> IsolationSpec {
             .iter()
             .map(|t| TenantIsolation { tenant: t.to_string(), pod_ips: map.tenant_ips(t).clone() })
             .collect(),
+        node_addresses: BTreeSet::new(),
+        node_services: Vec::new(),
     }
 }
 

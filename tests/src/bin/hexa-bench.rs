@@ -342,6 +342,7 @@ fn sample_report(seq: u64) -> AgentMessage {
         k3s: Default::default(),
         pods: Vec::new(),
         tenant_usage: Vec::new(),
+        firewall_displacements: 0,
     }))
 }
 

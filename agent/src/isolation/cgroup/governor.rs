@@ -96,12 +96,9 @@ impl Governor {
             Some(layout) => Some(layout.clone()),
             None => Layout::detect(&*self.cgroups)?,
         };
-        let governed: BTreeSet<&str> = allocations.iter().map(|a| a.tenant.as_str()).collect();
-        let tenant_of: BTreeMap<String, &str> = pods
-            .iter()
-            .filter(|p| governed.contains(p.tenant.as_str()))
-            .map(|p| (normalize_uid(&p.pod_uid), p.tenant.as_str()))
-            .collect();
+        // Every tenant pod is governed: with its tenant's allocation, or the unknown-tenant default.
+        let tenant_of: BTreeMap<String, &str> =
+            pods.iter().map(|p| (normalize_uid(&p.pod_uid), p.tenant.as_str())).collect();
         let mut found = match &layout {
             Some(layout) => discover::discover(&*self.cgroups, layout)?,
             None => Vec::new(),
@@ -205,7 +202,8 @@ mod tests {
     }
 
     fn pods() -> Vec<PodTenant> {
-        [("aaaa-0001", "a"), ("aaaa_0002", "a"), ("bbbb-0001", "b"), ("cccc-0001", "kube-system"), ("dddd-0001", "a")]
+        // The system pod (cccc-0001) is in no tenant's namespace, so the pod list names no tenant for it.
+        [("aaaa-0001", "a"), ("aaaa_0002", "a"), ("bbbb-0001", "b"), ("dddd-0001", "a")]
             .map(|(uid, tenant)| PodTenant { pod_uid: uid.into(), tenant: tenant.into() })
             .to_vec()
     }
@@ -230,11 +228,13 @@ mod tests {
         assert_eq!(first.layout, Some(Layout::systemd()));
         assert_eq!(first.absent, ["dddd-0001"]);
         assert!(first.failures.is_empty(), "{:?}", first.failures);
-        for cgroup in [A1, A2] {
+        // a's two pods use 30 and 10 of its 64 MiB and 4 and 2 of its 100 pids: each may grow by half
+        // of what is left, so together they stay within the share.
+        for (cgroup, memory, pids) in [(A1, 42 * MIB, "51"), (A2, 22 * MIB, "49")] {
             assert_eq!(read(root.path(), cgroup, "cpu.max"), "50000 100000");
-            assert_eq!(read(root.path(), cgroup, "memory.max"), (64 * MIB).to_string());
+            assert_eq!(read(root.path(), cgroup, "memory.max"), memory.to_string());
             assert_eq!(read(root.path(), cgroup, "memory.high"), "max");
-            assert_eq!(read(root.path(), cgroup, "pids.max"), "100");
+            assert_eq!(read(root.path(), cgroup, "pids.max"), pids);
         }
         assert_eq!(read(root.path(), B1, "cpu.max"), "100000 100000");
         assert_eq!(read(root.path(), B1, "pids.max"), "50");
@@ -277,7 +277,8 @@ mod tests {
         assert_eq!(out.layout, None);
         assert_eq!(out.usage.len(), 1);
         assert_eq!(out.usage[0].pods, 0);
-        assert_eq!(out.absent.len(), 3);
+        // b's pod too: a tenant without an allocation here is governed as well.
+        assert_eq!(out.absent.len(), 4);
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //!
 //! # What it enforces
 //! For every tenant with an allocation `A` on this node (cpu millis, memory bytes, pids):
-//! - **no single pod above the share**: each of the tenant's pod cgroups gets `memory.max = A.memory`,
-//!   `pids.max = A.pids` and `cpu.max = A.cpu` (a quota of `A.cpu_millis` per 1000 of the period);
+//! - **the pods together within the share**: each of the tenant's pod cgroups gets `memory.max` =
+//!   its use plus an equal part of what the tenant has left of `A.memory` (its use scaled down when
+//!   the tenant is over), so the limits add up to the share and the pods together cannot pass it
+//!   before the next reconcile; `pids.max` the same with `A.pids`, counted tenant-wide; and
+//!   `cpu.max = A.cpu` (a quota of `A.cpu_millis` per 1000 of the period);
 //! - **cpu split under contention**: when the tenant's pods together used at least
 //!   [`PolicySettings::cpu_split_percent`] of `A.cpu` since the last reconcile, the tenant's quota is
 //!   split among its pods in proportion to that recent use, summing to exactly the tenant's quota
@@ -15,8 +18,9 @@
 //!   the pods above `L` (the largest) are reclaimed down to it and the total comes back to the share.
 //!   While the tenant is under its share, `L` leaves the remaining headroom above the largest pod.
 //!
-//! Pods of tenants without an allocation here (system pods, pods the pod list does not name) are not
-//! touched. The governor never moves processes: it writes no `cgroup.procs`/`tasks` file (refused in
+//! Pods of a tenant without an allocation here (not yet known, or not placed here) are held together
+//! to [`PolicySettings::unknown_tenant`] (`[isolation.unknown_tenant]` in the agent's config) until
+//! the coordinator sends one. Pods of no tenant (the node's system pods) are not touched. The governor never moves processes: it writes no `cgroup.procs`/`tasks` file (refused in
 //! `files.rs`); kubelet and the container runtime own placement. Every write goes to a file whose
 //! value differs from the wanted one (read, compare, write), so a reconcile with no change writes
 //! nothing. Each reconcile returns the per-tenant usage ([`TenantUsage`]) for the report.
@@ -24,8 +28,7 @@
 //! # The allocation is the coordinator's
 //! `A` is `hexa_shared::spec::TenantAllocation` from `NodeSpec::tenants`, as the coordinator
 //! decided it (its pids cap from `[isolation] pids_per_pod` there); the governor derives nothing
-//! and has no defaults of its own. A tenant without an allocation in the spec is not governed. An
-//! allocation without a pids cap (a spec saved before allocations carried one) leaves the pods'
+//! from it. An allocation without a pids cap (a spec saved before allocations carried one) leaves the pods'
 //! `pids.max` as it is and enforces the rest.
 //!
 //! # Layout
@@ -45,4 +48,4 @@ pub use crate::cgroup::{
     PodUsage, V1, V2, open, v1, v2,
 };
 pub use governor::{Governor, GovernorSettings, PodFailure, PodTenant, Reconcile};
-pub use policy::{PolicySettings, TenantUsage};
+pub use policy::{PolicySettings, TenantUsage, UnknownTenantCap};

@@ -25,6 +25,38 @@ pub struct PolicySettings {
     pub memory_pressure_percent: u64,
     /// `memory.high` is never set below this: a lower value would throttle a pod to a crawl.
     pub min_pod_memory_high_bytes: u64,
+    /// What the pods of a tenant with no allocation on this node (not known here yet, or not
+    /// placed here) are held to together, until the coordinator says otherwise.
+    pub unknown_tenant: UnknownTenantCap,
+}
+
+/// The allocation a tenant without one is held to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UnknownTenantCap {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub pids: u64,
+}
+
+impl Default for UnknownTenantCap {
+    fn default() -> Self {
+        UnknownTenantCap { cpu_millis: 250, memory_bytes: 256 << 20, pids: 256 }
+    }
+}
+
+impl UnknownTenantCap {
+    /// The allocation of `tenant`, which has none on this node.
+    pub fn allocation(&self, tenant: &str) -> TenantAllocation {
+        TenantAllocation {
+            tenant: tenant.to_string(),
+            cpu_millis: self.cpu_millis,
+            memory_bytes: self.memory_bytes,
+            pods: 0,
+            pids: Some(self.pids),
+            control_plane: false,
+        }
+    }
 }
 
 impl Default for PolicySettings {
@@ -35,6 +67,7 @@ impl Default for PolicySettings {
             cpu_split_percent: 90,
             memory_pressure_percent: 90,
             min_pod_memory_high_bytes: 16 << 20,
+            unknown_tenant: UnknownTenantCap::default(),
         }
     }
 }
@@ -60,17 +93,26 @@ pub struct Plan {
     pub usage: Vec<TenantUsage>,
 }
 
-/// Decides the limits of every pod of a tenant with one of `allocations`. `interval_usec` is the
-/// wall time the cpu deltas cover (`None` on the first reconcile). Pods of tenants without an
-/// allocation get no entry and are left alone. A tenant listed twice keeps its first allocation.
+/// Decides the limits of every pod of a tenant: with its allocation when it has one of
+/// `allocations`, else with [`PolicySettings::unknown_tenant`]. `interval_usec` is the wall time the
+/// cpu deltas cover (`None` on the first reconcile). A tenant listed twice keeps its first
+/// allocation. (Pods of no tenant, the node's own, are never among `pods`.)
 pub fn plan(
     allocations: &[TenantAllocation],
     pods: &[PodSample],
     interval_usec: Option<u64>,
     settings: &PolicySettings,
 ) -> Plan {
+    let unknown: Vec<TenantAllocation> = pods
+        .iter()
+        .map(|p| p.tenant.as_str())
+        .filter(|t| !allocations.iter().any(|a| a.tenant == *t))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|t| settings.unknown_tenant.allocation(t))
+        .collect();
     let mut by_tenant: BTreeMap<&str, (&TenantAllocation, Vec<&PodSample>)> = BTreeMap::new();
-    for share in allocations {
+    for share in allocations.iter().chain(&unknown) {
         by_tenant.entry(share.tenant.as_str()).or_insert((share, Vec::new()));
     }
     for pod in pods {
@@ -96,15 +138,28 @@ fn plan_tenant(
 ) -> (Vec<PodLimits>, TenantUsage) {
     let period = settings.cpu_period_us.max(MIN_CPU_QUOTA_US);
     let quota = cpu_quota_us(share.cpu_millis, period);
-    let cap = PodLimits {
-        cpu: CpuMax { quota_us: Limit::Value(quota), period_us: period },
-        memory_max: Limit::Value(share.memory_bytes),
-        memory_high: Limit::Max,
-        // Exactly the allocation's cap; without one (a spec saved before allocations carried it)
-        // the pod's pids.max is left as it is.
-        pids_max: share.pids.map(Limit::Value),
+    // The tenant's pods are held to its share together: each pod may grow by its part of what the
+    // tenant has left, so the pods' limits add up to the share (see `split_headroom`).
+    let memory: Vec<u64> = pods.iter().map(|p| p.usage.memory_bytes).collect();
+    let memory_max = split_headroom(share.memory_bytes, &memory);
+    // Without a pids cap (a spec saved before allocations carried it) pids.max is left as it is.
+    let pids_max: Vec<Option<u64>> = match share.pids {
+        Some(cap) => split_headroom(cap, &pods.iter().map(|p| p.usage.pids).collect::<Vec<_>>())
+            .into_iter()
+            .map(|p| Some(p.max(1)))
+            .collect(),
+        None => vec![None; pods.len()],
     };
-    let mut limits = vec![cap; pods.len()];
+    let mut limits: Vec<PodLimits> = memory_max
+        .iter()
+        .zip(&pids_max)
+        .map(|(memory, pids)| PodLimits {
+            cpu: CpuMax { quota_us: Limit::Value(quota), period_us: period },
+            memory_max: Limit::Value(*memory),
+            memory_high: Limit::Max,
+            pids_max: pids.map(Limit::Value),
+        })
+        .collect();
 
     let known: Vec<u64> = pods.iter().filter_map(|p| p.cpu_delta_usec).collect();
     let used_cpu_millis = match interval_usec {
@@ -128,7 +183,6 @@ fn plan_tenant(
         }
     }
 
-    let memory: Vec<u64> = pods.iter().map(|p| p.usage.memory_bytes).collect();
     let memory_total = memory.iter().fold(0u64, |a, &m| a.saturating_add(m));
     let memory_pressure = !pods.is_empty()
         && share.memory_bytes > 0
@@ -152,6 +206,31 @@ fn plan_tenant(
         memory_pressure,
     };
     (limits, usage)
+}
+
+/// Per-pod limits that add up to exactly `cap` for pods using `used`: under the cap, each pod its
+/// use plus an equal part of what is left (the earlier pods take the remainder), so no pod is
+/// squeezed and all of them together cannot pass the cap before the next reconcile; over it (the
+/// share shrank, or the pods grew before they were governed), each pod its use scaled down to the
+/// cap, so the kernel reclaims or kills in proportion.
+pub fn split_headroom(cap: u64, used: &[u64]) -> Vec<u64> {
+    let n = used.len() as u128;
+    if n == 0 {
+        return Vec::new();
+    }
+    let total: u128 = used.iter().map(|&u| u128::from(u)).sum();
+    let cap = u128::from(cap);
+    let mut parts: Vec<u128> = if total <= cap {
+        let each = (cap - total) / n;
+        used.iter().map(|&u| u128::from(u) + each).collect()
+    } else {
+        used.iter().map(|&u| u128::from(u) * cap / total).collect()
+    };
+    let left = cap - parts.iter().sum::<u128>();
+    for part in parts.iter_mut().take(usize::try_from(left).unwrap_or(usize::MAX)) {
+        *part += 1;
+    }
+    parts.into_iter().map(|p| u64::try_from(p).unwrap_or(u64::MAX)).collect()
 }
 
 /// `millis` of a CPU as a quota per `period_us`, at least the kernel's minimum.
@@ -231,6 +310,41 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn headroom_split_table() {
+        for (cap, used, want) in [
+            (64, vec![10, 20], vec![27, 37]),
+            (64, vec![0, 0, 0], vec![22, 21, 21]),
+            (64, vec![64], vec![64]),
+            (60, vec![60, 30], vec![40, 20]),
+            (10, vec![7, 7, 7], vec![4, 3, 3]),
+            (5, vec![], vec![]),
+        ] {
+            let got = split_headroom(cap, &used);
+            assert_eq!(got, want, "{cap} {used:?}");
+            if !used.is_empty() {
+                assert_eq!(got.iter().sum::<u64>(), cap);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn the_limits_of_a_tenant_s_pods_never_add_up_to_more_than_its_share(
+            cap in 0u64..1 << 40,
+            used in proptest::collection::vec(0u64..1 << 40, 1..40),
+        ) {
+            let parts = split_headroom(cap, &used);
+            prop_assert_eq!(parts.iter().map(|&p| u128::from(p)).sum::<u128>(), u128::from(cap));
+            let total: u128 = used.iter().map(|&u| u128::from(u)).sum();
+            if total <= u128::from(cap) {
+                for (part, used) in parts.iter().zip(&used) {
+                    prop_assert!(part >= used, "a pod under the share is squeezed");
+                }
+            }
+        }
+    }
 
     #[test]
     fn split_table() {
@@ -324,24 +438,31 @@ mod tests {
     }
 
     #[test]
-    fn every_pod_is_capped_at_the_share_and_foreign_pods_are_left_alone() {
+    fn a_tenant_s_pods_are_held_to_its_share_together_and_an_unknown_tenant_s_to_the_default() {
+        let settings = PolicySettings::default();
         let plan = plan(
             &[share("a", 500, 64 * MIB)],
-            &[pod("p1", "a", None, MIB), pod("p2", "a", None, MIB), pod("sys", "kube-system", None, 900 * MIB)],
+            &[pod("p1", "a", None, MIB), pod("p2", "a", None, MIB), pod("x1", "stranger", None, 900 * MIB)],
             None,
-            &PolicySettings::default(),
+            &settings,
         );
+        // 62 MiB left, 31 MiB more for each: the two limits add up to the share, not twice it.
         let cap = PodLimits {
             cpu: CpuMax { quota_us: Limit::Value(50_000), period_us: 100_000 },
-            memory_max: Limit::Value(64 * MIB),
+            memory_max: Limit::Value(32 * MIB),
             memory_high: Limit::Max,
-            pids_max: Some(Limit::Value(100)),
+            pids_max: Some(Limit::Value(50)),
         };
-        assert_eq!(plan.limits.len(), 2, "{plan:?}");
+        assert_eq!(plan.limits.len(), 3, "{plan:?}");
         assert_eq!(plan.limits["p1"], cap);
         assert_eq!(plan.limits["p2"], cap);
+        // A tenant with no allocation here is held to the default, even over it.
+        let stranger = &plan.limits["x1"];
+        assert_eq!(stranger.memory_max, Limit::Value(settings.unknown_tenant.memory_bytes));
+        assert_eq!(stranger.pids_max, Some(Limit::Value(settings.unknown_tenant.pids)));
+        assert_eq!(stranger.cpu.quota_us, Limit::Value(25_000));
         assert_eq!(
-            plan.usage,
+            plan.usage[..1],
             [TenantUsage {
                 tenant: "a".into(),
                 pods: 2,

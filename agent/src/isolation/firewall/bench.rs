@@ -11,11 +11,14 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec, MAX_IPS_PER_SET, TenantIsolation};
+use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec, MAX_IPS_PER_SET, NodeService, Protocol, TenantIsolation};
 use nix::sched::CloneFlags;
 use serde::Serialize;
 
-use super::{Firewall, FirewallError, Reconciled, Ruleset, SystemFirewall, reconcile, render, tokenize};
+use super::{
+    ChainRef, Family, Firewall, FirewallError, LocalPods, Reconciled, Ruleset, SystemFirewall, reconcile, render,
+    tokenize,
+};
 
 /// The measurements of one run, in milliseconds where a time.
 #[derive(Debug, Clone, Serialize)]
@@ -42,8 +45,27 @@ pub struct BenchFigures {
     pub speedup: f64,
 }
 
+/// Nodes of the synthetic cluster (addresses 192.168.1.1 and up; the first three are servers).
+const SYNTHETIC_NODES: u32 = 200;
+/// Pods on the benchmarked node itself, each with its own bridge port.
+const SYNTHETIC_LOCAL_PODS: usize = 100;
+
+/// The benchmarked node's own pods: the first [`SYNTHETIC_LOCAL_PODS`] of the spec's pod IPs.
+pub fn synthetic_local_pods(spec: &IsolationSpec) -> LocalPods {
+    let ports = spec
+        .tenants
+        .iter()
+        .flat_map(|t| t.pod_ips.iter().copied())
+        .take(SYNTHETIC_LOCAL_PODS)
+        .enumerate()
+        .map(|(i, ip)| (ip, format!("veth{i:08x}")))
+        .collect();
+    LocalPods { ports, pod_subnet: "10.0.1.0/24".parse().ok(), ..LocalPods::default() }
+}
+
 /// A spec with `tenants` tenants sharing `pod_ips` pod IPs (spread evenly, consecutive addresses in
-/// 10.0.0.0/8), four system pods and two management networks.
+/// 10.0.0.0/8), four system pods, two management networks, 200 nodes and the Kubernetes API on
+/// three of them.
 pub fn synthetic_spec(tenants: usize, pod_ips: usize) -> IsolationSpec {
     let base = u32::from(Ipv4Addr::new(10, 0, 1, 0));
     let mut tenant_list: Vec<TenantIsolation> = (0..tenants)
@@ -61,6 +83,16 @@ pub fn synthetic_spec(tenants: usize, pod_ips: usize) -> IsolationSpec {
         management_cidrs: [cidr("192.168.0.0/24"), cidr("172.16.0.0/12")].into_iter().flatten().collect(),
         system_pod_ips: (2..6).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect(),
         tenants: tenant_list,
+        node_addresses: (1..=SYNTHETIC_NODES)
+            .map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(192, 168, 1, 0)) + i))
+            .collect(),
+        node_services: vec![NodeService {
+            name: "kube-api".into(),
+            protocol: Protocol::Tcp,
+            port: 6443,
+            addresses: (1..=3).map(|i| Ipv4Addr::new(192, 168, 1, i)).collect(),
+            system_only: false,
+        }],
     }
 }
 
@@ -115,7 +147,7 @@ fn ms(d: Duration) -> f64 {
 pub fn bench_batch_vs_per_rule(tenants: usize, pod_ips: usize) -> Result<BenchFigures, FirewallError> {
     let spec = synthetic_spec(tenants, pod_ips);
     let started = Instant::now();
-    let desired = Ruleset::desired(&spec)?;
+    let desired = Ruleset::desired(&spec, &synthetic_local_pods(&spec))?;
     let batch = render(&desired);
     let render_time = started.elapsed();
 
@@ -139,37 +171,45 @@ pub fn bench_batch_vs_per_rule(tenants: usize, pod_ips: usize) -> Result<BenchFi
     let (ipset_time, iptables_time, invocations) = per_rule_ns.run(|| {
         let firewall = SystemFirewall::new();
         let iptables = firewall.iptables_binary().to_string();
+        let ip6tables = firewall.ip6tables_binary().to_string();
+        let binary = |chain: &ChainRef| match chain.family {
+            Family::V4 => iptables.clone(),
+            Family::V6 => ip6tables.clone(),
+        };
         let mut invocations = 0;
         let started = Instant::now();
         for (name, set) in &desired.sets {
             let max = MAX_IPS_PER_SET.to_string();
-            let create = ["create", name, "hash:ip", "family", "inet", "hashsize", "1024", "maxelem", &max];
+            let mut create = vec!["create", name.as_str()];
+            create.extend(set.kind.split_whitespace());
+            create.extend(["hashsize", "1024", "maxelem", &max]);
             firewall.run("ipset", &create, None)?;
             invocations += 1;
-            for ip in &set.members {
-                firewall.run("ipset", &["add", name, &ip.to_string()], None)?;
+            for member in &set.members {
+                firewall.run("ipset", &["add", name, &member.to_string()], None)?;
                 invocations += 1;
             }
         }
         let ipset_time = started.elapsed();
         let started = Instant::now();
         for chain in desired.chains.keys() {
-            firewall.run(&iptables, &["-w", "-N", chain], None)?;
+            firewall.run(&binary(chain), &["-w", "-t", chain.table.name(), "-N", &chain.name], None)?;
             invocations += 1;
         }
         for (chain, rules) in &desired.chains {
             for rule in rules {
-                let mut args = vec!["-w".to_string(), "-A".to_string(), chain.clone()];
+                let mut args = ["-w", "-t", chain.table.name(), "-A", &chain.name].map(String::from).to_vec();
                 args.extend(tokenize(rule));
-                firewall.run(&iptables, &args.iter().map(String::as_str).collect::<Vec<_>>(), None)?;
+                firewall.run(&binary(chain), &args.iter().map(String::as_str).collect::<Vec<_>>(), None)?;
                 invocations += 1;
             }
         }
         for jump in &desired.jumps {
+            let position = (jump.position + 1).to_string();
             let mut args =
-                vec!["-w".to_string(), "-I".to_string(), jump.chain.clone(), (jump.position + 1).to_string()];
+                ["-w", "-t", jump.chain.table.name(), "-I", &jump.chain.name, &position].map(String::from).to_vec();
             args.extend(tokenize(&jump.rule));
-            firewall.run(&iptables, &args.iter().map(String::as_str).collect::<Vec<_>>(), None)?;
+            firewall.run(&binary(&jump.chain), &args.iter().map(String::as_str).collect::<Vec<_>>(), None)?;
             invocations += 1;
         }
         let iptables_time = started.elapsed();
@@ -188,7 +228,7 @@ pub fn bench_batch_vs_per_rule(tenants: usize, pod_ips: usize) -> Result<BenchFi
         sets: desired.sets.len(),
         render_ms: ms(render_time),
         batch_ipset_ms: ms(steps.ipset_prepare + steps.ipset_cleanup),
-        batch_iptables_ms: ms(steps.iptables),
+        batch_iptables_ms: ms(steps.iptables + steps.ip6tables),
         batch_total_ms: ms(total),
         noop_reconcile_ms: ms(noop),
         per_rule_ipset_ms: ms(ipset_time),

@@ -5,11 +5,12 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 
 use super::plan::Batch;
-use super::ruleset::{Ruleset, normalize_rule};
+use super::ruleset::{Family, Ruleset, Table, normalize_rule};
 use super::{CHAIN_PREFIX, Firewall, FirewallError};
 
-/// An in-memory filter table and ipset store that interprets the batch language we emit with the
-/// kernel's rules: an iptables transaction is all or nothing; `ipset restore` stops at the first
+/// An in-memory kernel firewall (the mangle and filter tables of IPv4 and IPv6, the ipset store and
+/// the bridge netfilter settings) that interprets the batch language we emit with the kernel's
+/// rules: an iptables transaction is all or nothing per `COMMIT`; `ipset restore` stops at the first
 /// failing line; a set referenced by a rule cannot be destroyed; a chain that is referenced or not
 /// empty cannot be deleted. `current` goes through the same parser as the real thing.
 #[derive(Debug, Default)]
@@ -17,30 +18,43 @@ pub struct MemoryFirewall {
     state: Mutex<MemoryState>,
 }
 
+type Chains = Vec<(String, Vec<String>)>;
+
 #[derive(Debug, Clone)]
 struct MemoryState {
-    /// Every chain of the filter table, built-in ones first, with its rules.
-    chains: Vec<(String, Vec<String>)>,
+    /// Every chain of each family's tables, built-in ones first, with its rules.
+    tables: BTreeMap<(Family, Table), Chains>,
     sets: BTreeMap<String, (String, Vec<String>)>,
+    bridge_filtering: bool,
+}
+
+fn builtin(table: Table) -> &'static [&'static str] {
+    match table {
+        Table::Mangle => &["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"],
+        Table::Filter => &["INPUT", "FORWARD", "OUTPUT"],
+    }
 }
 
 impl Default for MemoryState {
     fn default() -> Self {
-        MemoryState {
-            chains: ["INPUT", "FORWARD", "OUTPUT"].iter().map(|c| (c.to_string(), Vec::new())).collect(),
-            sets: BTreeMap::new(),
+        let mut tables = BTreeMap::new();
+        for family in [Family::V4, Family::V6] {
+            for table in [Table::Mangle, Table::Filter] {
+                tables.insert((family, table), builtin(table).iter().map(|c| (c.to_string(), Vec::new())).collect());
+            }
         }
+        MemoryState { tables, sets: BTreeMap::new(), bridge_filtering: false }
     }
 }
 
 impl MemoryState {
-    fn chain(&mut self, name: &str) -> Option<&mut Vec<String>> {
-        self.chains.iter_mut().find(|(n, _)| n == name).map(|(_, rules)| rules)
-    }
-
     fn set_in_use(&self, set: &str) -> bool {
-        self.chains.iter().flat_map(|(_, rules)| rules).any(|r| r.split_whitespace().any(|w| w == set))
+        self.tables.values().flatten().flat_map(|(_, rules)| rules).any(|r| r.split_whitespace().any(|w| w == set))
     }
+}
+
+fn chain<'a>(chains: &'a mut Chains, name: &str) -> Option<&'a mut Vec<String>> {
+    chains.iter_mut().find(|(n, _)| n == name).map(|(_, rules)| rules)
 }
 
 impl MemoryFirewall {
@@ -52,20 +66,33 @@ impl MemoryFirewall {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The filter table as `iptables-save -t filter` would print it.
+    /// The IPv4 tables as `iptables-save` would print them.
     pub fn iptables_save(&self) -> String {
+        self.save(Family::V4)
+    }
+
+    /// The IPv6 tables as `ip6tables-save` would print them.
+    pub fn ip6tables_save(&self) -> String {
+        self.save(Family::V6)
+    }
+
+    fn save(&self, family: Family) -> String {
         let state = self.lock();
-        let mut out = String::from("*filter\n");
-        for (name, _) in &state.chains {
-            let policy = if matches!(name.as_str(), "INPUT" | "FORWARD" | "OUTPUT") { "ACCEPT" } else { "-" };
-            let _ = writeln!(out, ":{name} {policy} [0:0]");
-        }
-        for (name, rules) in &state.chains {
-            for rule in rules {
-                let _ = writeln!(out, "-A {name} {rule}");
+        let mut out = String::new();
+        for table in [Table::Mangle, Table::Filter] {
+            let chains = &state.tables[&(family, table)];
+            let _ = writeln!(out, "*{}", table.name());
+            for (name, _) in chains {
+                let policy = if builtin(table).contains(&name.as_str()) { "ACCEPT" } else { "-" };
+                let _ = writeln!(out, ":{name} {policy} [0:0]");
             }
+            for (name, rules) in chains {
+                for rule in rules {
+                    let _ = writeln!(out, "-A {name} {rule}");
+                }
+            }
+            out.push_str("COMMIT\n");
         }
-        out.push_str("COMMIT\n");
         out
     }
 
@@ -84,8 +111,18 @@ impl MemoryFirewall {
 
     /// Runs `iptables-restore --noflush` input; all or nothing per `COMMIT`.
     pub fn exec_iptables(&self, input: &str) -> Result<(), FirewallError> {
+        self.exec_tables(Family::V4, input)
+    }
+
+    /// Runs `ip6tables-restore --noflush` input.
+    pub fn exec_ip6tables(&self, input: &str) -> Result<(), FirewallError> {
+        self.exec_tables(Family::V6, input)
+    }
+
+    fn exec_tables(&self, family: Family, input: &str) -> Result<(), FirewallError> {
         let mut guard = self.lock();
         let mut work = guard.clone();
+        let mut table = None;
         for (number, line) in input.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
             let fail = |why: &str| FirewallError::Command {
                 command: "iptables-restore --noflush (memory)".into(),
@@ -93,35 +130,43 @@ impl MemoryFirewall {
                 stderr: format!("line {number}: {why}"),
                 detail: format!("; the failing input line was: {line}"),
             };
-            if line.is_empty() || line.starts_with('#') || line == "*filter" {
+            if line.is_empty() || line.starts_with('#') {
                 continue;
             }
+            if let Some(name) = line.strip_prefix('*') {
+                table = Some(Table::parse(name).ok_or_else(|| fail("table does not exist"))?);
+                continue;
+            }
+            let Some(table) = table else { return Err(fail("no table given")) };
             if line == "COMMIT" {
                 *guard = work.clone();
                 continue;
             }
+            let sets: Vec<String> = work.sets.keys().cloned().collect();
+            let chains = work.tables.get_mut(&(family, table)).ok_or_else(|| fail("no such table"))?;
             if let Some(declaration) = line.strip_prefix(':') {
-                let chain = declaration.split_whitespace().next().unwrap_or_default();
-                match work.chain(chain) {
-                    Some(rules) if !matches!(chain, "INPUT" | "FORWARD" | "OUTPUT") => rules.clear(),
+                let name = declaration.split_whitespace().next().unwrap_or_default();
+                let is_builtin = builtin(table).contains(&name);
+                match chain(chains, name) {
+                    Some(rules) if !is_builtin => rules.clear(),
                     Some(_) => {}
-                    None => work.chains.push((chain.to_string(), Vec::new())),
+                    None => chains.push((name.to_string(), Vec::new())),
                 }
                 continue;
             }
             let mut words = line.splitn(3, ' ');
-            let (op, chain, rest) =
+            let (op, name, rest) =
                 (words.next().unwrap_or_default(), words.next().unwrap_or_default(), words.next().unwrap_or_default());
             let rule = normalize_rule(rest);
-            let check_refs = |work: &MemoryState| -> Result<(), FirewallError> {
+            let check_refs = |chains: &Chains, rule: &str| -> Result<(), FirewallError> {
                 let words: Vec<&str> = rule.split_whitespace().collect();
                 for w in words.windows(2) {
-                    if w[0] == "--match-set" && !work.sets.contains_key(w[1]) {
+                    if w[0] == "--match-set" && !sets.iter().any(|s| s == w[1]) {
                         return Err(fail(&format!("set {} does not exist", w[1])));
                     }
                     if matches!(w[0], "-j" | "-g")
                         && w[1].starts_with(CHAIN_PREFIX)
-                        && !work.chains.iter().any(|(n, _)| n == w[1])
+                        && !chains.iter().any(|(n, _)| n == w[1])
                     {
                         return Err(fail(&format!("chain {} does not exist", w[1])));
                     }
@@ -130,39 +175,39 @@ impl MemoryFirewall {
             };
             match op {
                 "-A" => {
-                    check_refs(&work)?;
-                    work.chain(chain).ok_or_else(|| fail("no such chain"))?.push(rule);
+                    check_refs(chains, &rule)?;
+                    chain(chains, name).ok_or_else(|| fail("no such chain"))?.push(rule);
                 }
                 "-I" => {
                     let (position, rule) = match rest.split_once(' ').map(|(n, r)| (n.parse::<usize>(), r)) {
                         Some((Ok(n), r)) => (n, normalize_rule(r)),
                         _ => (1, rule.clone()),
                     };
-                    check_refs(&work)?;
-                    let rules = work.chain(chain).ok_or_else(|| fail("no such chain"))?;
+                    check_refs(chains, &rule)?;
+                    let rules = chain(chains, name).ok_or_else(|| fail("no such chain"))?;
                     if position == 0 || position > rules.len() + 1 {
                         return Err(fail("index of insertion too big"));
                     }
                     rules.insert(position - 1, rule);
                 }
                 "-D" => {
-                    let rules = work.chain(chain).ok_or_else(|| fail("no such chain"))?;
+                    let rules = chain(chains, name).ok_or_else(|| fail("no such chain"))?;
                     let at = rules.iter().position(|r| *r == rule).ok_or_else(|| fail("no such rule"))?;
                     rules.remove(at);
                 }
-                "-F" => work.chain(chain).ok_or_else(|| fail("no such chain"))?.clear(),
+                "-F" => chain(chains, name).ok_or_else(|| fail("no such chain"))?.clear(),
                 "-X" => {
-                    let referenced = work.chains.iter().flat_map(|(_, r)| r).any(|r| {
+                    let referenced = chains.iter().flat_map(|(_, r)| r).any(|r| {
                         r.split_whitespace()
                             .collect::<Vec<_>>()
                             .windows(2)
-                            .any(|w| matches!(w[0], "-j" | "-g") && w[1] == chain)
+                            .any(|w| matches!(w[0], "-j" | "-g") && w[1] == name)
                     });
-                    match work.chain(chain) {
+                    match chain(chains, name) {
                         None => return Err(fail("no such chain")),
                         Some(rules) if !rules.is_empty() => return Err(fail("chain is not empty")),
                         Some(_) if referenced => return Err(fail("chain is referenced")),
-                        Some(_) => work.chains.retain(|(n, _)| n != chain),
+                        Some(_) => chains.retain(|(n, _)| n != name),
                     }
                 }
                 _ => return Err(fail("unknown command")),
@@ -240,12 +285,18 @@ impl MemoryFirewall {
 
 impl Firewall for MemoryFirewall {
     fn current(&self) -> Result<Ruleset, FirewallError> {
-        Ruleset::from_saves(&self.iptables_save(), &self.ipset_save())
+        Ruleset::from_saves(&self.iptables_save(), &self.ip6tables_save(), &self.ipset_save())
     }
 
     fn apply(&self, batch: &Batch) -> Result<(), FirewallError> {
         self.exec_ipset(&batch.ipset_prepare)?;
         self.exec_iptables(&batch.iptables)?;
+        self.exec_ip6tables(&batch.ip6tables)?;
         self.exec_ipset(&batch.ipset_cleanup)
+    }
+
+    fn ensure_bridge_filtering(&self) -> Result<bool, FirewallError> {
+        let mut state = self.lock();
+        Ok(!std::mem::replace(&mut state.bridge_filtering, true))
     }
 }

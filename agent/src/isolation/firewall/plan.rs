@@ -7,7 +7,7 @@ use std::fmt::{self, Write as _};
 use hexa_shared::isolation::MAX_IPS_PER_SET;
 
 use super::NEW_SUFFIX;
-use super::ruleset::{IpSet, Ruleset};
+use super::ruleset::{ChainRef, Family, IpSet, Ruleset, Table};
 
 /// What differs between the desired and the current state, one readable item per difference.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -17,6 +17,13 @@ impl Drift {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
+
+/// Whether the only difference is where our jumps are: another program put rules before them, or
+/// took them out, while our chains and sets stayed as they were. A reconcile that repairs this is
+/// a fight with that program, not a change of ours.
+pub fn displaced(desired: &Ruleset, current: &Ruleset) -> bool {
+    desired.chains == current.chains && desired.sets == current.sets && desired.jumps != current.jumps
 }
 
 impl fmt::Display for Drift {
@@ -32,8 +39,8 @@ pub fn drift(desired: &Ruleset, current: &Ruleset) -> Drift {
         match current.sets.get(name) {
             None => items.push(format!("set {name} missing")),
             Some(have) if have != want => {
-                let missing: Vec<String> = want.members.difference(&have.members).map(|ip| ip.to_string()).collect();
-                let extra: Vec<String> = have.members.difference(&want.members).map(|ip| ip.to_string()).collect();
+                let missing: Vec<String> = want.members.difference(&have.members).map(|m| m.to_string()).collect();
+                let extra: Vec<String> = have.members.difference(&want.members).map(|m| m.to_string()).collect();
                 let mut item = format!("set {name}:");
                 if have.kind != want.kind {
                     let _ = write!(item, " is {} instead of {},", have.kind, want.kind);
@@ -81,20 +88,26 @@ fn sample(ips: &[String]) -> String {
     }
 }
 
-/// The three inputs of one apply, run in this order. An empty text means that step is skipped.
+/// The four inputs of one apply, run in this order. An empty text means that step is skipped.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Batch {
     /// `ipset restore`: creates and fills new sets, rebuilds and swaps changed ones.
     pub ipset_prepare: String,
-    /// `iptables-restore --noflush`: one transaction on the filter table.
+    /// `iptables-restore --noflush`: one transaction per table (mangle, and filter to remove what
+    /// older agents left there).
     pub iptables: String,
+    /// `ip6tables-restore --noflush`: the same for IPv6.
+    pub ip6tables: String,
     /// `ipset restore`: destroys the sets no rule refers to any more.
     pub ipset_cleanup: String,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.ipset_prepare.is_empty() && self.iptables.is_empty() && self.ipset_cleanup.is_empty()
+        self.ipset_prepare.is_empty()
+            && self.iptables.is_empty()
+            && self.ip6tables.is_empty()
+            && self.ipset_cleanup.is_empty()
     }
 }
 
@@ -104,7 +117,9 @@ impl fmt::Display for Batch {
         f.write_str(&self.ipset_prepare)?;
         writeln!(f, "# 2. iptables-restore --noflush")?;
         f.write_str(&self.iptables)?;
-        writeln!(f, "# 3. ipset restore")?;
+        writeln!(f, "# 3. ip6tables-restore --noflush")?;
+        f.write_str(&self.ip6tables)?;
+        writeln!(f, "# 4. ipset restore")?;
         f.write_str(&self.ipset_cleanup)
     }
 }
@@ -140,33 +155,14 @@ pub fn plan(desired: &Ruleset, current: &Ruleset) -> Option<Batch> {
         }
     }
 
-    if desired.chains != current.chains || desired.jumps != current.jumps {
-        let out = &mut batch.iptables;
-        out.push_str("*filter\n");
-        let rewrite: Vec<(&String, &Vec<String>)> =
-            desired.chains.iter().filter(|(chain, rules)| current.chains.get(*chain) != Some(*rules)).collect();
-        let stale: Vec<&String> = current.chains.keys().filter(|c| !desired.chains.contains_key(*c)).collect();
-        // Declaring a chain creates it, or flushes it when it exists (also with --noflush).
-        for chain in rewrite.iter().map(|(c, _)| *c).chain(stale.iter().copied()) {
-            let _ = writeln!(out, ":{chain} - [0:0]");
+    for family in [Family::V4, Family::V6] {
+        let out = match family {
+            Family::V4 => &mut batch.iptables,
+            Family::V6 => &mut batch.ip6tables,
+        };
+        for table in [Table::Mangle, Table::Filter] {
+            render_table(out, desired, current, family, table);
         }
-        if desired.jumps != current.jumps {
-            for jump in &current.jumps {
-                let _ = writeln!(out, "-D {} {}", jump.chain, jump.rule);
-            }
-            for jump in &desired.jumps {
-                let _ = writeln!(out, "-I {} {} {}", jump.chain, jump.position + 1, jump.rule);
-            }
-        }
-        for (chain, rules) in rewrite {
-            for rule in rules {
-                let _ = writeln!(out, "-A {chain} {rule}");
-            }
-        }
-        for chain in stale {
-            let _ = writeln!(out, "-X {chain}");
-        }
-        out.push_str("COMMIT\n");
     }
 
     for name in current.sets.keys() {
@@ -177,9 +173,46 @@ pub fn plan(desired: &Ruleset, current: &Ruleset) -> Option<Batch> {
     Some(batch)
 }
 
+/// One table's transaction (`*table` ... `COMMIT`), when anything of ours in it differs: the
+/// chains that differ rewritten (declaring a chain creates it, or flushes it when it exists, also
+/// with `--noflush`), our jumps put back in place, stale chains deleted.
+fn render_table(out: &mut String, desired: &Ruleset, current: &Ruleset, family: Family, table: Table) {
+    let here = |chain: &ChainRef| chain.family == family && chain.table == table;
+    let want: Vec<(&ChainRef, &Vec<String>)> = desired.chains.iter().filter(|(c, _)| here(c)).collect();
+    let rewrite: Vec<(&ChainRef, &Vec<String>)> =
+        want.iter().copied().filter(|(chain, rules)| current.chains.get(*chain) != Some(*rules)).collect();
+    let stale: Vec<&ChainRef> = current.chains.keys().filter(|c| here(c) && !desired.chains.contains_key(*c)).collect();
+    let want_jumps: Vec<_> = desired.jumps.iter().filter(|j| here(&j.chain)).collect();
+    let have_jumps: Vec<_> = current.jumps.iter().filter(|j| here(&j.chain)).collect();
+    if rewrite.is_empty() && stale.is_empty() && want_jumps == have_jumps {
+        return;
+    }
+    let _ = writeln!(out, "*{}", table.name());
+    for chain in rewrite.iter().map(|(c, _)| *c).chain(stale.iter().copied()) {
+        let _ = writeln!(out, ":{} - [0:0]", chain.name);
+    }
+    if want_jumps != have_jumps {
+        for jump in &have_jumps {
+            let _ = writeln!(out, "-D {} {}", jump.chain.name, jump.rule);
+        }
+        for jump in &want_jumps {
+            let _ = writeln!(out, "-I {} {} {}", jump.chain.name, jump.position + 1, jump.rule);
+        }
+    }
+    for (chain, rules) in rewrite {
+        for rule in rules {
+            let _ = writeln!(out, "-A {} {rule}", chain.name);
+        }
+    }
+    for chain in stale {
+        let _ = writeln!(out, "-X {}", chain.name);
+    }
+    out.push_str("COMMIT\n");
+}
+
 fn create_set(out: &mut String, name: &str, set: &IpSet) {
-    let _ = writeln!(out, "create {name} hash:ip family inet hashsize 1024 maxelem {MAX_IPS_PER_SET}");
-    for ip in &set.members {
-        let _ = writeln!(out, "add {name} {ip}");
+    let _ = writeln!(out, "create {name} {} hashsize 1024 maxelem {MAX_IPS_PER_SET}", set.kind);
+    for member in &set.members {
+        let _ = writeln!(out, "add {name} {member}");
     }
 }

@@ -41,4 +41,8 @@ impl<F: Firewall> Firewall for Recording<F> {
         }
         self.inner.apply(batch)
     }
+
+    fn ensure_bridge_filtering(&self) -> Result<bool, FirewallError> {
+        self.inner.ensure_bridge_filtering()
+    }
 }

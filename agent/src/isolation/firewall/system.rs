@@ -8,26 +8,36 @@ use super::plan::Batch;
 use super::ruleset::Ruleset;
 use super::{Firewall, FirewallError};
 
-/// The real thing: `iptables-save`/`iptables-restore --noflush` and `ipset save`/`ipset restore`,
-/// optionally behind a command prefix such as `ip netns exec <ns>`.
+/// The real thing: `iptables-save`/`iptables-restore --noflush`, the same for `ip6tables`, and
+/// `ipset save`/`ipset restore`, optionally behind a command prefix such as `ip netns exec <ns>`.
 #[derive(Debug, Clone)]
 pub struct SystemFirewall {
     prefix: Vec<String>,
     iptables: String,
+    ip6tables: String,
     ipset: String,
 }
 
 impl Default for SystemFirewall {
     fn default() -> Self {
-        SystemFirewall { prefix: Vec::new(), iptables: "iptables".into(), ipset: "ipset".into() }
+        SystemFirewall {
+            prefix: Vec::new(),
+            iptables: "iptables".into(),
+            ip6tables: "ip6tables".into(),
+            ipset: "ipset".into(),
+        }
     }
 }
+
+/// The settings that make bridged traffic meet the IPv4 and IPv6 hooks.
+const BRIDGE_FILTERING: [&str; 2] = ["net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables"];
 
 /// How long each step of an apply took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StepTimes {
     pub ipset_prepare: Duration,
     pub iptables: Duration,
+    pub ip6tables: Duration,
     pub ipset_cleanup: Duration,
 }
 
@@ -48,9 +58,14 @@ impl SystemFirewall {
     }
 
     /// Uses `<base>`, `<base>-save` and `<base>-restore` (e.g. `iptables-legacy`) instead of
-    /// `iptables`: the agent must use the backend K3s uses, or both rule sets apply side by side.
+    /// `iptables`, and the same spelling of `ip6tables`: the agent must use the backend K3s uses,
+    /// or both rule sets apply side by side.
     pub fn with_iptables(mut self, base: &str) -> SystemFirewall {
         self.iptables = base.to_string();
+        self.ip6tables = match base.strip_prefix("iptables") {
+            Some(rest) => format!("ip6tables{rest}"),
+            None => base.replacen("iptables", "ip6tables", 1),
+        };
         self
     }
 
@@ -59,14 +74,21 @@ impl SystemFirewall {
         &self.iptables
     }
 
+    /// The `ip6tables` binary this firewall runs.
+    pub fn ip6tables_binary(&self) -> &str {
+        &self.ip6tables
+    }
+
     /// Applies the batch like [`Firewall::apply`] and says how long each step took.
     pub fn apply_timed(&self, batch: &Batch) -> Result<StepTimes, FirewallError> {
         let mut times = StepTimes::default();
         let ipset = self.ipset.clone();
         let iptables_restore = format!("{}-restore", self.iptables);
-        let steps: [(&str, &[&str], &str, &mut Duration); 3] = [
+        let ip6tables_restore = format!("{}-restore", self.ip6tables);
+        let steps: [(&str, &[&str], &str, &mut Duration); 4] = [
             (&ipset, &["restore"], &batch.ipset_prepare, &mut times.ipset_prepare),
             (&iptables_restore, &["-w", "5", "--noflush"], &batch.iptables, &mut times.iptables),
+            (&ip6tables_restore, &["-w", "5", "--noflush"], &batch.ip6tables, &mut times.ip6tables),
             (&ipset, &["restore"], &batch.ipset_cleanup, &mut times.ipset_cleanup),
         ];
         for (program, args, input, time) in steps {
@@ -122,12 +144,29 @@ pub(super) fn failed_line(stderr: &str, input: &str) -> Option<String> {
 
 impl Firewall for SystemFirewall {
     fn current(&self) -> Result<Ruleset, FirewallError> {
-        let iptables = self.run(&format!("{}-save", self.iptables), &["-t", "filter"], None)?;
+        // One table at a time: the nat table (kube-proxy's thousands of rules) is never read.
+        let save = format!("{}-save", self.iptables);
+        let mut iptables = self.run(&save, &["-t", "mangle"], None)?;
+        iptables.push_str(&self.run(&save, &["-t", "filter"], None)?);
+        let ip6tables = self.run(&format!("{}-save", self.ip6tables), &["-t", "mangle"], None)?;
         let ipset = self.run(&self.ipset, &["save"], None)?;
-        Ruleset::from_saves(&iptables, &ipset)
+        Ruleset::from_saves(&iptables, &ip6tables, &ipset)
     }
 
     fn apply(&self, batch: &Batch) -> Result<(), FirewallError> {
         self.apply_timed(batch).map(|_| ())
+    }
+
+    fn ensure_bridge_filtering(&self) -> Result<bool, FirewallError> {
+        let mut wrote = false;
+        for setting in BRIDGE_FILTERING {
+            let refused = |why: String| FirewallError::BridgeFiltering { setting: setting.to_string(), why };
+            let value = self.run("sysctl", &["-n", setting], None).map_err(|e| refused(e.to_string()))?;
+            if value.trim() != "1" {
+                self.run("sysctl", &["-q", "-w", &format!("{setting}=1")], None).map_err(|e| refused(e.to_string()))?;
+                wrote = true;
+            }
+        }
+        Ok(wrote)
     }
 }
