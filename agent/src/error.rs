@@ -73,6 +73,13 @@ pub enum ConfigError {
     /// The K3s installer cannot be set up on this machine (architecture, HTTP client).
     #[error("{0}")]
     Installer(FetchError),
+    /// `proxmox_vmid` is set but the machine's SMBIOS uuid cannot be read.
+    #[error(
+        "proxmox_vmid is {vmid} but the SMBIOS uuid {} is unreadable ({error}): is this a Proxmox VM, and is \
+         the agent running as root?",
+        path.display()
+    )]
+    ProviderIdentity { vmid: u32, path: PathBuf, error: String },
 }
 
 /// Why a connection to the coordinator could not be made.

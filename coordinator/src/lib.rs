@@ -15,6 +15,7 @@ pub mod inventory;
 pub mod link;
 pub mod metrics;
 pub mod placement;
+pub mod proxmox;
 pub mod store;
 pub mod tenants;
 pub mod tokens;
@@ -53,6 +54,8 @@ pub enum StartError {
     Pki(#[from] pki::PkiError),
     #[error(transparent)]
     HostCluster(#[from] hostcluster::reconcile::HostClusterError),
+    #[error("cannot set up Proxmox provisioning: {0}")]
+    Proxmox(#[from] proxmox::ProxmoxError),
     #[error("cannot listen on {what} {addr}: {error}")]
     Listen { what: &'static str, addr: SocketAddr, error: std::io::Error },
 }
@@ -70,6 +73,9 @@ pub struct Running {
     pub tenants: Arc<tenants::Tenants>,
     pub host_cluster: Arc<hostcluster::reconcile::HostCluster>,
     pub metrics: Arc<Metrics>,
+    /// The Proxmox provisioner and its seed server's address, when `[proxmox]` is configured.
+    pub provisioner: Option<Arc<proxmox::Provisioner>>,
+    pub seed_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -163,17 +169,46 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         plans,
     )?);
 
+    let provisioner = match &config.proxmox {
+        Some(settings) => Some(Arc::new(proxmox::Provisioner::new(
+            settings.clone(),
+            store.clone(),
+            config.placement.node_classes.clone(),
+            ca.hash(),
+        )?)),
+        None => None,
+    };
+    let node_provisioner: Arc<dyn tenants::NodeProvisioner> = match &provisioner {
+        Some(p) => p.clone(),
+        None => Arc::new(tenants::RecordOnly),
+    };
     let tenants = Arc::new(
         tenants::Tenants::load(
             store.clone(),
             inventory.clone(),
             config.placement.clone(),
             desired::AllocationPlan { pids_per_pod: config.isolation.pids_per_pod },
-            Arc::new(tenants::RecordOnly),
+            node_provisioner,
             config.hostcluster.mode != hostcluster::render::Mode::Off,
         )
         .map_err(StartError::Tenants)?,
     );
+    let seed_listener = match &config.proxmox {
+        Some(settings) => {
+            let addr = settings.seed_listen;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|error| StartError::Listen {
+                what: "seed HTTP",
+                addr,
+                error,
+            })?;
+            let bound = listener.local_addr().map_err(|error| StartError::Listen { what: "seed HTTP", addr, error })?;
+            Some((listener, bound))
+        }
+        None => None,
+    };
+    if let (Some(p), Some((_, bound))) = (&provisioner, &seed_listener) {
+        p.attach(tenants.clone(), p.settings().seed_base(*bound));
+    }
 
     let host_cluster = Arc::new(
         hostcluster::reconcile::HostCluster::new(
@@ -223,6 +258,7 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         default_token_ttl: config.token_ttl,
         tenants: tenants.clone(),
         node_classes: config.placement.node_classes.clone(),
+        provisioner: provisioner.clone(),
     });
     tasks.push(tokio::spawn(http_server::serve(
         listener,
@@ -268,6 +304,18 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         }
     }));
 
+    let mut seed_addr = None;
+    if let (Some(p), Some((listener, bound))) = (&provisioner, seed_listener) {
+        seed_addr = Some(bound);
+        tasks.push(tokio::spawn(http_server::serve(
+            listener,
+            proxmox::seed::router(p.clone()),
+            http_server::HttpLimits::default(),
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(p.clone().run(config.report_interval, shutdown_rx.clone())));
+    }
+
     // The placement control loop: one reconcile per report interval.
     let reconcile_tenants = tenants.clone();
     tasks.push(every(config.report_interval, shutdown_rx, move || {
@@ -290,6 +338,8 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
         tenants,
         host_cluster,
         metrics,
+        provisioner,
+        seed_addr,
         shutdown,
         tasks,
     })
