@@ -150,13 +150,43 @@ impl Env {
     /// token or node beyond those.
     pub async fn settled(&self, count: usize, within: Duration) {
         crate::eventually(within, &format!("exactly {count} VMs and nothing else"), async || {
-            let vms = self.pve.vms();
+            let vms: Vec<_> = self.pve.vms().into_iter().filter(|v| v.name.starts_with("hx-")).collect();
             let records = self.c.running.provisioner.as_ref()?.records().ok()?;
             let nodes = self.c.admin.nodes().await;
+            let vm_nodes = nodes.iter().filter(|n| n.provider != hexa_shared::proto::ProviderIdentity::None).count();
             let bound = records.iter().filter(|r| r.state == hexa_coordinator::proxmox::VmState::Bound).count();
-            (vms.len() == count && records.len() == count && bound == count && nodes.len() == count).then_some(())
+            let (_, tokens) = self.c.admin.request(Method::GET, "/v1/tokens", None).await;
+            let vm_tokens = tokens
+                .as_array()?
+                .iter()
+                .filter(|t| t["pool"].as_str().is_some_and(|p| p.starts_with("dedicated:")))
+                .count();
+            (vms.len() == count && records.len() == count && bound == count && vm_nodes == count && vm_tokens == count)
+                .then_some(())
         })
         .await;
+    }
+
+    /// Every `last_error` `/v1/provisioning` shows, polled until `done` says so.
+    pub async fn errors_until(&self, within: Duration, mut done: impl AsyncFnMut(&Env) -> bool) -> Vec<String> {
+        let deadline = std::time::Instant::now() + within;
+        let mut seen: Vec<String> = Vec::new();
+        loop {
+            for row in self.provisioning().await.as_array().cloned().unwrap_or_default() {
+                for vm in row["vms"].as_array().cloned().unwrap_or_default() {
+                    if let Some(e) = vm["last_error"].as_str() {
+                        if !seen.iter().any(|s| s == e) {
+                            seen.push(e.to_string());
+                        }
+                    }
+                }
+            }
+            if done(self).await {
+                return seen;
+            }
+            assert!(std::time::Instant::now() < deadline, "timed out; errors seen: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
     }
 
     pub async fn stop(self) {

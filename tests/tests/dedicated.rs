@@ -87,3 +87,179 @@ async fn a_dedicated_tenant_gets_two_vms_that_enroll_with_their_identity_and_bec
     assert!(tokens.as_array().unwrap().iter().all(|t| t["status"] == "used"), "{tokens}");
     env.stop().await;
 }
+
+/// Enrolls from outside any VM with `token`, presenting `provider`.
+async fn enroll_as(
+    env: &Env,
+    token: &str,
+    name: &str,
+    provider: ProviderIdentity,
+) -> Result<String, hexa_agent::AgentError> {
+    let dir = tempfile::tempdir().unwrap();
+    let state = hexa_agent::state::StateDir::open(dir.path()).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let facts = hexa_agent::enroll::NodeFacts {
+        hostname: "intruder".into(),
+        machine_id: "m".into(),
+        requested_name: Some(name.to_string()),
+        provider,
+    };
+    let enrolled =
+        hexa_agent::enroll::enroll(&endpoint, env.c.running.quic_addr, token, env.c.running.ca_hash, &facts, &state)
+            .await;
+    enrolled.map(|e| e.node_name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_and_its_token_serve_one_vm_once() {
+    let env = Env::start(Timings::fast(), |_| {}).await;
+    // The VM starts but its image never runs cloud-init: its seed waits, unused.
+    env.pve.inject(hexa_tests::pve::Fault::NeverBoot { count: 1 });
+    env.create("solo", dedicated("S", 1)).await;
+    eventually(Duration::from_secs(30), "VM waiting for registration", async || {
+        let rows = env.provisioning().await;
+        (rows[0]["vms"][0]["state"] == "waiting_for_registration").then_some(())
+    })
+    .await;
+    let vm = env.pve.vms().pop().unwrap();
+    let uuid = parse_smbios1(&vm.config["smbios1"])["uuid"].clone();
+    let seed = seed_url(&vm);
+    let get = async |file: &str| {
+        let response = reqwest::get(format!("{seed}{file}")).await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    let (status, meta) = get("meta-data").await;
+    assert_eq!(status, 200);
+    assert!(meta.contains(&format!("instance-id: {uuid}")) && meta.contains("dsmode: net"), "{meta}");
+    assert_eq!(get("vendor-data").await, (200, "#cloud-config\n{}\n".to_string()));
+    let (status, user_data) = get("user-data").await;
+    assert_eq!(status, 200);
+    // The user-data as served passes the real schema check.
+    if std::process::Command::new("cloud-init").arg("--version").output().is_ok() {
+        let file = env.dir.path().join("served-user-data");
+        std::fs::write(&file, &user_data).unwrap();
+        let out =
+            std::process::Command::new("cloud-init").args(["schema", "--config-file"]).arg(&file).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!(
+            "a_seed_and_its_token_serve_one_vm_once: cloud-init schema check skipped: `cloud-init` is not installed"
+        );
+    }
+    let token = user_data
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token = \""))
+        .map(|t| t.trim_end_matches('"').to_string())
+        .expect("token in agent.toml");
+    assert!(user_data.contains(&format!("proxmox_vmid = {}", vm.vmid)), "{user_data}");
+
+    // Another VM's identity, or none: refused, and the token stays usable.
+    let other = ProviderIdentity::Proxmox { vmid: vm.vmid + 1, smbios_uuid: uuid.clone() };
+    let refused = enroll_as(&env, &token, &vm.name, other).await.unwrap_err().to_string();
+    assert!(refused.contains("IdentityMismatch"), "{refused}");
+    let refused = enroll_as(&env, &token, &vm.name, ProviderIdentity::None).await.unwrap_err().to_string();
+    assert!(refused.contains("IdentityMismatch"), "{refused}");
+    // This VM's identity: admitted, under the VM's node name.
+    let me = ProviderIdentity::Proxmox { vmid: vm.vmid, smbios_uuid: uuid.clone() };
+    let name = enroll_as(&env, &token, &vm.name, me.clone()).await.unwrap();
+    assert_eq!(name, vm.name);
+    // A second use, even with the right identity: refused; and the seed is no longer served.
+    let refused = enroll_as(&env, &token, &vm.name, me).await.unwrap_err().to_string();
+    assert!(refused.contains("TokenUsed"), "{refused}");
+    assert_eq!(get("user-data").await.0, 404);
+    assert_eq!(get("meta-data").await.0, 404);
+    let unknown = seed.replace("/seed/", "/seed/0").to_string();
+    assert_eq!(reqwest::get(format!("{unknown}user-data")).await.unwrap().status(), 404);
+    // The record moves to bound once it sees the node.
+    eventually(Duration::from_secs(10), "VM bound", async || {
+        let records = env.c.running.provisioner.as_ref()?.records().ok()?;
+        (records.len() == 1 && records[0].state == hexa_coordinator::proxmox::VmState::Bound).then_some(())
+    })
+    .await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_lock_timeouts_nextid_collisions_and_failed_starts_end_in_exactly_the_vms_wanted() {
+    let env = Env::start(Timings::fast(), |_| {}).await;
+    env.pve.inject(hexa_tests::pve::Fault::CloneLockTimeout { count: 1 });
+    env.pve.inject(hexa_tests::pve::Fault::NextIdRace { count: 1 });
+    env.pve.inject(hexa_tests::pve::Fault::FailTask {
+        kind: "qmstart".into(),
+        message: "start failed: QEMU exited with code 1".into(),
+        count: 1,
+    });
+    env.create("rough", dedicated("S", 2)).await;
+    let seen = env
+        .errors_until(Duration::from_secs(90), async |env| {
+            env.tenant("rough").await.is_some_and(|t| t.placement.dedicated_nodes.len() == 2)
+        })
+        .await;
+    let has = |needle: &str| seen.iter().any(|e| e.contains(needle));
+    assert!(has("got timeout"), "lock timeout not shown: {seen:?}");
+    assert!(has("taken") || has("collided"), "nextid collision not shown: {seen:?}");
+    assert!(has("start failed: QEMU exited with code 1"), "failed start not shown: {seen:?}");
+    env.settled(2, Duration::from_secs(30)).await;
+    // The VM whose start failed was destroyed; the squatter's VM is untouched.
+    let vms = env.pve.vms();
+    assert_eq!(vms.iter().filter(|v| v.name.starts_with("hx-")).count(), 2, "{vms:?}");
+    assert_eq!(vms.iter().filter(|v| v.name.starts_with("someone-else-")).count(), 1, "{vms:?}");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_never_registers_is_destroyed_and_replaced_with_the_reason_shown() {
+    let env = Env::start(Timings::fast(), |s| s.registration_timeout = Duration::from_secs(3)).await;
+    env.pve.inject(hexa_tests::pve::Fault::NeverBoot { count: 1 });
+    env.create("late", dedicated("S", 1)).await;
+    let seen = env
+        .errors_until(Duration::from_secs(60), async |env| {
+            env.tenant("late").await.is_some_and(|t| t.placement.dedicated_nodes.len() == 1)
+        })
+        .await;
+    assert!(seen.iter().any(|e| e.contains("did not register within 3s")), "{seen:?}");
+    env.settled(1, Duration::from_secs(30)).await;
+    assert_eq!(env.pve.clones().len(), 2, "one VM, then its replacement");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_move_shared_to_dedicated_and_back_shrink_and_delete_leaving_nothing() {
+    let env = Env::start(Timings::fast(), |_| {}).await;
+    env.kube.add_node("shared-1", &[]).unwrap();
+    let shared_node = env.c.spawn_agent("shared-1").await;
+    eventually(Duration::from_secs(20), "shared node Ready", async || {
+        env.c.admin.node("shared-1").await.filter(|n| n.health == hexa_coordinator::store::Health::Ready)
+    })
+    .await;
+    let shared = json!({"kind": "shared", "cpu_millis": 500, "memory_bytes": 1u64 << 30, "pods": 10, "replicas": 1, "spread": 1});
+    env.create("mover", shared.clone()).await;
+    // Shared -> dedicated x2 -> dedicated x1 -> shared, never deleted.
+    env.set_plan("mover", dedicated("S", 2)).await;
+    env.bound("mover", 2, Duration::from_secs(60)).await;
+    env.settled(2, Duration::from_secs(30)).await;
+    env.set_plan("mover", dedicated("S", 1)).await;
+    let one = env.bound("mover", 1, Duration::from_secs(30)).await;
+    env.settled(1, Duration::from_secs(30)).await;
+    let remaining = env.c.running.provisioner.as_ref().unwrap().records().unwrap();
+    assert_eq!(remaining[0].node_name(), one.placement.dedicated_nodes[0], "the node still bound is the VM kept");
+    env.set_plan("mover", shared).await;
+    env.settled(0, Duration::from_secs(30)).await;
+    let t = env.tenant("mover").await.unwrap();
+    assert!(t.placement.dedicated_nodes.is_empty() && t.placement.shares.len() == 1, "{t:?}");
+
+    // A dedicated tenant deleted: its VMs are destroyed and nothing of them is left.
+    env.create("gone", dedicated("M", 1)).await;
+    env.bound("gone", 1, Duration::from_secs(60)).await;
+    let (status, _) = env.c.admin.request(reqwest::Method::DELETE, "/v1/tenants/gone", None).await;
+    assert_eq!(status, 200);
+    env.settled(0, Duration::from_secs(30)).await;
+    assert_eq!(env.provisioning().await, json!([]));
+    shared_node.stop().await;
+    env.stop().await;
+}

@@ -191,6 +191,13 @@ async fn boot(dir: &Path, request: &BootRequest, log: &BootLog) -> Result<Booted
     log.push(vmid, "fetched user-data".into());
     let (files, enables) = parse_user_data(&user)?;
     let root = super::vm_root(dir, vmid);
+    // A VMID reused by a new clone is a new disk: nothing of the VM that had it before is left.
+    let instance = root.join("var/lib/cloud/instance-id");
+    if std::fs::read_to_string(&instance).ok().as_deref() != Some(uuid.as_str()) {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    std::fs::create_dir_all(instance.parent().unwrap_or(&root)).map_err(|e| e.to_string())?;
+    std::fs::write(&instance, &uuid).map_err(|e| e.to_string())?;
     for f in &files {
         let path = under(&root, &f.path);
         std::fs::create_dir_all(path.parent().unwrap_or(&root)).map_err(|e| e.to_string())?;
