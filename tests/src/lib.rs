@@ -15,6 +15,7 @@ pub mod k3s_supervisor;
 pub mod netns;
 pub mod procs;
 pub mod pve;
+pub mod pve_bench;
 pub mod raw;
 pub mod trust_bench;
 

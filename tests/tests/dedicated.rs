@@ -263,3 +263,74 @@ async fn plans_move_shared_to_dedicated_and_back_shrink_and_delete_leaving_nothi
     shared_node.stop().await;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxmox_api_down_for_a_minute_delays_provisioning_and_nothing_leaks() {
+    let mut timings = Timings::fast();
+    timings.clone_full = Duration::from_secs(2);
+    let env = Env::start(timings, |_| {}).await;
+    env.create("patient", dedicated("S", 1)).await;
+    eventually(Duration::from_secs(20), "clone under way", async || (env.pve.clones().len() == 1).then_some(())).await;
+    env.pve.set_down(true);
+    let outage = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while tokio::time::Instant::now() < outage {
+        for row in env.provisioning().await.as_array().cloned().unwrap_or_default() {
+            for vm in row["vms"].as_array().cloned().unwrap_or_default() {
+                if let Some(e) = vm["last_error"].as_str().filter(|e| !seen.contains(&e.to_string())) {
+                    seen.push(e.to_string());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(seen.iter().any(|e| e.contains("Proxmox API")), "the outage is not shown: {seen:?}");
+    env.pve.set_down(false);
+    env.bound("patient", 1, Duration::from_secs(60)).await;
+    env.settled(1, Duration::from_secs(30)).await;
+    assert_eq!(env.pve.clones().len(), 1, "the clone under way when the API went down was not repeated");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_with_sigkill_during_cloning_resumes_without_cloning_twice() {
+    use hexa_tests::dedicated;
+    use hexa_tests::procs::CoordinatorProc;
+    hexa_tests::init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut timings = Timings::fast();
+    timings.clone_full = Duration::from_secs(3);
+    let pve = hexa_tests::pve::Pve::start(timings, &dedicated::TEMPLATES).await;
+    let kube = std::sync::Arc::new(hexa_tests::fake_kube::FakeKube::start().await);
+    let _boots = dedicated::boot_into_agents(&pve, dir.path(), kube.clone());
+    let (quic, admin_port) = (hexa_tests::free_port(), hexa_tests::free_port());
+    let settings = dedicated::settings(&pve, dir.path(), quic);
+    let mut config = dedicated::coordinator_config(&kube, dir.path(), quic, settings);
+    config.state_dir = dir.path().join("state");
+    config.admin_listen = ([127, 0, 0, 1], admin_port).into();
+    let path = dir.path().join("coordinator.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let mut first = CoordinatorProc::start_with(dir.path(), &path, quic, admin_port, "first.log").await;
+    let body = json!({"name": "phoenix", "plan": dedicated("S", 1)});
+    let (status, _) = first.admin.request(reqwest::Method::POST, "/v1/tenants", Some(body)).await;
+    assert_eq!(status, 201);
+    eventually(Duration::from_secs(20), "clone under way", async || {
+        pve.vms().iter().any(|v| v.lock.as_deref() == Some("clone")).then_some(())
+    })
+    .await;
+    first.proc.kill9();
+    let second = CoordinatorProc::start_with(dir.path(), &path, quic, admin_port, "second.log").await;
+    eventually(Duration::from_secs(60), "node bound after the restart", async || {
+        let (_, t) = second.admin.request(reqwest::Method::GET, "/v1/tenants/phoenix", None).await;
+        (t["placement"]["dedicated_nodes"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+    assert_eq!(pve.clones().len(), 1, "cloned twice: {:?}", pve.clones());
+    assert_eq!(pve.vms().len(), 1);
+    eventually(Duration::from_secs(10), "nothing left to provision", async || {
+        let (_, rows) = second.admin.request(reqwest::Method::GET, "/v1/provisioning", None).await;
+        (rows == json!([])).then_some(())
+    })
+    .await;
+    pve.shutdown_vms().await;
+}

@@ -68,7 +68,10 @@ impl ProxmoxError {
     /// Worth trying again: locks, timeouts, lost connections, and 5xx that are not a definite no.
     pub fn is_transient(&self) -> bool {
         match self {
-            ProxmoxError::Transport { .. } => true,
+            // A certificate that is not the one trusted stays so: say it at once.
+            ProxmoxError::Transport { message, .. } => {
+                !(message.contains("certificate") || message.contains("fingerprint"))
+            }
             ProxmoxError::Api { status, .. } if *status >= 500 => {
                 self.is_lock() || !(self.is_vmid_taken() || self.is_missing())
             }
@@ -298,11 +301,21 @@ impl ProxmoxClient {
         if !in_query {
             request = request.header("Content-Type", "application/x-www-form-urlencoded").body(encoded);
         }
-        let transport = |e: reqwest::Error| ProxmoxError::Transport {
-            method: method.to_string(),
-            path: path.to_string(),
-            message: e.to_string(),
-            timeout: e.is_timeout(),
+        let transport = |e: reqwest::Error| {
+            // reqwest's own text names the URL only; the causes say what went wrong (refused,
+            // certificate, timeout).
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message = format!("{message}: {cause}");
+                source = cause.source();
+            }
+            ProxmoxError::Transport {
+                method: method.to_string(),
+                path: path.to_string(),
+                message,
+                timeout: e.is_timeout(),
+            }
         };
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
@@ -341,7 +354,8 @@ impl ProxmoxClient {
         serde_json::from_value(data).map_err(|e| decode(e.to_string()))
     }
 
-    /// A request retried with backoff while its failure is transient, for up to `retry_for`.
+    /// A request retried with backoff while its failure is transient, for up to `retry_for` (at
+    /// most 15 s).
     pub async fn request<T: DeserializeOwned>(
         &self,
         method: Method,
@@ -349,10 +363,11 @@ impl ProxmoxClient {
         params: &[(&str, String)],
     ) -> Result<T, ProxmoxError> {
         let started = Instant::now();
+        let retry_for = self.call_retry_for();
         let mut attempt = 0;
         loop {
             match self.request_once(method.clone(), path, params).await {
-                Err(e) if e.is_transient() && started.elapsed() < self.retry_for => {
+                Err(e) if e.is_transient() && started.elapsed() < retry_for => {
                     let delay = self.backoff.delay(attempt);
                     tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "Proxmox call failed; retrying");
                     attempt += 1;
@@ -454,6 +469,10 @@ impl ProxmoxClient {
     pub async fn follow_for(&self, upid: &Upid, timeout: Duration) -> Result<(), ProxmoxError> {
         let path = format!("/nodes/{}/tasks/{}/status", upid.node, encode(&upid.text));
         let started = Instant::now();
+        // The task runs on whatever happens to the API meanwhile: while the API is unreachable
+        // (for a while) keep asking; only a task seen running too long times out. A longer
+        // outage surfaces to the caller, which can follow the same UPID again.
+        let mut failing_since: Option<Instant> = None;
         loop {
             match self.request_once::<TaskStatus>(Method::GET, &path, &[]).await {
                 Ok(task) if task.status == "stopped" => {
@@ -464,18 +483,23 @@ impl ProxmoxClient {
                         Err(ProxmoxError::Task { upid: upid.text.clone(), exitstatus: exit })
                     };
                 }
-                Ok(_) => {}
-                Err(e) if e.text().contains("no such task") && started.elapsed() < Duration::from_secs(30) => {
+                Ok(_) => {
+                    failing_since = None;
+                    if started.elapsed() > timeout {
+                        return Err(ProxmoxError::TaskTimeout { upid: upid.text.clone(), waited: started.elapsed() });
+                    }
+                }
+                Err(e) if e.text().contains("no such task") => {
+                    if started.elapsed() >= NO_SUCH_TASK_GRACE.min(timeout) {
+                        return Err(e);
+                    }
                     tracing::debug!(upid = %upid.text, "task not listed yet");
                 }
-                // The task runs on whatever happens to the API meanwhile: keep asking.
-                Err(e) if e.is_transient() && started.elapsed() < timeout => {
+                Err(e) if e.is_transient() && failing_since.is_none_or(|t| t.elapsed() < self.call_retry_for()) => {
+                    failing_since.get_or_insert_with(Instant::now);
                     tracing::debug!(upid = %upid.text, error = %e, "task status unavailable; asking again");
                 }
                 Err(e) => return Err(e),
-            }
-            if started.elapsed() > timeout {
-                return Err(ProxmoxError::TaskTimeout { upid: upid.text.clone(), waited: started.elapsed() });
             }
             tokio::time::sleep(self.poll).await;
         }
@@ -485,10 +509,19 @@ impl ProxmoxClient {
         self.follow_for(upid, self.task_timeout()).await
     }
 
+    /// How long one call retries: `retry_for`, at most 15 s. Longer outages surface to the
+    /// caller, whose state machine records them and tries again.
+    fn call_retry_for(&self) -> Duration {
+        self.retry_for.min(Duration::from_secs(15))
+    }
+
     fn task_timeout(&self) -> Duration {
         self.task_timeout
     }
 }
+
+/// How long a task just started may be unknown to its node (`no such task`).
+const NO_SUCH_TASK_GRACE: Duration = Duration::from_secs(10);
 
 /// What to clone where.
 #[derive(Debug, Clone)]

@@ -347,7 +347,8 @@ impl Provisioner {
             }
             {
                 let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-                if !busy.insert(record.id.clone()) {
+                let limit = self.settings.max_in_flight;
+                if (limit > 0 && busy.len() >= limit) || !busy.insert(record.id.clone()) {
                     continue;
                 }
             }
@@ -368,6 +369,7 @@ impl Provisioner {
         let Some(tenants) = self.tenants.get() else { return Ok(()) };
         let tenants = tenants.list().await;
         let records = self.store.vms()?;
+        let nodes = self.store.nodes()?;
         let mut by_tenant: BTreeMap<&str, Vec<&VmRecord>> = BTreeMap::new();
         for record in records.values() {
             by_tenant.entry(record.tenant.as_str()).or_default().push(record);
@@ -398,6 +400,13 @@ impl Provisioner {
             let mut active: Vec<&VmRecord> = Vec::new();
             for record in mine {
                 if record.retire.is_some() || !record.state.active() {
+                    continue;
+                }
+                // A bound VM whose node is Lost is replaced: the tenant is Degraded meanwhile.
+                let lost = record.state == VmState::Bound
+                    && nodes.get(&record.node_name()).is_some_and(|n| n.health == crate::store::Health::Lost);
+                if lost {
+                    retire.push((record.id.clone(), format!("node {} lost", record.node_name())));
                     continue;
                 }
                 if Some(&record.node_class) != class.as_ref() {
@@ -553,7 +562,10 @@ impl Provisioner {
             VmState::Configuring => self.configure_step(next).await,
             VmState::Starting => {
                 let (node, vmid) = placed(&next)?;
-                self.client.power(&node, vmid, "start", &[]).await?;
+                // Started already when a previous attempt's answer was lost.
+                if self.client.status(&node, vmid).await?.status != "running" {
+                    self.client.power(&node, vmid, "start", &[]).await?;
+                }
                 next.state = VmState::WaitingForRegistration;
                 next.last_error = next.last_error.filter(|e| e.starts_with("replaces"));
                 Ok(Outcome::Next(Box::new(next)))

@@ -60,6 +60,8 @@ pub struct ProxmoxSettings {
     /// Per request to the API.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Steps (PVE tasks) in flight at once across all VMs; 0: no limit (still one per VM).
+    pub max_in_flight: usize,
     /// How often a running task's status is asked.
     #[serde(with = "humantime_serde")]
     pub task_poll: Duration,
@@ -107,6 +109,7 @@ impl Default for ProxmoxSettings {
             registration_timeout: Duration::from_secs(900),
             shutdown_timeout: Duration::from_secs(120),
             request_timeout: Duration::from_secs(30),
+            max_in_flight: 0,
             task_poll: Duration::from_millis(500),
             retry_for: Duration::from_secs(300),
         }
@@ -163,5 +166,62 @@ impl ProxmoxSettings {
         } else {
             self.seed_url.trim_end_matches('/').to_string()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The commented `[proxmox]` example in `packaging/coordinator.toml`, uncommented, documents
+    /// every key with its default (but for the values an operator must give).
+    #[test]
+    fn the_packaged_example_documents_every_key() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/coordinator.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = text.find("# [proxmox]\n").expect("a commented [proxmox] section");
+        let example: String = text[start..]
+            .lines()
+            .filter(|l| !l.starts_with("# #"))
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        #[derive(Deserialize)]
+        struct Doc {
+            proxmox: ProxmoxSettings,
+        }
+        let doc: Doc = toml::from_str(&example).unwrap();
+        let given = ProxmoxSettings {
+            endpoint: doc.proxmox.endpoint.clone(),
+            fingerprint: doc.proxmox.fingerprint.clone(),
+            seed_url: doc.proxmox.seed_url.clone(),
+            coordinator_address: doc.proxmox.coordinator_address.clone(),
+            templates: doc.proxmox.templates.clone(),
+            ..ProxmoxSettings::default()
+        };
+        assert_eq!(doc.proxmox, given);
+        let keys = toml::Table::try_from(ProxmoxSettings::default()).unwrap();
+        for key in keys.keys().filter(|k| *k != "templates") {
+            assert!(example.lines().any(|l| l.starts_with(&format!("{key} ="))), "{key} undocumented");
+        }
+        assert!(example.contains("[proxmox.templates.S]"));
+    }
+
+    #[test]
+    fn validation_names_the_key_to_fix() {
+        let classes = hexa_shared::tenant::NodeClass::defaults();
+        let mut s = ProxmoxSettings { endpoint: "https://pve:8006".into(), ..ProxmoxSettings::default() };
+        assert!(s.validate(&classes).unwrap_err().to_string().contains("proxmox.fingerprint"));
+        s.fingerprint = "zz".into();
+        assert!(s.validate(&classes).unwrap_err().to_string().contains("not a hex sha256"));
+        s.fingerprint = "ab".repeat(32);
+        assert!(s.validate(&classes).unwrap_err().to_string().contains("proxmox.coordinator_address"));
+        s.coordinator_address = "10.0.0.5:7443".into();
+        let err = s.validate(&classes).unwrap_err().to_string();
+        assert!(err.contains("[proxmox.templates.S]"), "{err}");
+        for class in ["S", "M", "L"] {
+            s.templates.insert(class.into(), Template { node: "pve1".into(), vmid: 9000, disk: "scsi0".into() });
+        }
+        s.validate(&classes).unwrap();
     }
 }

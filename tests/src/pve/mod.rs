@@ -49,6 +49,9 @@ pub struct Timings {
     pub destroy: Duration,
     /// A new task is not listed (`no such task`) for this long.
     pub listed_after: Duration,
+    /// Full clones share their node's storage: each clone already running on the target node
+    /// makes a new one take this fraction longer.
+    pub clone_contention: f64,
 }
 
 impl Timings {
@@ -65,6 +68,7 @@ impl Timings {
             stop: ms(50),
             destroy: ms(150),
             listed_after: ms(30),
+            clone_contention: 0.0,
         }
     }
 
@@ -81,6 +85,7 @@ impl Timings {
             stop: ms(800),
             destroy: ms(1500),
             listed_after: ms(100),
+            clone_contention: 0.5,
         }
     }
 }
@@ -167,6 +172,8 @@ struct Shared {
     world: Mutex<World>,
     timings: Timings,
     down: AtomicBool,
+    /// Tells open connections to drop when the API goes down.
+    down_signal: tokio::sync::watch::Sender<bool>,
     requests: AtomicU64,
     boot: Mutex<Option<BootHook>>,
     booted: Mutex<BTreeMap<u32, boot::Booted>>,
@@ -229,6 +236,7 @@ impl Pve {
             world: Mutex::new(world),
             timings,
             down: AtomicBool::new(false),
+            down_signal: tokio::sync::watch::channel(false).0,
             requests: AtomicU64::new(0),
             boot: Mutex::new(None),
             booted: Mutex::new(BTreeMap::new()),
@@ -266,12 +274,17 @@ impl Pve {
                 }
                 let acceptor = acceptor.clone();
                 let app = app.clone();
+                let mut down = serving.down_signal.subscribe();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(stream).await else { return };
                     let service = hyper_util::service::TowerToHyperService::new(app);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                        .await;
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                    // Going down drops kept-alive connections too.
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = down.wait_for(|down| *down) => {}
+                    }
                 });
             }
         });
@@ -301,6 +314,7 @@ impl Pve {
     /// Drops every connection while down.
     pub fn set_down(&self, down: bool) {
         self.shared.down.store(down, Ordering::SeqCst);
+        self.shared.down_signal.send_replace(down);
     }
 
     /// The VMs that are not templates.
@@ -665,11 +679,12 @@ fn api(
                 return error(500, &format!("unable to create VM {newid}: config file already exists"), true);
             }
             let target = params.get("target").cloned().unwrap_or_else(|| node.clone());
-            if !world.nodes.iter().any(|n| n.name == target && n.online) {
+            let target = &target;
+            if !world.nodes.iter().any(|n| &n.name == target && n.online) {
                 return error(500, &format!("target node '{target}' does not exist or is offline"), true);
             }
             let full = params.get("full").is_some_and(|f| matches!(f.as_str(), "1" | "true" | "yes" | "on"));
-            if !full && target != node {
+            if !full && *target != node {
                 return error(500, "Linked clone feature is not supported for drive 'scsi0' on another node", true);
             }
             let name = params.get("name").cloned().unwrap_or_else(|| format!("Copy-of-VM-{}", source.name));
@@ -678,7 +693,7 @@ fn api(
                 newid,
                 Vm {
                     vmid: newid,
-                    node: target,
+                    node: target.clone(),
                     name,
                     template: false,
                     running: false,
@@ -687,7 +702,14 @@ fn api(
                     disk_gib: source.disk_gib,
                 },
             );
-            let took = if full { timings.clone_full } else { timings.clone_linked };
+            let running = world
+                .tasks
+                .iter()
+                .filter(|t| t.kind == "qmclone" && t.exitstatus.is_none())
+                .filter(|t| matches!(t.effect, Effect::Cloned { vmid } if world.vms.get(&vmid).is_some_and(|v| &v.node == target)))
+                .count();
+            let base = if full { timings.clone_full } else { timings.clone_linked };
+            let took = base.mul_f64(1.0 + timings.clone_contention * running as f64);
             let upid = new_task(world, timings, &node, "qmclone", vmid, took, Effect::Cloned { vmid: newid });
             data(json!(upid))
         }
