@@ -84,14 +84,30 @@ pub fn coordinator_config(kube: &FakeKube, dir: &Path, quic_port: u16, settings:
 impl Env {
     pub async fn start(timings: Timings, tune: impl FnOnce(&mut ProxmoxSettings)) -> Env {
         crate::init();
-        let dir = tempfile::tempdir().expect("tempdir");
         let pve = Pve::start(timings, &TEMPLATES).await;
+        Env::start_on(pve, tune).await
+    }
+
+    /// A coordinator on an emulator already started (and perhaps holding VMs).
+    pub async fn start_on(pve: Pve, tune: impl FnOnce(&mut ProxmoxSettings)) -> Env {
+        Env::start_configured(pve, |config| {
+            if let Some(settings) = config.proxmox.as_mut() {
+                tune(settings);
+            }
+        })
+        .await
+    }
+
+    /// A coordinator on `pve` whose whole config `tune` may change.
+    pub async fn start_configured(pve: Pve, tune: impl FnOnce(&mut CoordinatorConfig)) -> Env {
+        crate::init();
+        let dir = tempfile::tempdir().expect("tempdir");
         let kube = Arc::new(FakeKube::start().await);
         let boots = boot_into_agents(&pve, dir.path(), kube.clone());
         let quic_port = crate::free_port();
-        let mut settings = settings(&pve, dir.path(), quic_port);
-        tune(&mut settings);
-        let config = coordinator_config(&kube, dir.path(), quic_port, settings);
+        let settings = settings(&pve, dir.path(), quic_port);
+        let mut config = coordinator_config(&kube, dir.path(), quic_port, settings);
+        tune(&mut config);
         let state = tempfile::tempdir().expect("tempdir");
         let c = Coordinator::start_with(config, state).await;
         Env { pve, kube, c, boots, dir }

@@ -32,11 +32,19 @@ fn scaled(scale: f64) -> Timings {
 /// One run: `tenants` dedicated tenants of `vms / tenants` S nodes each, all requested at once.
 async fn run(vms: usize, tenants: usize, scale: f64, max_in_flight: usize) -> anyhow::Result<serde_json::Value> {
     let per_tenant = vms.div_ceil(tenants);
-    let env = Env::start(scaled(scale), |s| {
-        s.max_in_flight = max_in_flight;
-        s.task_poll = Duration::from_millis(250);
-        s.registration_timeout = Duration::from_secs(600);
-        s.task_timeout = Duration::from_secs(600);
+    crate::init();
+    let pve = crate::pve::Pve::start(scaled(scale), &crate::dedicated::TEMPLATES).await;
+    let env = Env::start_configured(pve, |config| {
+        // The product's default health thresholds: twenty agents share this machine.
+        config.report_interval = Duration::from_secs(1);
+        config.unreachable_after = Duration::from_secs(3);
+        config.lost_after = Duration::from_secs(30);
+        if let Some(s) = config.proxmox.as_mut() {
+            s.max_in_flight = max_in_flight;
+            s.task_poll = Duration::from_millis(500);
+            s.registration_timeout = Duration::from_secs(600);
+            s.task_timeout = Duration::from_secs(600);
+        }
     })
     .await;
     let names: Vec<String> = (0..tenants).map(|i| format!("bench-{i}")).collect();

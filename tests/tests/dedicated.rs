@@ -334,3 +334,22 @@ async fn a_coordinator_killed_with_sigkill_during_cloning_resumes_without_clonin
     .await;
     pve.shutdown_vms().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_of_ours_that_no_record_knows_are_destroyed_at_start_and_others_are_left_alone() {
+    hexa_tests::init();
+    let pve = hexa_tests::pve::Pve::start(Timings::fast(), &hexa_tests::dedicated::TEMPLATES).await;
+    // Left by a coordinator that died between destroying a VM and forgetting it, or mid-clone.
+    pve.add_vm(120, "hx-k3v9q2m1xz", "hexabase;hx-tenant-old;hx-rec-k3v9q2m1xz", true);
+    pve.add_vm(121, "hx-a1b2c3d4e5", "", false);
+    // Someone else's.
+    pve.add_vm(130, "web", "production", true);
+    pve.add_vm(131, "hx-short", "", false);
+    let env = Env::start_on(pve, |_| {}).await;
+    eventually(Duration::from_secs(30), "orphans destroyed", async || {
+        let names: Vec<String> = env.pve.vms().into_iter().map(|v| v.name).collect();
+        (names == ["web", "hx-short"]).then_some(())
+    })
+    .await;
+    env.stop().await;
+}

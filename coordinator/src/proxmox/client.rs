@@ -473,6 +473,8 @@ impl ProxmoxClient {
         // (for a while) keep asking; only a task seen running too long times out. A longer
         // outage surfaces to the caller, which can follow the same UPID again.
         let mut failing_since: Option<Instant> = None;
+        // Polls start at `poll` and slow down to four times that for long tasks.
+        let mut poll = self.poll;
         loop {
             match self.request_once::<TaskStatus>(Method::GET, &path, &[]).await {
                 Ok(task) if task.status == "stopped" => {
@@ -501,7 +503,8 @@ impl ProxmoxClient {
                 }
                 Err(e) => return Err(e),
             }
-            tokio::time::sleep(self.poll).await;
+            tokio::time::sleep(poll).await;
+            poll = poll.mul_f64(1.5).min(self.poll * 4);
         }
     }
 

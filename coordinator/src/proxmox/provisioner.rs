@@ -147,6 +147,8 @@ pub struct Provisioner {
     ca_hash: CaHash,
     seed_base: OnceLock<String>,
     busy: Mutex<HashSet<String>>,
+    /// Node, memory and VMID promised to VMs whose choice is not recorded yet, by record.
+    promised: tokio::sync::Mutex<BTreeMap<String, (String, u64, u32)>>,
     wake: Notify,
 }
 
@@ -224,6 +226,7 @@ impl Provisioner {
             ca_hash,
             seed_base: OnceLock::new(),
             busy: Mutex::new(HashSet::new()),
+            promised: tokio::sync::Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
         })
     }
@@ -552,8 +555,8 @@ impl Provisioner {
         }
         match record.state {
             VmState::Requested => {
-                let node = self.choose_node().await?;
-                next.vmid = Some(self.client.next_id().await?);
+                let (node, vmid) = self.choose_node(&next).await?;
+                next.vmid = Some(vmid);
                 next.pve_node = Some(node);
                 next.state = VmState::Cloning;
                 Ok(Outcome::Next(Box::new(next)))
@@ -596,13 +599,33 @@ impl Provisioner {
         }
     }
 
-    async fn choose_node(&self) -> Result<String, StepError> {
+    /// The allowed online node with most free memory, counting as used the memory of VMs already
+    /// headed there that PVE does not count yet (not running); and a VMID from `/cluster/nextid`
+    /// that none of our VMs on their way holds (PVE sees those only once their clone starts).
+    async fn choose_node(&self, record: &VmRecord) -> Result<(String, u32), StepError> {
         let nodes = self.client.nodes().await?;
-        nodes
+        let mut promised = self.promised.lock().await;
+        let records = self.store.vms()?;
+        // Promises whose record has its node recorded (or is gone) are in the records now.
+        promised.retain(|id, _| records.get(id).is_some_and(|r| r.pve_node.is_none()));
+        let memory_of = |class: &str| self.class(class).map_or(0, |c| c.memory_bytes);
+        let mut headed: BTreeMap<&str, u64> = BTreeMap::new();
+        for r in records.values() {
+            if let (Some(node), VmState::Cloning | VmState::Configuring | VmState::Starting) = (&r.pve_node, r.state) {
+                *headed.entry(node.as_str()).or_default() += memory_of(&r.node_class);
+            }
+        }
+        for (node, bytes, _) in promised.values() {
+            *headed.entry(node.as_str()).or_default() += bytes;
+        }
+        let chosen = nodes
             .into_iter()
             .filter(|n| n.status == "online")
             .filter(|n| self.settings.target_nodes.is_empty() || self.settings.target_nodes.contains(&n.node))
-            .max_by_key(|n| n.maxmem.saturating_sub(n.mem))
+            .max_by_key(|n| {
+                let used = n.mem + headed.get(n.node.as_str()).copied().unwrap_or(0);
+                n.maxmem.saturating_sub(used)
+            })
             .map(|n| n.node)
             .ok_or_else(|| {
                 StepError::Failed(format!(
@@ -613,7 +636,15 @@ impl Provisioner {
                         self.settings.target_nodes.join(", ")
                     }
                 ))
-            })
+            })?;
+        let held: HashSet<u32> =
+            records.values().filter_map(|r| r.vmid).chain(promised.values().map(|(_, _, vmid)| *vmid)).collect();
+        let mut vmid = self.client.next_id().await?;
+        while held.contains(&vmid) {
+            vmid += 1;
+        }
+        promised.insert(record.id.clone(), (chosen.clone(), memory_of(&record.node_class), vmid));
+        Ok((chosen, vmid))
     }
 
     async fn clone_step(&self, mut next: VmRecord) -> Result<Outcome, StepError> {

@@ -62,7 +62,7 @@ pub struct ProxmoxSettings {
     pub request_timeout: Duration,
     /// Steps (PVE tasks) in flight at once across all VMs; 0: no limit (still one per VM).
     pub max_in_flight: usize,
-    /// How often a running task's status is asked.
+    /// How often a running task's status is asked at first; it slows to four times that.
     #[serde(with = "humantime_serde")]
     pub task_poll: Duration,
     /// How long retries of one call (locks, 5xx, timeouts) go on before the step fails.

@@ -328,6 +328,14 @@ impl Pve {
         world.vms.insert(vmid, foreign(vmid, name));
     }
 
+    /// Adds a VM, tagged `tags`, as if someone (or a coordinator before) had made it.
+    pub fn add_vm(&self, vmid: u32, name: &str, tags: &str, running: bool) {
+        let mut vm = foreign(vmid, name);
+        vm.config.insert("tags".into(), tags.into());
+        vm.running = running;
+        self.shared.world.lock().unwrap().vms.insert(vmid, vm);
+    }
+
     /// HTTP requests answered (including refused ones).
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
@@ -638,9 +646,16 @@ fn api(
             let mut out = Vec::new();
             if kind.is_none() || kind == Some("node") {
                 for n in &world.nodes {
+                    // Running VMs use their memory.
+                    let running: u64 = world
+                        .vms
+                        .values()
+                        .filter(|v| v.running && v.node == n.name)
+                        .map(|v| v.config.get("memory").and_then(|m| m.parse::<u64>().ok()).unwrap_or(512) << 20)
+                        .sum();
                     out.push(json!({"id": format!("node/{}", n.name), "type": "node", "node": n.name,
                         "status": if n.online { "online" } else { "offline" },
-                        "maxmem": n.maxmem, "mem": n.mem, "maxcpu": 64, "cpu": 0.05}));
+                        "maxmem": n.maxmem, "mem": n.mem + running, "maxcpu": 64, "cpu": 0.05}));
                 }
             }
             if kind.is_none() || kind == Some("vm") {
