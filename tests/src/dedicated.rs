@@ -205,7 +205,19 @@ impl Env {
         }
     }
 
+    /// Every answer the admin API gave in this world is one its OpenAPI document describes
+    /// (including `/v1/provisioning` with VMs in it).
+    pub fn assert_contract(&self) {
+        let contract = crate::admin::Contract::new(hexa_coordinator::admin::openapi_document());
+        let exchanges = self.c.admin.exchanges();
+        assert!(!exchanges.is_empty(), "no admin API answer to check");
+        let failures: Vec<String> = exchanges.iter().filter_map(|e| contract.check(e).err()).collect();
+        assert!(failures.is_empty(), "answers the OpenAPI document does not describe: {failures:#?}");
+    }
+
+    /// Checks the contract, then stops every VM and the coordinator.
     pub async fn stop(self) {
+        self.assert_contract();
         self.pve.shutdown_vms().await;
         self.c.running.shutdown().await;
     }
