@@ -124,6 +124,20 @@ async fn a_seed_and_its_token_serve_one_vm_once() {
     let vm = env.pve.vms().pop().unwrap();
     let uuid = parse_smbios1(&vm.config["smbios1"])["uuid"].clone();
     let seed = seed_url(&vm);
+    // `hexactl provisioning` shows the VM with its state, Proxmox node and VMID.
+    let out = std::process::Command::new(hexa_tests::bin("hexactl"))
+        .arg("provisioning")
+        .env("HEXA_SERVER", &env.c.admin.base)
+        .env("HEXA_TOKEN", &env.c.admin.token)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let row = table.lines().find(|l| l.contains(&vm.name.trim_start_matches("hx-").to_string())).unwrap_or("");
+    assert!(
+        row.contains("waiting_for_registration") && row.contains(&vm.node) && row.contains(&vm.vmid.to_string()),
+        "{table}"
+    );
     let get = async |file: &str| {
         let response = reqwest::get(format!("{seed}{file}")).await.unwrap();
         (response.status().as_u16(), response.text().await.unwrap())
