@@ -608,10 +608,27 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
                         ]
                     })
                     .collect();
+                let failures: Vec<Vec<String>> = requests
+                    .iter()
+                    .flat_map(|r| r["failures"].as_array().cloned().unwrap_or_default())
+                    .map(|f| {
+                        vec![
+                            text(&f["tenant"]),
+                            text(&f["record"]),
+                            text(&f["vmid"]),
+                            text(&f["state"]),
+                            text(&f["reason"]),
+                        ]
+                    })
+                    .collect();
                 let mut out = table(&["TENANT", "CLASS", "NODES"], &rows);
                 if !vms.is_empty() {
                     out.push('\n');
                     out.push_str(&table(&["TENANT", "VM", "STATE", "AGE", "PROXMOX NODE", "VMID", "LAST ERROR"], &vms));
+                }
+                if !failures.is_empty() {
+                    out.push_str("\nDestroyed and replaced (last day):\n");
+                    out.push_str(&table(&["TENANT", "VM", "VMID", "FAILED IN", "REASON"], &failures));
                 }
                 out
             }

@@ -184,6 +184,14 @@ impl Tx<'_> {
         Ok(())
     }
 
+    pub fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        self.get(META, key)
+    }
+
+    pub fn set_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        self.put(META, key, value)
+    }
+
     pub fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.get(TOKENS, id)
     }

@@ -219,6 +219,13 @@ async fn clone_lock_timeouts_nextid_collisions_and_failed_starts_end_in_exactly_
     assert!(has("taken") || has("collided"), "nextid collision not shown: {seen:?}");
     assert!(has("start failed: QEMU exited with code 1"), "failed start not shown: {seen:?}");
     env.settled(2, Duration::from_secs(30)).await;
+    // Only the failed start cost a VM (the lock timeout and the collision were retried in place),
+    // and its reason is kept.
+    let rows = env.provisioning().await;
+    let failures = rows[0]["failures"].as_array().cloned().unwrap_or_default();
+    assert_eq!(failures.len(), 1, "{rows}");
+    assert_eq!(failures[0]["state"], "starting");
+    assert!(failures[0]["reason"].as_str().unwrap().contains("start failed: QEMU exited with code 1"), "{rows}");
     // The VM whose start failed was destroyed; the squatter's VM is untouched.
     let vms = env.pve.vms();
     assert_eq!(vms.iter().filter(|v| v.name.starts_with("hx-")).count(), 2, "{vms:?}");
@@ -239,6 +246,13 @@ async fn a_vm_that_never_registers_is_destroyed_and_replaced_with_the_reason_sho
     assert!(seen.iter().any(|e| e.contains("did not register within 3s")), "{seen:?}");
     env.settled(1, Duration::from_secs(30)).await;
     assert_eq!(env.pve.clones().len(), 2, "one VM, then its replacement");
+    // Once all is well the reason is still kept: nothing in flight, one failure.
+    let rows = env.provisioning().await;
+    assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
+    assert!(rows[0].get("vms").is_none(), "{rows}");
+    assert_eq!(rows[0]["failures"].as_array().map(Vec::len), Some(1), "{rows}");
+    assert_eq!(rows[0]["failures"][0]["state"], "waiting_for_registration");
+    assert!(rows[0]["failures"][0]["reason"].as_str().unwrap().contains("did not register within 3s"), "{rows}");
     env.stop().await;
 }
 
@@ -365,5 +379,7 @@ async fn vms_of_ours_that_no_record_knows_are_destroyed_at_start_and_others_are_
         (names == ["web", "hx-short"]).then_some(())
     })
     .await;
+    // Nothing was wanted, so nothing is provisioned.
+    assert_eq!(env.provisioning().await, json!([]));
     env.stop().await;
 }

@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use hexa_shared::tenant::{Plan, Tenant};
 
 use super::{ApiError, Ctx, ErrorBody};
-use crate::proxmox::provisioner::VmView;
+use crate::proxmox::provisioner::{Failure, VmView};
 
 pub(super) fn routes() -> OpenApiRouter<Ctx> {
     OpenApiRouter::new()
@@ -122,10 +122,13 @@ pub struct ProvisioningRow {
     /// Its Proxmox VMs not yet bound, or being removed (with `[proxmox]` configured).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vms: Vec<VmView>,
+    /// Its VMs destroyed and replaced for failing, in the last day: what went wrong and where.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<Failure>,
 }
 
 /// Dedicated nodes asked of the provisioner and not yet registered, with each VM's state, age,
-/// Proxmox node, VMID and last error.
+/// Proxmox node, VMID and last error, and the VMs destroyed and replaced for failing in the last day.
 #[utoipa::path(get, path = "/v1/provisioning", tag = "tenants",
     responses((status = 200, description = "outstanding dedicated node requests and their VMs", body = Vec<ProvisioningRow>)))]
 async fn list_provisioning(State(ctx): State<Ctx>) -> Json<Vec<ProvisioningRow>> {
@@ -134,7 +137,13 @@ async fn list_provisioning(State(ctx): State<Ctx>) -> Json<Vec<ProvisioningRow>>
         .provisioning()
         .await
         .into_iter()
-        .map(|r| ProvisioningRow { tenant: r.tenant, node_class: r.node_class, count: r.count, vms: Vec::new() })
+        .map(|r| ProvisioningRow {
+            tenant: r.tenant,
+            node_class: r.node_class,
+            count: r.count,
+            vms: Vec::new(),
+            failures: Vec::new(),
+        })
         .collect();
     let vms = ctx.provisioner.as_ref().map(|p| p.views()).unwrap_or_default();
     for vm in vms {
@@ -145,7 +154,32 @@ async fn list_provisioning(State(ctx): State<Ctx>) -> Json<Vec<ProvisioningRow>>
                 node_class: vm.node_class.clone(),
                 count: 0,
                 vms: vec![vm],
+                failures: Vec::new(),
             }),
+        }
+    }
+    let failures = ctx.provisioner.as_ref().map(|p| p.failures()).unwrap_or_default();
+    let classes = ctx.tenants.list().await;
+    for failure in failures {
+        match rows.iter_mut().find(|r| r.tenant == failure.tenant) {
+            Some(row) => row.failures.push(failure),
+            None => {
+                let node_class = classes
+                    .iter()
+                    .find(|t| t.name == failure.tenant)
+                    .and_then(|t| match &t.plan {
+                        hexa_shared::tenant::Plan::Dedicated(plan) => Some(plan.node_class.clone()),
+                        hexa_shared::tenant::Plan::Shared(_) => None,
+                    })
+                    .unwrap_or_default();
+                rows.push(ProvisioningRow {
+                    tenant: failure.tenant.clone(),
+                    node_class,
+                    count: 0,
+                    vms: Vec::new(),
+                    failures: vec![failure],
+                })
+            }
         }
     }
     rows.sort_by(|a, b| a.tenant.cmp(&b.tenant));

@@ -136,6 +136,24 @@ pub struct VmView {
     pub last_error: Option<String>,
 }
 
+/// A VM that was destroyed because it failed, as `/v1/provisioning` keeps showing it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
+pub struct Failure {
+    pub at_unix: i64,
+    pub tenant: String,
+    pub record: String,
+    pub vmid: Option<u32>,
+    /// The state it failed in.
+    pub state: VmState,
+    pub reason: String,
+}
+
+/// State-database key of the recent failures, newest last.
+const FAILURES: &str = "proxmox_failures";
+/// How many failures are kept, and for how long.
+const FAILURES_KEPT: usize = 50;
+const FAILURES_FOR_SECS: i64 = 24 * 3600;
+
 /// The Proxmox provisioner.
 #[derive(Debug)]
 pub struct Provisioner {
@@ -277,6 +295,13 @@ impl Provisioner {
             .collect();
         views.sort_by(|a, b| (&a.tenant, a.age_seconds, &a.record).cmp(&(&b.tenant, b.age_seconds, &b.record)));
         views
+    }
+
+    /// VMs destroyed for failing in the last day (at most 50), oldest first.
+    pub fn failures(&self) -> Vec<Failure> {
+        let now = now_unix();
+        let kept: Vec<Failure> = self.store.meta(FAILURES).ok().flatten().unwrap_or_default();
+        kept.into_iter().filter(|f| now - f.at_unix < FAILURES_FOR_SECS).collect()
     }
 
     fn class(&self, name: &str) -> Option<&NodeClass> {
@@ -528,6 +553,18 @@ impl Provisioner {
                             current.generation + 1,
                         );
                         tx.put_vm(&replacement)?;
+                        let mut kept: Vec<Failure> = tx.meta(FAILURES)?.unwrap_or_default();
+                        kept.push(Failure {
+                            at_unix: now_unix(),
+                            tenant: current.tenant.clone(),
+                            record: id.clone(),
+                            vmid: current.vmid,
+                            state: current.state,
+                            reason: message.clone(),
+                        });
+                        let excess = kept.len().saturating_sub(FAILURES_KEPT);
+                        kept.drain(..excess);
+                        tx.set_meta(FAILURES, &kept)?;
                         tracing::info!(record = %replacement.id, replaces = %id, "replacement VM requested");
                     }
                     tx.put_vm(&current)?;
