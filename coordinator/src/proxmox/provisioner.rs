@@ -337,10 +337,13 @@ impl Provisioner {
     /// VMs we made (tag `hexabase`, or named `hx-<id>` from a clone that never got its tags)
     /// whose record is gone: a coordinator that died between destroying and forgetting.
     async fn sweep_orphans(&self) -> Result<usize, StepError> {
+        // VMs first, then records: every VM listed had its record written before its clone was
+        // asked for, so a VM being made while this runs is never taken for an orphan.
+        let listed = self.client.vms().await?;
         let records = self.store.vms()?;
         let vmids: HashSet<u32> = records.values().filter_map(|r| r.vmid).collect();
         let mut destroyed = 0;
-        for vm in self.client.vms().await? {
+        for vm in listed {
             let tagged = vm.tag_list().contains(&"hexabase");
             let ours_by_name = vm.name.strip_prefix("hx-").is_some_and(|id| id.len() == 10);
             let Ok(vmid) = u32::try_from(vm.vmid) else { continue };
