@@ -383,3 +383,19 @@ async fn vms_of_ours_that_no_record_knows_are_destroyed_at_start_and_others_are_
     assert_eq!(env.provisioning().await, json!([]));
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_air_gapped_site_gets_the_agent_package_from_the_coordinator() {
+    let package = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(package.path(), b"!<arch>\ndebian-binary   stand-in package body").unwrap();
+    let deb = package.path().to_path_buf();
+    let env = Env::start(Timings::fast(), |s| s.agent_deb = deb).await;
+    env.create("island", dedicated("S", 1)).await;
+    env.bound("island", 1, Duration::from_secs(60)).await;
+    let vm = env.pve.vms().pop().unwrap();
+    let log = env.boots.of(vm.vmid);
+    assert!(log.iter().any(|l| l.starts_with("downloaded 45 bytes of hexa-agent.deb from http://")), "{log:?}");
+    let fetched = std::fs::read(env.dir.path().join(format!("vms/vm-{}/tmp/hexa-agent.deb", vm.vmid))).unwrap();
+    assert_eq!(fetched, std::fs::read(package.path()).unwrap());
+    env.stop().await;
+}

@@ -86,6 +86,16 @@ pub struct WriteFile {
     pub mode: u32,
 }
 
+/// The `.deb` URL a `runcmd` entry downloads the agent from (`curl ... -o /tmp/hexa-agent.deb 'URL'`).
+pub fn deb_url(text: &str) -> Option<String> {
+    let doc: serde_json::Value = serde_norway::from_str(text).ok()?;
+    doc["runcmd"].as_array()?.iter().find_map(|c| {
+        let script = c.as_array()?.last()?.as_str()?;
+        let rest = script.split("-o /tmp/hexa-agent.deb '").nth(1)?;
+        rest.split('\'').next().map(String::from)
+    })
+}
+
 /// The `#cloud-config` user-data's `write_files`, and whether `runcmd` enables the agent.
 pub fn parse_user_data(text: &str) -> Result<(Vec<WriteFile>, bool), String> {
     if !text.starts_with("#cloud-config") {
@@ -205,6 +215,18 @@ async fn boot(dir: &Path, request: &BootRequest, log: &BootLog) -> Result<Booted
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(f.mode)).map_err(|e| e.to_string())?;
         log.push(vmid, format!("wrote {} ({:o})", f.path, f.mode));
+    }
+    // The template has the agent; a user-data that downloads the package gets it fetched for real.
+    if let Some(url) = deb_url(&user) {
+        let response = http.get(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("{url}: {}", response.status()));
+        }
+        let bytes = response.bytes().await.map_err(|e| format!("{url}: {e}"))?;
+        let deb = under(&root, "/tmp/hexa-agent.deb");
+        std::fs::create_dir_all(deb.parent().unwrap_or(&root)).map_err(|e| e.to_string())?;
+        std::fs::write(&deb, &bytes).map_err(|e| e.to_string())?;
+        log.push(vmid, format!("downloaded {} bytes of hexa-agent.deb from {url}", bytes.len()));
     }
     if !enables {
         return Err("user-data does not enable hexa-agent.service".into());
