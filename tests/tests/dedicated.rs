@@ -399,3 +399,25 @@ async fn an_air_gapped_site_gets_the_agent_package_from_the_coordinator() {
     assert_eq!(fetched, std::fs::read(package.path()).unwrap());
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedicated_node_lost_is_replaced_by_a_new_vm() {
+    let env = Env::start(Timings::fast(), |_| {}).await;
+    env.create("steady", dedicated("S", 1)).await;
+    let first = env.bound("steady", 1, Duration::from_secs(60)).await.placement.dedicated_nodes[0].clone();
+    let vm = env.pve.vms().pop().unwrap();
+    assert_eq!(vm.name, first);
+    // The guest hangs: its agent stops reporting, the node goes Lost.
+    assert!(env.pve.hang(vm.vmid).await);
+    let replaced = eventually(Duration::from_secs(60), "a new node bound", async || {
+        env.tenant("steady")
+            .await
+            .filter(|t| t.placement.dedicated_nodes.len() == 1 && t.placement.dedicated_nodes[0] != first)
+    })
+    .await;
+    env.settled(1, Duration::from_secs(30)).await;
+    let vms = env.pve.vms();
+    assert_eq!(vms.iter().map(|v| v.name.clone()).collect::<Vec<_>>(), replaced.placement.dedicated_nodes);
+    assert!(env.c.admin.node(&first).await.is_none(), "the lost node is forgotten");
+    env.stop().await;
+}

@@ -356,6 +356,18 @@ impl Pve {
         self.shared.booted.lock().unwrap().keys().copied().collect()
     }
 
+    /// Stops the agent in VM `vmid` while the VM keeps running (a hung guest).
+    pub async fn hang(&self, vmid: u32) -> bool {
+        let booted = self.shared.booted.lock().unwrap().remove(&vmid);
+        match booted {
+            Some(b) => {
+                b.stop().await;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Stops every VM's agent (end of a test).
     pub async fn shutdown_vms(&self) {
         let booted: Vec<boot::Booted> =
