@@ -42,6 +42,8 @@ pub enum ConfigError {
     NoPodsPerNode { key: &'static str },
     #[error("{key} {value:?}: {reason}")]
     Cidr { key: &'static str, value: String, reason: IsolationError },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
     #[error(transparent)]
     Placement(#[from] PlacementError),
 }
