@@ -105,7 +105,9 @@ fn own_addresses(config: &CoordinatorConfig) -> Vec<std::net::Ipv4Addr> {
                 std::net::IpAddr::V4(ip) if !ip.is_loopback() => Some(ip),
                 _ => None,
             })),
-            Some(Err(e)) => tracing::warn!(endpoint = %proxmox.endpoint, error = %e, "cannot resolve the Proxmox endpoint; pods are kept from it only by management_cidrs"),
+            Some(Err(e)) => {
+                tracing::warn!(endpoint = %proxmox.endpoint, error = %e, "cannot resolve the Proxmox endpoint; pods are kept from it only by management_cidrs")
+            }
             None => {}
         }
     }

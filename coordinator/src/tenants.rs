@@ -341,8 +341,29 @@ impl Tenants {
             let decision = book.placement.decide(&Request::Reconcile { tenant: tenant.clone() })?;
             if self.commit(&mut book, &decision)? {
                 tracing::info!(tenant, "tenant placement completed");
+            } else {
+                self.recover(&mut book, &tenant)?;
             }
         }
+        Ok(())
+    }
+
+    /// A tenant Degraded because a share was stuck on a lost or drained node is whole again once
+    /// every node holding its shares is Ready and schedulable (the node came back, or was
+    /// uncordoned), though nothing about its placement changed.
+    fn recover(&self, book: &mut Book, name: &str) -> Result<(), TenantsError> {
+        let Some(tenant) = book.tenants.get(name) else { return Ok(()) };
+        let stuck = tenant.phase == Phase::Degraded
+            && tenant.condition(ConditionType::Placed).is_some_and(|c| c.reason == reasons::NODE_LOST);
+        let healthy = |node: &str| book.nodes.get(node).is_some_and(|n| n.ready && n.schedulable);
+        if !stuck || !tenant.placement.nodes().into_iter().all(healthy) {
+            return Ok(());
+        }
+        let mut tenant = tenant.clone();
+        derive_phase(&mut tenant, &[], now_ms());
+        self.store.write(|tx| tx.put_tenant(&tenant))?;
+        tracing::info!(tenant = name, phase = ?tenant.phase, "every node of the tenant is back: no longer degraded");
+        book.tenants.insert(name.to_string(), tenant);
         Ok(())
     }
 

@@ -331,3 +331,32 @@ async fn a_coordinator_killed_during_a_burst_of_creates_keeps_every_acknowledged
         agent.stop().await;
     }
 }
+
+/// A tenant spread over every node, one of which is drained: its share there has nowhere to go and
+/// the tenant is Degraded; once the node is uncordoned the tenant is whole again without any plan
+/// change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_tenant_recovers_as_soon_as_its_nodes_are_back() {
+    let (c, agents) = fleet(3).await;
+    let (status, body) = create(&c.admin, "wide", shared(300, 1, 3)).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = c.admin.request(Method::POST, "/v1/nodes/node-2/drain", None).await;
+    assert_eq!(status, 200, "{body}");
+    let degraded = tenant(&c.admin, "wide").await;
+    assert_eq!(degraded.phase, Phase::Degraded, "{degraded:?}");
+    assert!(nodes_of(&degraded).contains(&"node-2".to_string()), "the share stays where it is stuck");
+
+    let (status, _) = c.admin.request(Method::POST, "/v1/nodes/node-2/uncordon", None).await;
+    assert_eq!(status, 200);
+    let recovered = eventually(Duration::from_secs(10), "wide no longer Degraded", async || {
+        let t = tenant(&c.admin, "wide").await;
+        (t.phase != Phase::Degraded).then_some(t)
+    })
+    .await;
+    let placed = recovered.conditions.iter().find(|c| format!("{:?}", c.kind) == "Placed").unwrap();
+    assert!(placed.status, "{placed:?}");
+    assert_eq!(nodes_of(&recovered), nodes_of(&degraded), "nothing had to move");
+    for agent in agents {
+        agent.stop().await;
+    }
+}
