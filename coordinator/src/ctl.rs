@@ -23,6 +23,18 @@ pub struct Cli {
     /// Output format
     #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
+    /// Do not ask before deleting, draining or revoking (needed when standard input is not a
+    /// terminal)
+    #[arg(short, long, global = true)]
+    pub yes: bool,
+    /// Wait for a tenant create or set-plan (until Ready: its vCluster runs on the host cluster),
+    /// a delete (until gone) or a node drain (until the tenants it moved are Ready), printing each
+    /// phase on standard error
+    #[arg(long, global = true)]
+    pub wait: bool,
+    /// How long --wait waits before giving up, e.g. 90s, 10m
+    #[arg(long, default_value = "10m", global = true)]
+    pub timeout: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -258,6 +270,40 @@ pub enum CtlError {
     Decode(String),
     #[error("{0}")]
     Usage(String),
+    #[error("{what}: not confirmed (answer y, or pass --yes)")]
+    NotConfirmed { what: String },
+    #[error("gave up waiting after {waited}: {what} (see `hexactl tenant get` or `hexactl node get`)")]
+    WaitTimedOut { waited: String, what: String },
+}
+
+/// Asks on the terminal whether to go on with `what`; `--yes` answers for the operator. Without a
+/// terminal to ask, nothing destructive happens unasked.
+fn confirm(what: &str, yes: bool) -> Result<(), CtlError> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if yes {
+        return Ok(());
+    }
+    let not_confirmed = || CtlError::NotConfirmed { what: what.to_string() };
+    if !std::io::stdin().is_terminal() {
+        return Err(not_confirmed());
+    }
+    eprint!("{what}? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer).map_err(|_| not_confirmed())?;
+    match answer.trim() {
+        "y" | "Y" | "yes" | "Yes" => Ok(()),
+        _ => Err(not_confirmed()),
+    }
+}
+
+/// One line of `--wait` progress for a tenant: its phase, and the first of its conditions that does
+/// not hold yet, with why.
+fn tenant_progress(tenant: &Tenant) -> String {
+    match tenant.conditions.iter().find(|c| !c.status) {
+        Some(c) => format!("{}: {:?}, {:?} not yet: {} ({})", tenant.name, tenant.phase, c.kind, c.message, c.reason),
+        None => format!("{}: {:?}", tenant.name, tenant.phase),
+    }
 }
 
 struct Client {
@@ -478,6 +524,109 @@ fn unix_time(secs: i64) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
+/// `--timeout`, parsed.
+fn wait_limit(text: &str) -> Result<std::time::Duration, CtlError> {
+    humantime::parse_duration(text).map_err(|e| CtlError::Usage(format!("--timeout {text:?}: {e} (e.g. 90s, 10m)")))
+}
+
+/// How often `--wait` looks.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// With `wait`, follows `tenant` until it is Ready, printing each phase it passes through; a tenant
+/// that turns Degraded is reported and the wait ends with its reason.
+async fn wait_for_tenant(
+    client: &Client,
+    tenant: Tenant,
+    wait: bool,
+    limit: &std::time::Duration,
+) -> Result<Tenant, CtlError> {
+    use hexa_shared::tenant::Phase;
+    if !wait {
+        return Ok(tenant);
+    }
+    let started = std::time::Instant::now();
+    let mut last = tenant_progress(&tenant);
+    eprintln!("{last}");
+    let path = format!("/v1/tenants/{}", tenant.name);
+    loop {
+        let now: Tenant = client.call(reqwest::Method::GET, &path, None).await?;
+        let line = tenant_progress(&now);
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        match now.phase {
+            Phase::Ready => return Ok(now),
+            Phase::Degraded => return Err(CtlError::Usage(format!("tenant is Degraded: {last}"))),
+            _ if started.elapsed() >= *limit => {
+                return Err(CtlError::WaitTimedOut {
+                    waited: humantime::format_duration(*limit).to_string(),
+                    what: last,
+                });
+            }
+            _ => tokio::time::sleep(WAIT_POLL).await,
+        }
+    }
+}
+
+/// Follows a deleted tenant until the coordinator no longer knows it.
+async fn wait_until_gone(client: &Client, tenant: &Tenant, limit: &std::time::Duration) -> Result<(), CtlError> {
+    let started = std::time::Instant::now();
+    let path = format!("/v1/tenants/{}", tenant.name);
+    let mut last = tenant_progress(tenant);
+    eprintln!("{last}");
+    loop {
+        match client.call::<Tenant>(reqwest::Method::GET, &path, None).await {
+            Err(CtlError::Api { status: 404, .. }) => {
+                eprintln!("{}: gone", tenant.name);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+            Ok(now) => {
+                let line = tenant_progress(&now);
+                if line != last {
+                    eprintln!("{line}");
+                    last = line;
+                }
+            }
+        }
+        if started.elapsed() >= *limit {
+            return Err(CtlError::WaitTimedOut { waited: humantime::format_duration(*limit).to_string(), what: last });
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
+/// Says on standard error what a drain moved and what could not move (and why); with `wait`,
+/// follows the tenants that moved until each is Ready again.
+async fn report_drain(
+    client: &Client,
+    before: &NodeView,
+    after: &NodeView,
+    wait: bool,
+    limit: &std::time::Duration,
+) -> Result<(), CtlError> {
+    let stayed: Vec<&str> = after.tenants.iter().map(|a| a.tenant.as_str()).collect();
+    let moved: Vec<&str> = before.tenants.iter().map(|a| a.tenant.as_str()).filter(|t| !stayed.contains(t)).collect();
+    eprintln!(
+        "node {}: {} moved off{}",
+        after.name,
+        moved.len(),
+        if moved.is_empty() { String::new() } else { format!(": {}", moved.join(", ")) }
+    );
+    for tenant in &stayed {
+        let view: Tenant = client.call(reqwest::Method::GET, &format!("/v1/tenants/{tenant}"), None).await?;
+        eprintln!("could not move: {}", tenant_progress(&view));
+    }
+    if wait {
+        for tenant in moved {
+            let view: Tenant = client.call(reqwest::Method::GET, &format!("/v1/tenants/{tenant}"), None).await?;
+            wait_for_tenant(client, view, true, limit).await?;
+        }
+    }
+    Ok(())
+}
+
 /// The completion script of `hexactl` for `shell`.
 pub fn completions(shell: clap_complete::Shell) -> String {
     let mut script = Vec::new();
@@ -526,6 +675,25 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
             }
         }
         Command::Node(command) => {
+            match &command {
+                NodeCommand::Drain { name } => {
+                    confirm(&format!("Drain node {name} (no new shares; every share moved off it)"), cli.yes)?
+                }
+                NodeCommand::Delete { name } => confirm(
+                    &format!("Delete node {name} (certificate revoked, shares moved off, record forgotten)"),
+                    cli.yes,
+                )?,
+                NodeCommand::Revoke { name } => {
+                    confirm(&format!("Revoke node {name}'s certificate (its link closes now)"), cli.yes)?
+                }
+                _ => {}
+            }
+            let before: Option<NodeView> = match &command {
+                NodeCommand::Drain { name } => {
+                    Some(client.call(Method::GET, &format!("/v1/nodes/{name}"), None).await?)
+                }
+                _ => None,
+            };
             let (method, path) = match &command {
                 NodeCommand::Get { name } => (Method::GET, format!("/v1/nodes/{name}")),
                 NodeCommand::Cordon { name } => (Method::POST, format!("/v1/nodes/{name}/cordon")),
@@ -536,6 +704,9 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
                 NodeCommand::Reenroll { .. } => unreachable!("handled above"),
             };
             let node: NodeView = client.call(method, &path, None).await?;
+            if let Some(before) = before {
+                report_drain(&client, &before, &node, cli.wait, &wait_limit(&cli.timeout)?).await?;
+            }
             if json_out { pretty(&json!(node)) } else { nodes_table(std::slice::from_ref(&node)) }
         }
         Command::Tenant(command) => {
@@ -548,15 +719,23 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
                 }
                 TenantCommand::Create { name, plan } => {
                     let body = json!({"name": name, "plan": plan.to_plan()?});
-                    vec![client.call(Method::POST, "/v1/tenants", Some(body)).await?]
+                    let created: Tenant = client.call(Method::POST, "/v1/tenants", Some(body)).await?;
+                    vec![wait_for_tenant(&client, created, cli.wait, &wait_limit(&cli.timeout)?).await?]
                 }
                 TenantCommand::SetPlan { name, plan } => {
                     let current: Tenant = client.call(Method::GET, &format!("/v1/tenants/{name}"), None).await?;
                     let body = json!({"plan": plan.over(Some(&current.plan))?});
-                    vec![client.call(Method::PATCH, &format!("/v1/tenants/{name}"), Some(body)).await?]
+                    let changed: Tenant =
+                        client.call(Method::PATCH, &format!("/v1/tenants/{name}"), Some(body)).await?;
+                    vec![wait_for_tenant(&client, changed, cli.wait, &wait_limit(&cli.timeout)?).await?]
                 }
                 TenantCommand::Delete { name } => {
-                    vec![client.call(Method::DELETE, &format!("/v1/tenants/{name}"), None).await?]
+                    confirm(&format!("Delete tenant {name} and everything it holds"), cli.yes)?;
+                    let deleting: Tenant = client.call(Method::DELETE, &format!("/v1/tenants/{name}"), None).await?;
+                    if cli.wait {
+                        wait_until_gone(&client, &deleting, &wait_limit(&cli.timeout)?).await?;
+                    }
+                    vec![deleting]
                 }
             };
             match (json_out, one, tenants.first()) {

@@ -459,3 +459,59 @@ fn the_contract_refuses_what_the_document_does_not_say() {
         assert!(contract.check(e).is_err(), "accepted {e:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hexactl_asks_before_destroying_and_waits_with_progress() {
+    let c = Coordinator::start().await;
+    let agent = c.spawn_agent("ask-node").await;
+    hexa_tests::eventually(std::time::Duration::from_secs(30), "node Ready", async || {
+        c.admin.node("ask-node").await.filter(|n| n.allocatable.is_some())
+    })
+    .await;
+    let hexactl = |args: &[&str]| {
+        // Standard input is not a terminal here: nothing destructive may happen unasked.
+        let out = Command::new(bin("hexactl"))
+            .args(args)
+            .env("HEXA_SERVER", &c.admin.base)
+            .env("HEXA_TOKEN", &c.admin.token)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = hexactl(&["tenant", "create", "acme", "--cpu", "100m", "--memory", "128Mi", "--pods", "5"]);
+    assert!(ok, "{err}");
+
+    for args in [&["tenant", "delete", "acme"][..], &["node", "drain", "ask-node"], &["node", "delete", "ask-node"]] {
+        let (ok, _, err) = hexactl(args);
+        assert!(!ok && err.contains("not confirmed") && err.contains("--yes"), "{args:?}: {err}");
+    }
+    assert_eq!(c.admin.request(Method::GET, "/v1/tenants/acme", None).await.0, 200, "the tenant is still there");
+    assert!(!c.admin.node("ask-node").await.unwrap().cordoned, "the node was not drained");
+
+    // A drain that cannot move the only node's share says so, and why.
+    let (ok, _, err) = hexactl(&["--yes", "node", "drain", "ask-node"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("node ask-node: 0 moved off"), "{err}");
+    assert!(err.contains("could not move: acme: Degraded"), "{err}");
+    let (ok, _, _) = hexactl(&["node", "uncordon", "ask-node"]);
+    assert!(ok);
+
+    // Without a host cluster a tenant is never Ready: --wait shows where it stands and gives up.
+    let (ok, _, err) =
+        hexactl(&["--wait", "--timeout", "2s", "tenant", "create", "beta", "--cpu", "100m", "--memory", "128Mi"]);
+    assert!(!ok, "{err}");
+    eprintln!("{err}");
+    assert!(err.lines().next().is_some_and(|l| l.starts_with("beta: ")), "progress comes first: {err}");
+    assert!(err.contains("gave up waiting after 2s"), "{err}");
+
+    // A confirmed delete with --wait follows the tenant until it is gone.
+    let (ok, _, err) = hexactl(&["--yes", "--wait", "tenant", "delete", "acme"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("acme: gone"), "{err}");
+    assert_eq!(c.admin.request(Method::GET, "/v1/tenants/acme", None).await.0, 404);
+    agent.stop().await;
+}
