@@ -120,6 +120,38 @@ pub struct Admission {
     pub auth: watch::Receiver<CertAuth>,
 }
 
+/// Who a node is according to the infrastructure that made it, as the admin API shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, utoipa::ToSchema)]
+pub struct ProviderView {
+    pub kind: ProviderKind,
+    /// The Proxmox VMID, for `proxmox`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmid: Option<u32>,
+    /// The VM's SMBIOS uuid, for `proxmox`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smbios_uuid: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Bare metal, or a machine no provider vouches for.
+    None,
+    /// A Proxmox VE virtual machine.
+    Proxmox,
+}
+
+impl From<&ProviderIdentity> for ProviderView {
+    fn from(identity: &ProviderIdentity) -> Self {
+        match identity {
+            ProviderIdentity::None => ProviderView { kind: ProviderKind::None, vmid: None, smbios_uuid: None },
+            ProviderIdentity::Proxmox { vmid, smbios_uuid } => {
+                ProviderView { kind: ProviderKind::Proxmox, vmid: Some(*vmid), smbios_uuid: Some(smbios_uuid.clone()) }
+            }
+        }
+    }
+}
+
 /// A node as the admin API shows it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct NodeView {
@@ -131,7 +163,7 @@ pub struct NodeView {
     pub connected: bool,
     pub hostname: String,
     pub machine_id: String,
-    pub provider: ProviderIdentity,
+    pub provider: ProviderView,
     pub enrolled_at_unix: i64,
     pub cert_not_after_unix: i64,
     pub cordoned: bool,
@@ -742,7 +774,7 @@ impl Inventory {
             connected: entry.links > 0,
             hostname: entry.record.hostname.clone(),
             machine_id: entry.record.machine_id.clone(),
-            provider: entry.record.provider.clone(),
+            provider: ProviderView::from(&entry.record.provider),
             enrolled_at_unix: entry.record.enrolled_at_unix,
             cert_not_after_unix: entry.record.cert_not_after_unix,
             cordoned: entry.record.cordoned,

@@ -169,7 +169,8 @@ impl Env {
             let vms: Vec<_> = self.pve.vms().into_iter().filter(|v| v.name.starts_with("hx-")).collect();
             let records = self.c.running.provisioner.as_ref()?.records().ok()?;
             let nodes = self.c.admin.nodes().await;
-            let vm_nodes = nodes.iter().filter(|n| n.provider != hexa_shared::proto::ProviderIdentity::None).count();
+            let vm_nodes =
+                nodes.iter().filter(|n| n.provider.kind != hexa_coordinator::inventory::ProviderKind::None).count();
             let bound = records.iter().filter(|r| r.state == hexa_coordinator::proxmox::VmState::Bound).count();
             let (_, tokens) = self.c.admin.request(Method::GET, "/v1/tokens", None).await;
             let vm_tokens = tokens

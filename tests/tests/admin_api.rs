@@ -387,7 +387,7 @@ async fn hexactl_manages_tokens_and_lists_nodes() {
     assert!(ok);
     let tenants: Value = serde_json::from_str(&json_out).unwrap();
     assert_eq!(tenants[0]["plan"]["kind"], "dedicated");
-    let (ok, _, _) = hexactl(&["tenant", "delete", "cli-t"]);
+    let (ok, _, _) = hexactl(&["--yes", "tenant", "delete", "cli-t"]);
     assert!(ok);
     let (ok, _, err) = hexactl(&["tenant", "get", "cli-t"]);
     assert!(!ok && err.contains("404"), "{err}");
@@ -397,7 +397,7 @@ async fn hexactl_manages_tokens_and_lists_nodes() {
     assert!(!ok && err.contains("409"), "cordoned: {err}");
     let (ok, _, _) = hexactl(&["node", "uncordon", "ctl-node"]);
     assert!(ok);
-    let (ok, _, err) = hexactl(&["node", "drain", "ghost"]);
+    let (ok, _, err) = hexactl(&["--yes", "node", "drain", "ghost"]);
     assert!(!ok && err.contains("no node named \"ghost\""), "{err}");
 
     // A coordinator that is not there is named, with what to do.
@@ -513,5 +513,8 @@ async fn hexactl_asks_before_destroying_and_waits_with_progress() {
     assert!(ok, "{err}");
     assert!(err.contains("acme: gone"), "{err}");
     assert_eq!(c.admin.request(Method::GET, "/v1/tenants/acme", None).await.0, 404);
+    // A node's provider identity has a shape a script can read, not a debug string.
+    let (_, node) = c.admin.request(Method::GET, "/v1/nodes/ask-node", None).await;
+    assert_eq!(node["provider"], json!({"kind": "none"}), "{node}");
     agent.stop().await;
 }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use hexa_coordinator::inventory::ProviderView;
 use hexa_shared::proto::ProviderIdentity;
 use hexa_tests::dedicated::Env;
 use hexa_tests::eventually;
@@ -54,7 +55,10 @@ async fn a_dedicated_tenant_gets_two_vms_that_enroll_with_their_identity_and_bec
         let uuid = parse_smbios1(&vm.config["smbios1"])["uuid"].clone();
         let node = nodes
             .iter()
-            .find(|n| n.provider == ProviderIdentity::Proxmox { vmid: vm.vmid, smbios_uuid: uuid.clone() })
+            .find(|n| {
+                n.provider
+                    == ProviderView::from(&ProviderIdentity::Proxmox { vmid: vm.vmid, smbios_uuid: uuid.clone() })
+            })
             .unwrap_or_else(|| panic!("no node with VM {}'s identity in {nodes:?}", vm.vmid));
         assert!(tenant.placement.dedicated_nodes.contains(&node.name), "{tenant:?}");
         assert_eq!(node.node_class.as_deref(), Some("S"));

@@ -163,7 +163,7 @@ async fn a_deleted_node_loses_its_link_its_shares_and_its_marks() {
 
     // As an operator does it.
     let deleted = tokio::process::Command::new(hexa_tests::bin("hexactl"))
-        .args(["--server", &c.admin.base, "-o", "json", "node", "delete", &victim])
+        .args(["--server", &c.admin.base, "-o", "json", "--yes", "node", "delete", &victim])
         .env("HEXA_TOKEN", &c.admin.token)
         .output()
         .await
