@@ -87,13 +87,16 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let host = hexa_agent::Host::for_config(&config);
+        let service = hexa_shared::service::ServiceManager::from_env();
+        let host = hexa_agent::Host { service: service.clone(), ..hexa_agent::Host::for_config(&config) };
         let mut agent = tokio::spawn(hexa_agent::run(config, host, stopped));
         tokio::select! {
             result = &mut agent => return result.context("agent task")?.map_err(anyhow::Error::from),
             signal = hexa_shared::signals::wait_for_termination() => signal?,
         }
         tracing::info!("stopping");
+        // The firewall is left as it is: isolation stays in force while the agent is away.
+        service.stopping("stopping; the isolation in force stays");
         let _ = stop.send(true);
         // The agent closes its link with a reason before the process ends.
         agent.await.context("agent task")?.map_err(anyhow::Error::from)

@@ -50,13 +50,17 @@ fn main() -> anyhow::Result<()> {
     hexa_shared::logging::init(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async {
-        let running = hexa_coordinator::start(config).await?;
+        let service = hexa_shared::service::ServiceManager::from_env();
+        let running = hexa_coordinator::start_notifying(config, service.clone()).await?;
         // stdout carries what an operator copies: the CA pin agents need and where the admin token is.
         println!("CA {}", running.ca_hash);
         println!("admin token: {}", running.admin_token_path.display());
         println!("QUIC {} admin http://{}", running.quic_addr, running.admin_addr);
+        // The store is open and both listeners are bound: agents and operators can be served.
+        service.ready(&format!("serving agents on {}/udp, admin API on {}", running.quic_addr, running.admin_addr));
         hexa_shared::signals::wait_for_termination().await?;
         tracing::info!("shutting down");
+        service.stopping("shutting down: closing agent links");
         running.shutdown().await;
         anyhow::Ok(())
     })
