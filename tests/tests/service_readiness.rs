@@ -418,3 +418,39 @@ async fn a_wedged_supervisor_loop_stops_the_watchdog_pings() {
     let back = tokio::task::block_in_place(|| manager.during(Duration::from_millis(800)));
     assert!(pings(&back) >= 4, "{back:?}");
 }
+
+/// A node whose spec and its copy are both damaged has no isolation of its own to put back: the
+/// agent is ready once the baseline that keeps pods apart is in force, before any connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_readable_spec_the_agent_is_ready_once_the_baseline_is_in_force() {
+    if let Some(why) = netns::unavailable(&["ip", "iptables", "ipset"]) {
+        eprintln!("skipped with_no_readable_spec_the_agent_is_ready_once_the_baseline_is_in_force: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let topology = Topology::builder().node("bl", "10.46.1.0/24").build().unwrap();
+    let (config, _) = enrolled_node(dir.path(), "bl-node", "10.46.0.0/16", "10.46.1.5").await;
+    let state = dir.path().join("bl-node");
+    std::fs::write(state.join("spec.json"), "{\"generation\": 4, \"trunc").unwrap();
+    std::fs::write(state.join("spec.last-good.json"), "garbage").unwrap();
+
+    let manager = Manager::new();
+    let mut command = agent_in(&topology, "bl", &config, None);
+    let mut daemon =
+        Daemon::spawn(notified(&mut command, &manager, Duration::from_secs(2)), dir.path().join("agent.log"));
+    let before = tokio::task::block_in_place(|| manager.until("READY=1", Duration::from_secs(30), &mut daemon));
+    let saved = topology.exec("bl", &["iptables-save"]).unwrap();
+    let saved = String::from_utf8_lossy(&saved.stdout);
+    assert!(saved.lines().any(|l| l.contains("-j HEXA-")), "no baseline chains at READY: {saved}");
+    let statuses: Vec<&str> = lines_starting(&before, "STATUS=").collect();
+    assert!(
+        statuses.iter().any(|s| s.starts_with("no readable spec: enforcing the baseline isolation")),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses
+            .last()
+            .is_some_and(|s| s.starts_with("no readable spec: baseline isolation (pods kept apart) in force")),
+        "{statuses:?}"
+    );
+}
