@@ -146,6 +146,8 @@ pub enum CheckError {
     MissingCaHash { file: String, cert: PathBuf },
     #[error("config file {file}: {error}")]
     TokenFile { file: String, error: TokenFileError },
+    #[error("config file {file}: {error}")]
+    Isolation { file: String, error: crate::ConfigError },
 }
 
 /// The node certificate whose presence means the node has enrolled (`state::StateDir` keeps it).
@@ -164,6 +166,9 @@ impl AgentConfig {
         }
         if !self.ca_hash.is_empty() && self.ca_hash.parse::<hexa_shared::pki::CaHash>().is_err() {
             return Err(CheckError::CaHash { file, value: self.ca_hash.clone() });
+        }
+        if let Err(error) = self.isolation.baseline_pod_cidr() {
+            return Err(CheckError::Isolation { file, error });
         }
         let cert = self.state_dir.join(NODE_CERT);
         if cert.exists() {

@@ -99,6 +99,9 @@ fn the_agent_refuses_a_value_of_the_wrong_type() {
     );
     let config = agent_config(dir.path(), "format.toml", "log_format = \"xml\"\n");
     refused("hexa-agent", &config, &["key `log_format`", "xml"]);
+    // A string that is not what the key holds is refused at start too, before anything is done.
+    let config = agent_config(dir.path(), "cidr.toml", "[isolation]\nbaseline_pod_cidr = \"10.42.0.0/33\"\n");
+    refused("hexa-agent", &config, &["[isolation] baseline_pod_cidr: ", "set the cluster's pod network"]);
 }
 
 #[test]
