@@ -36,6 +36,9 @@ pub struct AgentConfig {
     pub reserved: Reserved,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// The Proxmox VMID of this machine, as its cloud-init seed gives it; 0: not a Proxmox VM.
+    /// With it the agent enrolls with its provider identity (this VMID and the SMBIOS uuid).
+    pub proxmox_vmid: u32,
     /// What the firewall needs to know about this node's pod network.
     pub isolation: IsolationConfig,
 }
@@ -102,6 +105,7 @@ impl Default for AgentConfig {
             eviction_memory_bytes: 100 << 20,
             reserved: Reserved::default(),
             log_format: LogFormat::Text,
+            proxmox_vmid: 0,
             isolation: IsolationConfig::default(),
         }
     }

@@ -10,7 +10,7 @@ use hexa_shared::proto::{
 };
 use hexa_shared::wire;
 
-use crate::error::{AgentError, ConnectError};
+use crate::error::{AgentError, ConfigError, ConnectError};
 use crate::state::StateDir;
 
 /// A fresh key (generated on this node; it never leaves it) and a CSR for it.
@@ -39,6 +39,24 @@ impl NodeFacts {
             provider: ProviderIdentity::None,
         }
     }
+}
+
+/// Where the SMBIOS uuid is, under the sysfs root.
+pub const PRODUCT_UUID: &str = "class/dmi/id/product_uuid";
+
+/// The machine's provider identity: a Proxmox VM when `proxmox_vmid` is set, with the SMBIOS uuid
+/// read from `<sys_root>/class/dmi/id/product_uuid` (lowercase, as PVE writes it in `smbios1`).
+pub fn provider_identity(sys_root: &std::path::Path, proxmox_vmid: u32) -> Result<ProviderIdentity, ConfigError> {
+    if proxmox_vmid == 0 {
+        return Ok(ProviderIdentity::None);
+    }
+    let path = sys_root.join(PRODUCT_UUID);
+    let unreadable = |error: String| ConfigError::ProviderIdentity { vmid: proxmox_vmid, path: path.clone(), error };
+    let uuid = std::fs::read_to_string(&path).map_err(|e| unreadable(e.to_string()))?.trim().to_ascii_lowercase();
+    if uuid.is_empty() {
+        return Err(unreadable("empty".into()));
+    }
+    Ok(ProviderIdentity::Proxmox { vmid: proxmox_vmid, smbios_uuid: uuid })
 }
 
 /// Enrolls with the coordinator at `addr` and saves key, certificate and CA in `state`.
@@ -83,5 +101,25 @@ pub async fn enroll(
             code: hexa_shared::proto::RefusalCode::Internal,
             message: "the coordinator closed the enrollment without an answer".into(),
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_provider_identity_comes_from_the_smbios_uuid_and_the_configured_vmid() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(provider_identity(root.path(), 0).unwrap(), ProviderIdentity::None);
+        let err = provider_identity(root.path(), 105).unwrap_err().to_string();
+        assert!(err.contains("proxmox_vmid is 105") && err.contains("product_uuid"), "{err}");
+        let file = root.path().join(PRODUCT_UUID);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, "0D6F2B4A-1C2E-4F5A-9B8C-7D6E5F4A3B2C\n").unwrap();
+        assert_eq!(
+            provider_identity(root.path(), 105).unwrap(),
+            ProviderIdentity::Proxmox { vmid: 105, smbios_uuid: "0d6f2b4a-1c2e-4f5a-9b8c-7d6e5f4a3b2c".into() }
+        );
     }
 }

@@ -75,6 +75,13 @@ pub enum ConfigError {
     Installer(FetchError),
     #[error("[isolation] baseline_pod_cidr: {0}; set the cluster's pod network, e.g. 10.42.0.0/16")]
     BaselinePodCidr(String),
+    /// `proxmox_vmid` is set but the machine's SMBIOS uuid cannot be read.
+    #[error(
+        "proxmox_vmid is {vmid} but the SMBIOS uuid {} is unreadable ({error}): is this a Proxmox VM, and is \
+         the agent running as root?",
+        path.display()
+    )]
+    ProviderIdentity { vmid: u32, path: PathBuf, error: String },
 }
 
 /// Why a connection to the coordinator could not be made.

@@ -50,6 +50,8 @@ pub use crate::error::{AgentError, ConfigError, ConnectError};
 pub struct Host {
     pub proc_root: PathBuf,
     pub cgroup_root: PathBuf,
+    /// Where sysfs is (the SMBIOS uuid of a Proxmox VM is read from it).
+    pub sys_root: PathBuf,
     pub root: PathBuf,
     pub systemd: Arc<dyn k3s::Systemd>,
     pub readiness: Arc<dyn k3s::NodeReadiness>,
@@ -67,6 +69,7 @@ impl Default for Host {
         Host {
             proc_root: PathBuf::from("/proc"),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            sys_root: PathBuf::from("/sys"),
             root: PathBuf::from("/"),
             systemd: Arc::new(k3s::Systemctl::default()),
             readiness: Arc::new(k3s::KubectlReadiness::under(Path::new("/"))),
@@ -216,7 +219,8 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
             return Err(ConfigError::NotEnrolled { state_dir: config.state_dir.clone() }.into());
         }
         let pin: CaHash = config.ca_hash.parse()?;
-        let facts = NodeFacts::of_this_machine(&config.node_name);
+        let mut facts = NodeFacts::of_this_machine(&config.node_name);
+        facts.provider = enroll::provider_identity(&host.sys_root, config.proxmox_vmid)?;
         host.service.status(&format!("enrolling with the coordinator at {}", config.coordinator));
         let mut attempt = 0;
         loop {

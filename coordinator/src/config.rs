@@ -52,6 +52,9 @@ pub struct CoordinatorConfig {
     pub hostcluster: crate::hostcluster::render::RenderSettings,
     /// Tenant isolation the nodes enforce (firewall).
     pub isolation: IsolationSettings,
+    /// Dedicated nodes as Proxmox VE VMs; absent: dedicated tenants wait for nodes enrolled by hand.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxmox: Option<crate::proxmox::ProxmoxSettings>,
 }
 
 /// What the coordinator asks shared and dedicated nodes to enforce between tenants.
@@ -204,6 +207,7 @@ impl Default for CoordinatorConfig {
             k3s: K3sSettings::default(),
             hostcluster: crate::hostcluster::render::RenderSettings::default(),
             isolation: IsolationSettings::default(),
+            proxmox: None,
         }
     }
 }
@@ -234,6 +238,9 @@ impl CoordinatorConfig {
         self.placement.validate()?;
         self.hostcluster.validate()?;
         self.isolation.validate()?;
+        if let Some(proxmox) = &self.proxmox {
+            proxmox.validate(&self.placement.node_classes)?;
+        }
         Ok(())
     }
 

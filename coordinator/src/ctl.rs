@@ -585,7 +585,52 @@ pub async fn run(cli: Cli) -> Result<String, CtlError> {
                         ]
                     })
                     .collect();
-                table(&["TENANT", "CLASS", "NODES"], &rows)
+                let text = |v: &serde_json::Value| match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => "-".to_string(),
+                    other => other.to_string(),
+                };
+                let vms: Vec<Vec<String>> = requests
+                    .iter()
+                    .flat_map(|r| r["vms"].as_array().cloned().unwrap_or_default())
+                    .map(|vm| {
+                        vec![
+                            text(&vm["tenant"]),
+                            text(&vm["record"]),
+                            text(&vm["state"]),
+                            humantime::format_duration(std::time::Duration::from_secs(
+                                vm["age_seconds"].as_u64().unwrap_or(0),
+                            ))
+                            .to_string(),
+                            text(&vm["proxmox_node"]),
+                            text(&vm["vmid"]),
+                            text(&vm["last_error"]),
+                        ]
+                    })
+                    .collect();
+                let failures: Vec<Vec<String>> = requests
+                    .iter()
+                    .flat_map(|r| r["failures"].as_array().cloned().unwrap_or_default())
+                    .map(|f| {
+                        vec![
+                            text(&f["tenant"]),
+                            text(&f["record"]),
+                            text(&f["vmid"]),
+                            text(&f["state"]),
+                            text(&f["reason"]),
+                        ]
+                    })
+                    .collect();
+                let mut out = table(&["TENANT", "CLASS", "NODES"], &rows);
+                if !vms.is_empty() {
+                    out.push('\n');
+                    out.push_str(&table(&["TENANT", "VM", "STATE", "AGE", "PROXMOX NODE", "VMID", "LAST ERROR"], &vms));
+                }
+                if !failures.is_empty() {
+                    out.push_str("\nDestroyed and replaced (last day):\n");
+                    out.push_str(&table(&["TENANT", "VM", "VMID", "FAILED IN", "REASON"], &failures));
+                }
+                out
             }
         }
         Command::Token(TokenCommand::Create { pool, ttl, description, class }) => {

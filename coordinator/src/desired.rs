@@ -1,6 +1,6 @@
 //! Desired state: what each node's `NodeSpec` should be, as a pure function of the node's record,
 //! the tenants placed on it, and what the rest of the fleet says (the first server, the cluster
-//! CA, every node's pods). No I/O, no clock, no locks: the inventory calls [`node_spec`] when one
+//! CA, who owns which pod IP). No I/O, no clock, no locks: the inventory calls [`node_spec`] when one
 //! of those inputs changes and keeps the result only when its content differs.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -9,11 +9,11 @@ use std::net::Ipv4Addr;
 use hexa_shared::isolation::{Ipv4Cidr, IsolationSpec, NodeService, Protocol, TenantIsolation};
 use hexa_shared::k3s::{JoinToken, K3sRole, K3sSpec};
 use hexa_shared::names::Pool;
-use hexa_shared::report::PodInfo;
 use hexa_shared::spec::{NodeSpec, TenantAllocation};
 use hexa_shared::tenant::ShareSize;
 
 use crate::config::{ConfigError, IsolationSettings, K3sSettings};
+use crate::pod_owners::OwnerMap;
 use crate::store::NodeRecord;
 
 /// What the whole fleet contributes to one node's desired state.
@@ -23,8 +23,8 @@ pub struct Fleet<'a> {
     pub first_server: Option<&'a NodeRecord>,
     /// The K3s cluster CA's hash, once the first server has reported it.
     pub cluster_ca_sha256: Option<&'a str>,
-    /// Every node's latest reported pods.
-    pub pods: &'a [&'a PodInfo],
+    /// Who owns each pod IP (see [`crate::pod_owners`]): never one node's say-so alone.
+    pub owners: &'a OwnerMap,
     /// Every node's address, as the coordinator sees it (where its link comes from), and whether
     /// it is a server's.
     pub node_addresses: &'a BTreeMap<Ipv4Addr, bool>,
@@ -107,25 +107,18 @@ pub struct IsolationPlan {
 }
 
 impl IsolationPlan {
-    /// Isolation for a node of `pool` holding `tenants`, from every node's reported pods: each
-    /// tenant's pod IPs cluster-wide, and kube-system's pods as system pods; every node's address,
-    /// with the Kubernetes API open on servers' and the kubelet on every node's to system pods.
-    /// Server nodes run no tenants and get none.
+    /// Isolation for a node of `pool` holding `tenants`, from the pod ownership map: each
+    /// tenant's pod IPs cluster-wide, and the system pods; every node's address, with the
+    /// Kubernetes API open on servers' and the kubelet on every node's to system pods. Server
+    /// nodes run no tenants and get none.
     pub fn spec_for(&self, pool: &Pool, tenants: &[TenantAllocation], fleet: &Fleet<'_>) -> Option<IsolationSpec> {
         if *pool == Pool::Server {
             return None;
         }
-        let pods = fleet.pods;
-        let mut system = BTreeSet::new();
-        let mut by_tenant: BTreeMap<&str, BTreeSet<Ipv4Addr>> = BTreeMap::new();
-        for pod in pods {
-            let Some(ip) = pod.ip.filter(|ip| self.pod_cidr.contains(*ip)) else { continue };
-            if pod.namespace == "kube-system" {
-                system.insert(ip);
-            } else if let Some(tenant) = &pod.tenant {
-                by_tenant.entry(tenant).or_default().insert(ip);
-            }
-        }
+        let in_pod_cidr = |ips: &BTreeSet<Ipv4Addr>| -> BTreeSet<Ipv4Addr> {
+            ips.iter().copied().filter(|ip| self.pod_cidr.contains(*ip)).collect()
+        };
+        let system = in_pod_cidr(fleet.owners.system_ips());
         let mut isolated: Vec<TenantIsolation> = Vec::new();
         for allocation in tenants {
             if isolated.iter().any(|t| t.tenant == allocation.tenant) {
@@ -133,7 +126,7 @@ impl IsolationPlan {
             }
             isolated.push(TenantIsolation {
                 tenant: allocation.tenant.clone(),
-                pod_ips: by_tenant.get(allocation.tenant.as_str()).cloned().unwrap_or_default(),
+                pod_ips: in_pod_cidr(fleet.owners.tenant_ips(&allocation.tenant)),
             });
         }
         // An address in the pod network is no node's; one can only be there by misconfiguration.
@@ -318,7 +311,9 @@ mod tests {
         let chosen = first_server(&records);
         assert_eq!(chosen.map(|r| r.name.as_str()), Some("cp-1"));
         let addresses = node_addresses(&records);
-        let waiting = Fleet { first_server: chosen, cluster_ca_sha256: None, pods: &[], node_addresses: &addresses };
+        let owners = OwnerMap::default();
+        let waiting =
+            Fleet { first_server: chosen, cluster_ca_sha256: None, owners: &owners, node_addresses: &addresses };
         let spec = |r: &NodeRecord, fleet: &Fleet<'_>| node_spec(r, 2, Vec::new(), fleet, &plans());
         assert_eq!(spec(&first, &waiting), spec(&first, &waiting), "pure");
         let init = spec(&first, &waiting).k3s.unwrap();
@@ -365,8 +360,9 @@ mod tests {
         // An address inside the pod network is no node's: left out, not a spec every node refuses.
         stray.address = Some(std::net::IpAddr::V4(Ipv4Addr::new(10, 42, 3, 3)));
         let addresses = node_addresses([&server, &worker, &stray]);
+        let owners = OwnerMap::default();
         let fleet =
-            Fleet { first_server: Some(&server), cluster_ca_sha256: None, pods: &[], node_addresses: &addresses };
+            Fleet { first_server: Some(&server), cluster_ca_sha256: None, owners: &owners, node_addresses: &addresses };
         let settings = IsolationSettings { management_cidrs: vec!["192.0.2.0/24".into()], ..Default::default() };
         let coordinator = [Ipv4Addr::new(192, 0, 2, 7), Ipv4Addr::new(198, 51, 100, 4), Ipv4Addr::new(10, 42, 0, 9)];
         let plan = IsolationPlan::from_settings(&settings, &coordinator).unwrap().unwrap();

@@ -68,6 +68,16 @@ impl Enroller {
         let now = now_unix();
         self.store.write(|tx| {
             let mut token = usable_token(tx, token_id, secret, now)?;
+            if let Some(bound) = token.provider.as_ref().filter(|bound| **bound != req.provider) {
+                return Err(refusal(
+                    RefusalCode::IdentityMismatch,
+                    format!(
+                        "token {token_id} is for the machine the coordinator knows as {}; this machine presented {}",
+                        describe_provider(bound),
+                        describe_provider(&req.provider)
+                    ),
+                ));
+            }
             let (name, replaced) = match &token.reenroll {
                 Some(binding) => {
                     if let Some(asked) = req.requested_name.as_ref().filter(|asked| **asked != binding.node) {
@@ -318,5 +328,35 @@ mod tests {
         );
         req.provider = record.provider.clone();
         assert_eq!(f.enroller.enroll(&req).unwrap().record.name, "vm-1");
+    }
+
+    #[test]
+    fn a_vm_token_enrolls_only_the_vm_it_was_minted_for() {
+        let f = fixture();
+        let vm = ProviderIdentity::Proxmox { vmid: 105, smbios_uuid: "u-105".into() };
+        let created = token(&f.store, Pool::Dedicated { tenant: "acme".into() });
+        let id = created.split('.').next().unwrap().to_string();
+        f.store
+            .write::<_, crate::store::StoreError>(|tx| {
+                let mut record = tx.token(&id)?.unwrap();
+                record.provider = Some(vm.clone());
+                tx.put_token(&record)
+            })
+            .unwrap();
+        // Another VM, or a machine with no identity: refused, and the token stays usable.
+        for other in [ProviderIdentity::Proxmox { vmid: 106, smbios_uuid: "u-105".into() }, ProviderIdentity::None] {
+            let mut req = request(&created, Some("hx-vm"), "m");
+            req.provider = other;
+            let refused = f.enroller.enroll(&req).unwrap_err();
+            assert_eq!(refused.code, RefusalCode::IdentityMismatch, "{}", refused.message);
+            assert!(refused.message.contains("Proxmox VM 105"), "{}", refused.message);
+            assert_eq!(f.store.tokens().unwrap()[&id].state, TokenState::Active);
+        }
+        let mut req = request(&created, Some("hx-vm"), "m");
+        req.provider = vm.clone();
+        let admitted = f.enroller.enroll(&req).unwrap();
+        assert_eq!((admitted.record.name.as_str(), &admitted.record.provider), ("hx-vm", &vm));
+        // Once used, it is used, even by the right VM.
+        assert_eq!(f.enroller.enroll(&req).unwrap_err().code, RefusalCode::TokenUsed);
     }
 }

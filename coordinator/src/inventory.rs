@@ -20,6 +20,7 @@ use crate::desired::{self, Fleet, Plans};
 use crate::enroll::{Enroller, refusal};
 use crate::metrics::Metrics;
 use crate::placement;
+use crate::pod_owners::{ApiChange, Changes, OwnerMap, Pinning, PodOwners, Standing};
 use crate::store::{Health, NodeRecord, Store, StoreError};
 
 /// Thresholds that turn silence into health.
@@ -168,13 +169,33 @@ pub struct Inventory {
     plans: Plans,
     /// The K3s cluster CA's hash, once the first server has reported it (persisted).
     cluster_ca_sha256: Mutex<Option<String>>,
-    /// Set when reports changed what other nodes' desired state is derived from (their pods);
+    /// Who owns which pod IP, when isolation is on. Locked after `nodes`, never before.
+    owners: Option<Mutex<OwnerBook>>,
+    /// Set when what other nodes' desired state is derived from (pod ownership) may have changed;
     /// [`Inventory::refresh_desired`] catches up, off the report path.
     desired_stale: tokio::sync::Notify,
 }
 
+/// Pod ownership: what it is derived from, the map desired state is cut from, whether the
+/// sources changed since that map was resolved, and the sets that changed since
+/// [`Inventory::refresh_desired`] last recomputed the nodes holding them.
+#[derive(Debug)]
+struct OwnerBook {
+    sources: PodOwners,
+    map: OwnerMap,
+    dirty: bool,
+    pending: Changes,
+}
+
 /// State-database key of the cluster CA's hash, as the first server reported it.
 const K3S_CA_SHA256: &str = "k3s_cluster_ca_sha256";
+/// State-database key of the pod ranges nodes are pinned to (see [`crate::pod_owners`]).
+const POD_RANGE_PINS: &str = "pod_range_pins";
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every mutation under these locks is a single assignment: the state is consistent.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 impl Inventory {
     /// Loads every node from the store. Nodes start Pending (Lost ones stay Lost) until they report.
@@ -198,6 +219,19 @@ impl Inventory {
         }
         let enroller = Enroller::new(store.clone(), ca, node_cert_validity);
         let cluster_ca_sha256 = Mutex::new(store.meta::<String>(K3S_CA_SHA256)?);
+        let owners = match &plans.isolation {
+            Some(plan) => {
+                let pins = store.meta(POD_RANGE_PINS)?.unwrap_or_default();
+                let sources = PodOwners::new(plan.pod_cidr, pins);
+                Some(Mutex::new(OwnerBook {
+                    sources,
+                    map: OwnerMap::default(),
+                    dirty: false,
+                    pending: Changes::default(),
+                }))
+            }
+            None => None,
+        };
         let inventory = Inventory {
             store,
             enroller,
@@ -206,6 +240,7 @@ impl Inventory {
             metrics,
             plans,
             cluster_ca_sha256,
+            owners,
             desired_stale: tokio::sync::Notify::new(),
         };
         // The K3s settings may have changed since the last run.
@@ -221,14 +256,21 @@ impl Inventory {
         names: Option<&[&str]>,
         tenants: Option<(&str, Vec<TenantAllocation>)>,
     ) -> Vec<(String, NodeSpec)> {
-        let pods: Vec<&hexa_shared::report::PodInfo> =
-            nodes.values().filter_map(|e| e.last_report.as_ref()).flat_map(|(r, _)| r.pods.iter()).collect();
+        let mut book = self.owners.as_ref().map(lock);
+        if let Some(book) = book.as_mut() {
+            // Specs are cut from a map as fresh as the sources; the nodes this does not recompute
+            // but whose sets changed are left to `refresh_desired`.
+            if self.resolve_owners(nodes, book) {
+                self.desired_stale.notify_one();
+            }
+        }
+        let no_owners = OwnerMap::default();
         let ca = self.cluster_ca_sha256.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         let addresses = desired::node_addresses(nodes.values().map(|e| &e.record));
         let fleet = Fleet {
             first_server: desired::first_server(nodes.values().map(|e| &e.record)),
             cluster_ca_sha256: ca.as_deref(),
-            pods: &pods,
+            owners: book.as_ref().map_or(&no_owners, |b| &b.map),
             node_addresses: &addresses,
         };
         let mut tenants = tenants;
@@ -289,10 +331,104 @@ impl Inventory {
         self.set_specs(nodes, specs)
     }
 
-    /// Brings every node's desired state up to date with what the fleet reported since the last
-    /// call; see [`Inventory::desired_stale`].
+    /// Brings desired state up to date with pod ownership: resolves the map again when its
+    /// sources changed since the last call, and recomputes the nodes whose sets it changed (those
+    /// holding a tenant whose IPs changed; every tenant node when the system pods did). See
+    /// [`Inventory::desired_stale`].
     pub fn refresh_desired(&self) -> Result<(), StoreError> {
-        self.respec_all(&mut self.nodes())
+        let mut nodes = self.nodes();
+        let Some(owners) = &self.owners else { return Ok(()) };
+        let changes = {
+            let mut book = lock(owners);
+            self.resolve_owners(&nodes, &mut book);
+            std::mem::take(&mut book.pending)
+        };
+        let affected: Vec<&str> = nodes
+            .values()
+            .filter(|e| {
+                (changes.system && e.record.pool != Pool::Server)
+                    || e.record.spec.tenants.iter().any(|t| changes.tenants.contains(&t.tenant))
+            })
+            .map(|e| e.record.name.as_str())
+            .collect();
+        if affected.is_empty() {
+            return Ok(());
+        }
+        let specs = self.wanted_specs(&nodes, Some(&affected), None);
+        self.set_specs(&mut nodes, specs)
+    }
+
+    /// Resolves pod ownership again if its sources changed, adding what changed in the map to
+    /// `book.pending`. True when that changed a set.
+    fn resolve_owners(&self, nodes: &BTreeMap<String, NodeEntry>, book: &mut OwnerBook) -> bool {
+        if !std::mem::take(&mut book.dirty) {
+            return false;
+        }
+        let standing: BTreeMap<String, Standing> = nodes
+            .values()
+            .map(|e| {
+                let live = e.record.health != Health::Lost && e.record.revoked_at_unix.is_none();
+                (e.record.name.clone(), Standing { pool: e.record.pool.clone(), live })
+            })
+            .collect();
+        let map = book.sources.resolve(&standing);
+        if map.conflicts() != book.map.conflicts() && !map.conflicts().is_empty() {
+            let ips: Vec<String> = map.conflicts().iter().take(16).map(|ip| ip.to_string()).collect();
+            tracing::warn!(
+                count = map.conflicts().len(),
+                ips = %ips.join(","),
+                "pod IPs claimed by two owners are left out of every set until one claim goes"
+            );
+        }
+        self.metrics.set_pod_ownership(map.conflicts().len(), map.refused());
+        let changes = book.map.changes(&map);
+        book.map = map;
+        let changed = !changes.is_empty();
+        book.pending.merge(changes);
+        changed
+    }
+
+    /// Marks pod ownership as possibly changed (a node's standing changed, or its pods did).
+    fn owners_changed(&self) {
+        if let Some(owners) = &self.owners {
+            lock(owners).dirty = true;
+            self.desired_stale.notify_one();
+        }
+    }
+
+    /// From now on pod ownership comes from the host cluster's API only (see
+    /// [`crate::pod_owners`]); [`Inventory::pod_owners_api`] feeds it.
+    pub fn take_pod_owners_from_api(&self) {
+        if let Some(owners) = &self.owners {
+            lock(owners).sources.use_api();
+            self.owners_changed();
+        }
+    }
+
+    /// True when pod ownership is on and taken from the host cluster's API.
+    pub fn pod_owners_use_api(&self) -> bool {
+        self.owners.as_ref().is_some_and(|o| lock(o).sources.uses_api())
+    }
+
+    /// Takes a change the host cluster's Pod and Node watchers saw.
+    pub fn pod_owners_api(&self, change: ApiChange) {
+        let Some(owners) = &self.owners else { return };
+        let changed = lock(owners).sources.apply_api(change);
+        if changed {
+            self.owners_changed();
+        }
+    }
+
+    /// The pod ownership map desired state is cut from right now.
+    pub fn pod_owner_map(&self) -> OwnerMap {
+        self.owners.as_ref().map(|o| lock(o).map.clone()).unwrap_or_default()
+    }
+
+    /// Persists the pod ranges nodes are pinned to.
+    fn save_pins(&self, sources: &PodOwners) {
+        if let Err(e) = self.store.set_meta(POD_RANGE_PINS, sources.pins()) {
+            tracing::error!(error = %e, "cannot record the pod ranges nodes are pinned to");
+        }
     }
 
     /// Resolves once reports have made desired state stale (at once if they did since the last
@@ -413,6 +549,8 @@ impl Inventory {
             self.store.put_node(&record)?;
             entry.set_record(record);
             tracing::warn!(node = name, "node certificate revoked; its links are closed");
+            // A revoked node's reports count for nothing any more.
+            self.owners_changed();
         }
         Ok(Some(Self::view_of(entry, Instant::now())))
     }
@@ -428,6 +566,14 @@ impl Inventory {
         // Dropping the entry drops its senders: links watching them close.
         let entry = nodes.remove(name);
         tracing::warn!(node = name, "node deleted from the inventory");
+        if let Some(owners) = &self.owners {
+            let mut book = lock(owners);
+            if book.sources.forget(name) {
+                self.save_pins(&book.sources);
+                book.dirty = true;
+                self.desired_stale.notify_one();
+            }
+        }
         if entry.as_ref().is_some_and(|e| e.record.pool == Pool::Server) {
             self.respec_all(&mut nodes)?;
         }
@@ -452,6 +598,24 @@ impl Inventory {
         let mut nodes = self.nodes();
         let Some(entry) = nodes.get_mut(name) else { return };
         let pods_changed = entry.last_report.as_ref().is_none_or(|(previous, _)| previous.pods != report.pods);
+        if pods_changed && let Some(owners) = &self.owners {
+            let mut book = lock(owners);
+            match book.sources.report(name, &report.pods) {
+                Pinning::Unchanged => {}
+                Pinning::Pinned(range) => {
+                    tracing::info!(node = name, %range, "node pinned to the pod range of its first pods");
+                    self.save_pins(&book.sources);
+                }
+                Pinning::Taken { block, holder } => tracing::warn!(
+                    node = name,
+                    range = %block,
+                    holder = %holder,
+                    "node reports pods in another node's pod range; it speaks for no pod until that node is deleted"
+                ),
+            }
+            // With the API, reports decide nothing.
+            book.dirty |= !book.sources.uses_api();
+        }
         let reported_ca = match &report.k3s {
             hexa_shared::k3s::K3sState::Running { cluster_ca_sha256: Some(hash), .. } => Some(hash.clone()),
             _ => None,
@@ -467,9 +631,9 @@ impl Inventory {
                 self.learn_cluster_ca(&mut nodes, name, hash);
             }
         }
-        // Tenants' IP sets are cluster-wide: a node's new pods change other nodes' isolation too.
-        // That is recomputed off the report path, once for a burst of changes.
-        if pods_changed && self.plans.isolation.is_some() {
+        // Tenants' IP sets are cluster-wide: a node's new pods can change other nodes' isolation
+        // too. That is recomputed off the report path, once for a burst of changes.
+        if pods_changed && self.owners.is_some() {
             self.desired_stale.notify_one();
         }
     }
@@ -540,6 +704,10 @@ impl Inventory {
             Ok(()) => {
                 tracing::info!(node = %record.name, %from, %to, "node health changed");
                 entry.record = record;
+                // A Lost node's reports expire, and count again once it reports.
+                if from == Health::Lost || to == Health::Lost {
+                    self.owners_changed();
+                }
             }
             Err(e) => tracing::error!(node = %record.name, %from, %to, error = %e, "cannot persist health change"),
         }
@@ -672,11 +840,15 @@ mod tests {
     }
 
     fn fixture(k3s: K3sSettings) -> Fixture {
+        fixture_with(k3s, None)
+    }
+
+    fn fixture_with(k3s: K3sSettings, isolation: Option<desired::IsolationPlan>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.redb")).unwrap();
         let (ca, _) = CertificateAuthority::load_or_create(dir.path()).unwrap();
         let k3s = desired::K3sPlan { settings: k3s, server_secret: "s".repeat(32), agent_secret: "a".repeat(32) };
-        let plans = Plans { k3s, isolation: None };
+        let plans = Plans { k3s, isolation };
         let inventory =
             Inventory::load(store.clone(), Arc::new(ca), T, Duration::from_secs(3600), Default::default(), plans)
                 .unwrap();
@@ -790,6 +962,104 @@ mod tests {
         assert_eq!(agent.token.as_ref().map(JoinToken::expose), Some(want.as_str()));
         assert_eq!(agent.agent_token, None);
         assert!(!format!("{agent:?}").contains(&"a".repeat(32)), "Debug shows no token");
+    }
+
+    fn pods_report(pods: &[(&str, &str)]) -> CapacityReport {
+        let pods = pods
+            .iter()
+            .map(|(namespace, ip)| hexa_shared::report::PodInfo {
+                namespace: namespace.to_string(),
+                name: format!("pod-{ip}"),
+                uid: format!("uid-{ip}"),
+                ip: Some(ip.parse().unwrap()),
+                tenant: hexa_shared::names::tenant_of_namespace(namespace).map(str::to_string),
+            })
+            .collect();
+        CapacityReport { pods, ..Default::default() }
+    }
+
+    fn isolation_plan() -> desired::IsolationPlan {
+        desired::IsolationPlan {
+            pod_cidr: "10.42.0.0/16".parse().unwrap(),
+            management_cidrs: vec![],
+            kube_api_port: 6443,
+            kubelet_port: 10250,
+        }
+    }
+
+    fn allocation(tenant: &str) -> TenantAllocation {
+        desired::AllocationPlan { pids_per_pod: 10 }.allocation(
+            tenant,
+            hexa_shared::tenant::ShareSize { cpu_millis: 100, memory_bytes: 1 << 28, pods: 2 },
+            false,
+        )
+    }
+
+    #[test]
+    fn pod_ownership_recomputes_only_the_nodes_whose_sets_changed_and_its_ranges_persist() {
+        let plan = isolation_plan();
+        let f = fixture_with(K3sSettings { manage: false, ..Default::default() }, Some(plan));
+        for (name, tenant) in [("n1", "acme"), ("n2", "globex")] {
+            enroll(&f, &token(&f, Pool::Shared), name);
+            f.inventory.set_tenants(name, vec![allocation(tenant)]).unwrap();
+        }
+        let generation = |name: &str| f.inventory.record(name).unwrap().spec.generation;
+        let ips = |name: &str, tenant: &str| {
+            let spec = f.inventory.record(name).unwrap().spec.isolation.unwrap();
+            spec.tenant(tenant).map(|t| t.pod_ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>())
+        };
+        f.inventory.record_report("n1", pods_report(&[("hx-acme", "10.42.1.5")]));
+        f.inventory.record_report("n2", pods_report(&[("hx-globex", "10.42.2.5")]));
+        f.inventory.refresh_desired().unwrap();
+        assert_eq!(ips("n1", "acme"), Some(vec!["10.42.1.5".to_string()]));
+        assert_eq!(ips("n2", "globex"), Some(vec!["10.42.2.5".to_string()]));
+        let (g1, g2) = (generation("n1"), generation("n2"));
+
+        // A new acme pod changes acme's set: n1 (holding acme) gets a new spec, n2 does not.
+        f.inventory.record_report("n1", pods_report(&[("hx-acme", "10.42.1.5"), ("hx-acme", "10.42.1.6")]));
+        f.inventory.refresh_desired().unwrap();
+        assert_eq!(ips("n1", "acme").map(|v| v.len()), Some(2));
+        assert_eq!((generation("n1"), generation("n2")), (g1 + 1, g2));
+        // n2 claiming n1's pod under globex, and kube-system pods, changes no set anywhere.
+        f.inventory.record_report(
+            "n2",
+            pods_report(&[("hx-globex", "10.42.2.5"), ("hx-globex", "10.42.1.5"), ("kube-system", "10.42.2.9")]),
+        );
+        f.inventory.refresh_desired().unwrap();
+        assert_eq!((generation("n1"), generation("n2")), (g1 + 1, g2), "the map did not change");
+        assert!(f.inventory.record("n1").unwrap().spec.isolation.unwrap().system_pod_ips.is_empty());
+
+        // The ranges nodes were pinned to survive a restart of the coordinator.
+        let pins: BTreeMap<String, String> = f.store.meta(POD_RANGE_PINS).unwrap().unwrap();
+        assert_eq!(pins, BTreeMap::from([("n1".into(), "10.42.1.0/24".into()), ("n2".into(), "10.42.2.0/24".into())]));
+        // Forgetting a node frees its range.
+        f.inventory.forget("n2").unwrap();
+        let pins: BTreeMap<String, String> = f.store.meta(POD_RANGE_PINS).unwrap().unwrap();
+        assert_eq!(pins.keys().collect::<Vec<_>>(), ["n1"]);
+    }
+
+    #[test]
+    fn a_lost_nodes_pods_leave_the_other_nodes_sets() {
+        let plan = isolation_plan();
+        let f = fixture_with(K3sSettings { manage: false, ..Default::default() }, Some(plan));
+        for name in ["n1", "n2"] {
+            enroll(&f, &token(&f, Pool::Shared), name);
+            f.inventory.set_tenants(name, vec![allocation("acme")]).unwrap();
+        }
+        f.inventory.record_report("n1", pods_report(&[("hx-acme", "10.42.1.5")]));
+        f.inventory.record_report("n2", pods_report(&[("hx-acme", "10.42.2.5")]));
+        f.inventory.refresh_desired().unwrap();
+        let acme = |name: &str| {
+            f.inventory.record(name).unwrap().spec.isolation.unwrap().tenant("acme").unwrap().pod_ips.len()
+        };
+        assert_eq!(acme("n1"), 2);
+        f.inventory.tick(Instant::now() + T.lost_after + Duration::from_secs(1));
+        assert_eq!(f.inventory.record("n2").unwrap().health, Health::Lost);
+        f.inventory.refresh_desired().unwrap();
+        assert_eq!(acme("n1"), 0, "both nodes are Lost now: neither's report counts");
+        f.inventory.record_report("n1", pods_report(&[("hx-acme", "10.42.1.5")]));
+        f.inventory.refresh_desired().unwrap();
+        assert_eq!(acme("n1"), 1, "n1 reports again; n2 stays Lost");
     }
 
     const T: HealthThresholds =

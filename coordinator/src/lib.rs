@@ -15,6 +15,8 @@ pub mod inventory;
 pub mod link;
 pub mod metrics;
 pub mod placement;
+pub mod pod_owners;
+pub mod proxmox;
 pub mod store;
 pub mod tenants;
 pub mod tokens;
@@ -54,6 +56,8 @@ pub enum StartError {
     Pki(#[from] pki::PkiError),
     #[error(transparent)]
     HostCluster(#[from] hostcluster::reconcile::HostClusterError),
+    #[error("cannot set up Proxmox provisioning: {0}")]
+    Proxmox(#[from] proxmox::ProxmoxError),
     #[error("cannot listen on {what} {addr}: {error}")]
     Listen { what: &'static str, addr: SocketAddr, error: std::io::Error },
 }
@@ -71,6 +75,9 @@ pub struct Running {
     pub tenants: Arc<tenants::Tenants>,
     pub host_cluster: Arc<hostcluster::reconcile::HostCluster>,
     pub metrics: Arc<Metrics>,
+    /// The Proxmox provisioner and its seed server's address, when `[proxmox]` is configured.
+    pub provisioner: Option<Arc<proxmox::Provisioner>>,
+    pub seed_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -86,11 +93,25 @@ impl Running {
 }
 
 /// Reads the admin token file, creating it (0600) when missing, and returns the token's hash.
-/// The coordinator's own IPv4 addresses, which no pod may reach whatever `[isolation]
-/// management_cidrs` says: the listeners' addresses, or every address of this machine for a
-/// listener on all of them. Loopback is left out (no pod reaches the coordinator's loopback).
+/// The addresses no pod may reach whatever `[isolation] management_cidrs` says: the
+/// coordinator's own (the listeners' addresses, or every address of this machine for a listener on
+/// all of them) and its Proxmox endpoint's. Loopback is left out (no pod reaches a host's loopback).
 fn own_addresses(config: &CoordinatorConfig) -> Vec<std::net::Ipv4Addr> {
     let mut addresses = std::collections::BTreeSet::new();
+    if let Some(proxmox) = &config.proxmox {
+        let endpoint = reqwest::Url::parse(&proxmox.endpoint).ok();
+        let host = endpoint.as_ref().and_then(|u| Some((u.host_str()?.to_string(), u.port_or_known_default()?)));
+        match host.map(|(host, port)| std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))) {
+            Some(Ok(resolved)) => addresses.extend(resolved.filter_map(|a| match a.ip() {
+                std::net::IpAddr::V4(ip) if !ip.is_loopback() => Some(ip),
+                _ => None,
+            })),
+            Some(Err(e)) => {
+                tracing::warn!(endpoint = %proxmox.endpoint, error = %e, "cannot resolve the Proxmox endpoint; pods are kept from it only by management_cidrs")
+            }
+            None => {}
+        }
+    }
     for listen in [config.quic_listen.ip(), config.admin_listen.ip()] {
         match listen {
             std::net::IpAddr::V4(ip) if ip.is_unspecified() => match nix::ifaddrs::getifaddrs() {
@@ -211,17 +232,46 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         plans,
     )?);
 
+    let provisioner = match &config.proxmox {
+        Some(settings) => Some(Arc::new(proxmox::Provisioner::new(
+            settings.clone(),
+            store.clone(),
+            config.placement.node_classes.clone(),
+            ca.hash(),
+        )?)),
+        None => None,
+    };
+    let node_provisioner: Arc<dyn tenants::NodeProvisioner> = match &provisioner {
+        Some(p) => p.clone(),
+        None => Arc::new(tenants::RecordOnly),
+    };
     let tenants = Arc::new(
         tenants::Tenants::load(
             store.clone(),
             inventory.clone(),
             config.placement.clone(),
             desired::AllocationPlan { pids_per_pod: config.isolation.pids_per_pod },
-            Arc::new(tenants::RecordOnly),
+            node_provisioner,
             config.hostcluster.mode != hostcluster::render::Mode::Off,
         )
         .map_err(StartError::Tenants)?,
     );
+    let seed_listener = match &config.proxmox {
+        Some(settings) => {
+            let addr = settings.seed_listen;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|error| StartError::Listen {
+                what: "seed HTTP",
+                addr,
+                error,
+            })?;
+            let bound = listener.local_addr().map_err(|error| StartError::Listen { what: "seed HTTP", addr, error })?;
+            Some((listener, bound))
+        }
+        None => None,
+    };
+    if let (Some(p), Some((_, bound))) = (&provisioner, &seed_listener) {
+        p.attach(tenants.clone(), p.settings().seed_base(*bound));
+    }
 
     let host_cluster = Arc::new(
         hostcluster::reconcile::HostCluster::new(
@@ -231,6 +281,12 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         )
         .await?,
     );
+
+    // With an API server, it alone says who owns which pod IP; agents' reports no longer count.
+    let pod_owners_client = host_cluster.client().filter(|_| config.isolation.enabled);
+    if pod_owners_client.is_some() {
+        inventory.take_pod_owners_from_api();
+    }
 
     let (chain, key) = ca.issue_server_cert()?;
     let server_config = pki::server_config(ca.cert_der(), chain, key)?;
@@ -271,6 +327,7 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         default_token_ttl: config.token_ttl,
         tenants: tenants.clone(),
         node_classes: config.placement.node_classes.clone(),
+        provisioner: provisioner.clone(),
     });
     tasks.push(tokio::spawn(http_server::serve(
         listener,
@@ -278,6 +335,10 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         http_server::HttpLimits::default(),
         shutdown_rx.clone(),
     )));
+
+    if let Some(client) = pod_owners_client {
+        tasks.push(tokio::spawn(hostcluster::pod_watch::run(client, inventory.clone(), shutdown_rx.clone())));
+    }
 
     let tick_every = (config.report_interval / 4).min(Duration::from_millis(250));
     let ticker_inventory = inventory.clone();
@@ -289,8 +350,9 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         std::future::ready(())
     }));
 
-    // Desired state that reports made stale (pods moved, so tenants' IP sets changed) is
-    // recomputed here, once per burst, never on the report path.
+    // Desired state that pod ownership made stale (pods moved, a node was lost, the API's pods
+    // changed, so tenants' IP sets did) is recomputed here, once per burst, never on the report
+    // path, and only for the nodes whose sets changed.
     let desired_inventory = inventory.clone();
     let mut desired_shutdown = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
@@ -319,6 +381,18 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         }
     }));
 
+    let mut seed_addr = None;
+    if let (Some(p), Some((listener, bound))) = (&provisioner, seed_listener) {
+        seed_addr = Some(bound);
+        tasks.push(tokio::spawn(http_server::serve(
+            listener,
+            proxmox::seed::router(p.clone()),
+            http_server::HttpLimits::default(),
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(p.clone().run(config.report_interval, shutdown_rx.clone())));
+    }
+
     // The placement control loop: one reconcile per report interval.
     let reconcile_tenants = tenants.clone();
     tasks.push(every(config.report_interval, shutdown_rx, move || {
@@ -341,6 +415,8 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         tenants,
         host_cluster,
         metrics,
+        provisioner,
+        seed_addr,
         shutdown,
         tasks,
     })

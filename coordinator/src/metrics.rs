@@ -28,6 +28,9 @@ pub struct Metrics {
     pub links_open: AtomicI64,
     /// Refused enrollments and links, by reason.
     refusals: Mutex<BTreeMap<String, u64>>,
+    /// Pod ownership as last resolved: IPs left out of every set for having two owners, and per
+    /// node the pod claims that were not taken.
+    pod_ownership: Mutex<(usize, BTreeMap<String, usize>)>,
 }
 
 impl Metrics {
@@ -38,6 +41,11 @@ impl Metrics {
 
     pub fn refusals(&self, reason: &str) -> u64 {
         self.refusals.lock().unwrap_or_else(|p| p.into_inner()).get(reason).copied().unwrap_or(0)
+    }
+
+    /// Records pod ownership as it was just resolved (see [`crate::pod_owners::OwnerMap`]).
+    pub fn set_pod_ownership(&self, conflicts: usize, refused: &BTreeMap<String, usize>) {
+        *self.pod_ownership.lock().unwrap_or_else(|p| p.into_inner()) = (conflicts, refused.clone());
     }
 
     pub fn render(&self, health: &BTreeMap<Health, usize>) -> String {
@@ -66,6 +74,35 @@ impl Metrics {
         let _ = writeln!(out, "hexa_handshake_failures_total {}", self.handshake_failures.get());
         let _ = writeln!(out, "# HELP hexa_links_open Open node links.\n# TYPE hexa_links_open gauge");
         let _ = writeln!(out, "hexa_links_open {}", self.links_open.load(Ordering::Relaxed));
+        let (conflicts, refused) = self.pod_ownership.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let _ = writeln!(
+            out,
+            "# HELP hexa_pod_ip_conflicts Pod IPs claimed by two owners, left out of every set.\n# TYPE hexa_pod_ip_conflicts gauge"
+        );
+        let _ = writeln!(out, "hexa_pod_ip_conflicts {conflicts}");
+        let _ = writeln!(
+            out,
+            "# HELP hexa_pod_claims_refused Pod IP claims not taken, by the node that made them.\n# TYPE hexa_pod_claims_refused gauge"
+        );
+        for (node, n) in &refused {
+            let _ = writeln!(out, "hexa_pod_claims_refused{{node=\"{node}\"}} {n}");
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_ownership_is_rendered_as_gauges() {
+        let metrics = Metrics::default();
+        let none = metrics.render(&BTreeMap::new());
+        assert!(none.contains("hexa_pod_ip_conflicts 0\n") && !none.contains("hexa_pod_claims_refused{"), "{none}");
+        metrics.set_pod_ownership(2, &BTreeMap::from([("liar".to_string(), 5)]));
+        let text = metrics.render(&BTreeMap::new());
+        assert!(text.contains("hexa_pod_ip_conflicts 2\n"), "{text}");
+        assert!(text.contains("hexa_pod_claims_refused{node=\"liar\"} 5\n"), "{text}");
     }
 }

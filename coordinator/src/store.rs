@@ -20,6 +20,8 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
+/// Proxmox VMs of dedicated tenants, by record id ([`crate::proxmox::VmRecord`]).
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 
 /// Bumped when a change needs a migration; a newer file is refused instead of misread.
 const SCHEMA_VERSION: u64 = 1;
@@ -74,6 +76,9 @@ pub struct TokenRecord {
     /// as an existing node, and only as that node, in its pool.
     #[serde(default)]
     pub reenroll: Option<ReenrollBinding>,
+    /// Set on the token of a Proxmox VM: it enrolls only the machine presenting this identity.
+    #[serde(default)]
+    pub provider: Option<ProviderIdentity>,
 }
 
 /// The node a re-enrollment token is for.
@@ -179,6 +184,14 @@ impl Tx<'_> {
         Ok(())
     }
 
+    pub fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        self.get(META, key)
+    }
+
+    pub fn set_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        self.put(META, key, value)
+    }
+
     pub fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.get(TOKENS, id)
     }
@@ -213,6 +226,24 @@ impl Tx<'_> {
         Ok(())
     }
 
+    pub fn remove_token(&self, id: &str) -> Result<(), StoreError> {
+        self.txn.open_table(TOKENS)?.remove(id)?;
+        Ok(())
+    }
+
+    pub fn vm(&self, id: &str) -> Result<Option<crate::proxmox::VmRecord>, StoreError> {
+        self.get(VMS, id)
+    }
+
+    pub fn put_vm(&self, vm: &crate::proxmox::VmRecord) -> Result<(), StoreError> {
+        self.put(VMS, &vm.id, vm)
+    }
+
+    pub fn remove_vm(&self, id: &str) -> Result<(), StoreError> {
+        self.txn.open_table(VMS)?.remove(id)?;
+        Ok(())
+    }
+
     pub fn node_names(&self) -> Result<Vec<String>, StoreError> {
         let table = self.txn.open_table(NODES)?;
         let mut names = Vec::new();
@@ -236,6 +267,7 @@ impl Store {
             tx.txn.open_table(TOKENS)?;
             tx.txn.open_table(NODES)?;
             tx.txn.open_table(TENANTS)?;
+            tx.txn.open_table(VMS)?;
             let found: Option<u64> = tx.get(META, "schema_version")?;
             if found.is_none() {
                 tx.put(META, "schema_version", &SCHEMA_VERSION)?;
@@ -279,6 +311,10 @@ impl Store {
         self.all(TENANTS)
     }
 
+    pub fn vms(&self) -> Result<BTreeMap<String, crate::proxmox::VmRecord>, StoreError> {
+        self.all(VMS)
+    }
+
     pub fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(META)?;
@@ -320,6 +356,7 @@ mod tests {
             expires_at_unix: 2,
             state: TokenState::Active,
             reenroll: None,
+            provider: None,
         }
     }
 

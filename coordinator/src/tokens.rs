@@ -154,6 +154,7 @@ fn mint(
                     expires_at_unix,
                     state: TokenState::Active,
                     reenroll: reenroll.clone(),
+                    provider: None,
                 })?;
                 return Ok(Minted { id: minted.id.clone(), token: minted, expires_at_unix });
             }
@@ -280,6 +281,7 @@ mod tests {
             expires_at_unix: 10,
             state: TokenState::Active,
             reenroll: None,
+            provider: None,
         };
         assert_eq!(view(&record, 10).status, "expired");
         assert_eq!(view(&record, 9).status, "active");

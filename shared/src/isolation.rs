@@ -3,7 +3,8 @@
 //! node's allocations (`NodeSpec::tenants`, [`crate::spec::TenantAllocation`]), which the cgroup
 //! governor enforces whether or not the node gets an isolation spec.
 //!
-//! The coordinator builds one [`IsolationSpec`] per node from the pods the agents report and sends
+//! The coordinator builds one [`IsolationSpec`] per node from its pod ownership map (the host
+//! cluster's API, or each node's word inside its own pod range only) and sends
 //! each node only the tenants it hosts, each with its pod IPs *cluster-wide* (a pod on this node must
 //! be able to reach its tenant's pods on other nodes). The agent turns it into firewall rules
 //! (`isolation::firewall`), together with what only the node itself knows (which bridge port each

@@ -10,7 +10,10 @@
 //!   (legacy documents, and the aggregated `apidiscovery.k8s.io/v2` list when asked for it);
 //! - namespaces, nodes, a handful of built-in namespaced kinds, `helmcharts.helm.cattle.io/v1`, and
 //!   any kind a test registers with [`FakeKube::register_resource`];
-//! - get, list (label and field selectors, `limit`/`continue`), watch, create, replace, patch
+//! - get, list (label and field selectors, `limit`/`continue`), watch (`?watch=true`, from a
+//!   `resourceVersion` or from the current state as `ADDED` events; one JSON event per line;
+//!   `410 Expired` as an `ERROR` event for a version older than the kept history, which
+//!   [`FakeKube::compact`] drops as etcd's compaction does), create, replace, patch
 //!   (server-side apply, JSON merge patch, JSON patch), delete, deletecollection; the `status`
 //!   subresource and `namespaces/<name>/finalize`;
 //! - `Status` bodies with the reasons and codes a real API server uses (NotFound, AlreadyExists,
@@ -24,7 +27,8 @@
 //! A test plays the controllers: the fake helm-controller creates `helm-install-<chart>` Jobs and
 //! holds the `wrangler.cattle.io/on-helm-chart-remove` finalizer until `helm-delete-<chart>`
 //! completes; [`FakeKube::complete_job`], [`FakeKube::fail_job`] and
-//! [`FakeKube::make_statefulset_ready`] move things on. Faults are programmed with
+//! [`FakeKube::make_statefulset_ready`] move things on; [`FakeKube::add_node`] and
+//! [`FakeKube::add_pod`] play the kubelet, the node IPAM and the scheduler. Faults are programmed with
 //! [`FakeKube::fail_next`], [`FakeKube::fail_all`], [`FakeKube::set_down`] and
 //! [`FakeKube::set_latency`].
 
@@ -226,8 +230,31 @@ impl FakeKube {
         result
     }
 
-    /// A node named `name` with `labels`, registered as the K3s agent does (manager `k3s`).
+    /// A node named `name` with `labels`, registered as the K3s agent does (manager `k3s`). Its
+    /// `spec.podCIDR` is the first `/24` of `10.42.0.0/16` no other node has, as the controller
+    /// manager's node IPAM hands them out; a node registered again keeps its range.
     pub fn add_node(&self, name: &str, labels: &[(&str, &str)]) -> Result<Value, String> {
+        let existing = self.object("nodes", "", name);
+        let kept = existing.as_ref().and_then(|n| n["spec"]["podCIDR"].as_str().map(str::to_string));
+        let pod_cidr = match kept {
+            Some(range) => range,
+            None => {
+                let taken: Vec<String> = self
+                    .list("nodes", None)
+                    .iter()
+                    .filter_map(|n| n["spec"]["podCIDR"].as_str().map(str::to_string))
+                    .collect();
+                (0..=255u8)
+                    .map(|third| format!("10.42.{third}.0/24"))
+                    .find(|range| !taken.contains(range))
+                    .ok_or_else(|| "every /24 of 10.42.0.0/16 is taken".to_string())?
+            }
+        };
+        self.add_node_with_pod_cidr(name, labels, &pod_cidr)
+    }
+
+    /// [`FakeKube::add_node`] with the pod range `pod_cidr`.
+    pub fn add_node_with_pod_cidr(&self, name: &str, labels: &[(&str, &str)], pod_cidr: &str) -> Result<Value, String> {
         let mut all: Map<String, Value> = Map::new();
         all.insert("kubernetes.io/hostname".into(), json!(name));
         all.insert("kubernetes.io/os".into(), json!("linux"));
@@ -237,10 +264,37 @@ impl FakeKube {
         let node = json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": all},
-            "spec": {"podCIDR": "10.42.0.0/24"},
+            "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
             "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]}
         });
         self.upsert("nodes", node, "k3s")
+    }
+
+    /// A running pod `namespace/name` bound to `node` with the address `ip`, as the scheduler
+    /// (`spec.nodeName`) and then the node's kubelet (`status`) write it. The namespace is created
+    /// when missing.
+    pub fn add_pod(&self, namespace: &str, name: &str, node: &str, ip: &str) -> Result<Value, String> {
+        if self.object("namespaces", "", namespace).is_none() {
+            let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
+            self.upsert("namespaces", ns, "kubectl")?;
+        }
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "True"}]}
+        });
+        self.upsert("pods", pod, "kubelet")
+    }
+
+    /// Forgets every watch event so far, as etcd's compaction does: a watch that resumes from a
+    /// resourceVersion before now gets `410 Gone` (an `ERROR` event with reason `Expired`) and
+    /// must list again. Watches that are open keep going.
+    pub fn compact(&self) {
+        let mut st = self.shared.lock();
+        st.events.clear();
+        st.events_floor = st.rv;
     }
 
     /// Deletes an object as a DELETE would (finalizers are honoured), bypassing faults.

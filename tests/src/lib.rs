@@ -7,12 +7,15 @@
 
 pub mod admin;
 pub mod artifacts;
+pub mod dedicated;
 pub mod fake_kube;
 pub mod hostile;
 pub mod inproc;
 pub mod k3s_supervisor;
 pub mod netns;
 pub mod procs;
+pub mod pve;
+pub mod pve_bench;
 pub mod raw;
 pub mod trust_bench;
 

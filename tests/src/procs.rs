@@ -88,6 +88,17 @@ impl CoordinatorProc {
     /// Starts `hexa-coordinator --config <dir>/coordinator.toml` and waits until it serves.
     pub async fn start(dir: &Path, quic_port: u16, admin_port: u16, log_name: &str) -> CoordinatorProc {
         let config = fast_coordinator_config(dir, quic_port, admin_port);
+        Self::start_with(dir, &config, quic_port, admin_port, log_name).await
+    }
+
+    /// Starts `hexa-coordinator --config <config>`, a config whose state directory is `<dir>/state`.
+    pub async fn start_with(
+        dir: &Path,
+        config: &Path,
+        quic_port: u16,
+        admin_port: u16,
+        log_name: &str,
+    ) -> CoordinatorProc {
         let proc = Proc::spawn(
             &crate::bin("hexa-coordinator"),
             &["--config".into(), config.display().to_string()],

@@ -57,6 +57,8 @@ pub struct AdminContext {
     pub default_token_ttl: Duration,
     pub tenants: Arc<Tenants>,
     pub node_classes: Vec<NodeClass>,
+    /// The Proxmox provisioner, when configured: `/v1/provisioning` lists its VMs.
+    pub provisioner: Option<Arc<crate::proxmox::Provisioner>>,
 }
 
 type Ctx = Arc<AdminContext>;

@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use hexa_shared::tenant::{Plan, Tenant};
 
 use super::{ApiError, Ctx, ErrorBody};
-use crate::placement::ProvisionRequest;
+use crate::proxmox::provisioner::{Failure, VmView};
 
 pub(super) fn routes() -> OpenApiRouter<Ctx> {
     OpenApiRouter::new()
@@ -112,9 +112,76 @@ async fn delete_tenant(
     Ok(Json(ctx.tenants.delete(&name).await?))
 }
 
-/// Dedicated nodes asked of the provisioner and not yet registered.
+/// A tenant's dedicated nodes still on their way, or on their way out.
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
+pub struct ProvisioningRow {
+    pub tenant: String,
+    pub node_class: String,
+    /// Dedicated nodes the tenant's placement still waits for.
+    pub count: u32,
+    /// Its Proxmox VMs not yet bound, or being removed (with `[proxmox]` configured).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<VmView>,
+    /// Its VMs destroyed and replaced for failing, in the last day: what went wrong and where.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<Failure>,
+}
+
+/// Dedicated nodes asked of the provisioner and not yet registered, with each VM's state, age,
+/// Proxmox node, VMID and last error, and the VMs destroyed and replaced for failing in the last day.
 #[utoipa::path(get, path = "/v1/provisioning", tag = "tenants",
-    responses((status = 200, description = "outstanding dedicated node requests", body = Vec<ProvisionRequest>)))]
-async fn list_provisioning(State(ctx): State<Ctx>) -> Json<Vec<ProvisionRequest>> {
-    Json(ctx.tenants.provisioning().await)
+    responses((status = 200, description = "outstanding dedicated node requests and their VMs", body = Vec<ProvisioningRow>)))]
+async fn list_provisioning(State(ctx): State<Ctx>) -> Json<Vec<ProvisioningRow>> {
+    let mut rows: Vec<ProvisioningRow> = ctx
+        .tenants
+        .provisioning()
+        .await
+        .into_iter()
+        .map(|r| ProvisioningRow {
+            tenant: r.tenant,
+            node_class: r.node_class,
+            count: r.count,
+            vms: Vec::new(),
+            failures: Vec::new(),
+        })
+        .collect();
+    let vms = ctx.provisioner.as_ref().map(|p| p.views()).unwrap_or_default();
+    for vm in vms {
+        match rows.iter_mut().find(|r| r.tenant == vm.tenant) {
+            Some(row) => row.vms.push(vm),
+            None => rows.push(ProvisioningRow {
+                tenant: vm.tenant.clone(),
+                node_class: vm.node_class.clone(),
+                count: 0,
+                vms: vec![vm],
+                failures: Vec::new(),
+            }),
+        }
+    }
+    let failures = ctx.provisioner.as_ref().map(|p| p.failures()).unwrap_or_default();
+    let classes = ctx.tenants.list().await;
+    for failure in failures {
+        match rows.iter_mut().find(|r| r.tenant == failure.tenant) {
+            Some(row) => row.failures.push(failure),
+            None => {
+                let node_class = classes
+                    .iter()
+                    .find(|t| t.name == failure.tenant)
+                    .and_then(|t| match &t.plan {
+                        hexa_shared::tenant::Plan::Dedicated(plan) => Some(plan.node_class.clone()),
+                        hexa_shared::tenant::Plan::Shared(_) => None,
+                    })
+                    .unwrap_or_default();
+                rows.push(ProvisioningRow {
+                    tenant: failure.tenant.clone(),
+                    node_class,
+                    count: 0,
+                    vms: Vec::new(),
+                    failures: vec![failure],
+                })
+            }
+        }
+    }
+    rows.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+    Json(rows)
 }

@@ -11,7 +11,9 @@
 //! - [`helmchart`]: the K3s `HelmChart` custom resource type.
 //! - [`reconcile`]: the effects: applies those objects with server-side apply, or writes them as
 //!   manifests.
+//! - [`pod_watch`]: follows the cluster's Pods and Nodes, which say who owns each pod IP.
 
 pub mod helmchart;
+pub mod pod_watch;
 pub mod reconcile;
 pub mod render;

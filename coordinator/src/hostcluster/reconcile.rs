@@ -203,6 +203,14 @@ impl HostCluster {
         }
     }
 
+    /// The host cluster's API client, in mode `apply`.
+    pub fn client(&self) -> Option<kube::Client> {
+        match &self.target {
+            Target::Kube(client) => Some(client.clone()),
+            Target::Manifests(_) | Target::Off => None,
+        }
+    }
+
     /// Writes made since start.
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)

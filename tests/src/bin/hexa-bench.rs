@@ -19,6 +19,9 @@
 //! - `placement [--nodes 1000,10000] [--tenants-per-node 10] [--seed 1]`: our placement against
 //!   first-fit-decreasing and Kubernetes' LeastAllocated and MostAllocated scoring, on the same
 //!   synthetic fleets.
+//! - `proxmox [--vms 20] [--tenants 10] [--scale 1.0]`: dedicated tenants on the Proxmox VE
+//!   emulator with realistic task times (times `scale`), request to all Ready, every VM at once
+//!   against one step at a time; Proxmox API calls per VM.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +70,15 @@ enum Command {
     K3sNoop {
         #[arg(long, default_value_t = 2000)]
         iterations: usize,
+    },
+    Proxmox {
+        #[arg(long, default_value_t = 20)]
+        vms: usize,
+        #[arg(long, default_value_t = 10)]
+        tenants: usize,
+        /// Factor on the emulator's realistic task times (0.25: four times faster)
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
     },
     HostileEnroll {
         #[arg(long, default_value_t = 1000)]
@@ -124,6 +136,9 @@ fn main() -> anyhow::Result<()> {
                     Command::LinkLatency { nodes, reports } => link_latency(nodes, reports).await,
                     Command::K3sNoop { iterations } => k3s_noop(iterations).await,
                     Command::Hostcluster { tenants } => hostcluster(tenants).await,
+                    Command::Proxmox { vms, tenants, scale } => {
+                        hexa_tests::pve_bench::proxmox(vms, tenants, scale).await
+                    }
                     Command::HostileEnroll { peers, honest } => {
                         hexa_tests::trust_bench::hostile_enroll(peers, honest).await
                     }

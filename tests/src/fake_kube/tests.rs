@@ -852,3 +852,45 @@ async fn watch_streams_changes_after_a_resource_version() {
     let first: Value = serde_json::from_str(initial.lines().next().unwrap()).unwrap();
     assert_eq!((first["type"].as_str(), first["object"]["metadata"]["name"].as_str()), (Some("ADDED"), Some("before")));
 }
+
+#[tokio::test]
+async fn a_watch_resumed_from_before_a_compaction_is_told_410_expired() {
+    let t = setup().await;
+    t.post("/api/v1/namespaces/default/configmaps", configmap("one", json!({}))).await;
+    let old = t.kube.resource_version();
+    t.post("/api/v1/namespaces/default/configmaps", configmap("two", json!({}))).await;
+    t.kube.compact();
+    let url = |from: u64| {
+        format!(
+            "{}/api/v1/namespaces/default/configmaps?watch=true&resourceVersion={from}&timeoutSeconds=1",
+            t.kube.url()
+        )
+    };
+    let expired = t.http.get(url(old)).send().await.unwrap();
+    assert_eq!(expired.status(), 200, "watch errors come as an event on an open stream");
+    let text = expired.text().await.unwrap();
+    let event: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(event["type"], "ERROR");
+    assert_eq!((event["object"]["code"].as_u64(), event["object"]["reason"].as_str()), (Some(410), Some("Expired")));
+    // From now on, resuming works again.
+    let now = t.kube.resource_version();
+    let current = t.http.get(url(now)).send().await.unwrap().text().await.unwrap();
+    assert!(current.is_empty(), "{current}");
+}
+
+#[tokio::test]
+async fn nodes_get_distinct_pod_ranges_and_pods_run_where_they_are_bound() {
+    let t = setup().await;
+    let range = |name: &str| t.kube.object("nodes", "", name).unwrap()["spec"]["podCIDR"].as_str().unwrap().to_string();
+    t.kube.add_node("a", &[]).unwrap();
+    t.kube.add_node("b", &[]).unwrap();
+    assert_eq!((range("a"), range("b")), ("10.42.0.0/24".to_string(), "10.42.1.0/24".to_string()));
+    t.kube.add_node("a", &[("x", "y")]).unwrap();
+    assert_eq!(range("a"), "10.42.0.0/24", "a node registered again keeps its range");
+    t.kube.add_pod("hx-acme", "web", "b", "10.42.1.5").unwrap();
+    let pod = t.get("/api/v1/namespaces/hx-acme/pods/web").await;
+    assert_eq!(pod.status, 200, "{}", pod.text);
+    assert_eq!(pod.body["spec"]["nodeName"], "b");
+    assert_eq!(pod.body["status"]["podIP"], "10.42.1.5");
+    assert_eq!(pod.body["status"]["phase"], "Running");
+}
