@@ -124,7 +124,71 @@ pub enum TokenFileError {
     Empty { path: PathBuf },
 }
 
+/// A configuration the agent refuses to start with: the file, the key, and what to write instead.
+/// `file` is the configuration file the values came from (flags and `HEXA_*` variables override it).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(
+        "config file {file}: coordinator = {value:?} is not HOST:PORT; write the coordinator's QUIC address, \
+         e.g. coordinator = \"coord.example:7443\""
+    )]
+    Coordinator { file: String, value: String },
+    #[error(
+        "config file {file}: ca_hash = {value:?} is not sha256:<64 hex digits>; copy the `CA sha256:...` line \
+         hexa-coordinator prints at start"
+    )]
+    CaHash { file: String, value: String },
+    #[error(
+        "config file {file}: this node is not enrolled yet (no {cert}) and neither token nor token_file is set; \
+         write the token from `hexactl token create` into a 0600 file and set token_file to its path"
+    )]
+    MissingToken { file: String, cert: PathBuf },
+    #[error(
+        "config file {file}: this node is not enrolled yet (no {cert}) and ca_hash is empty; set ca_hash to the \
+         `CA sha256:...` line hexa-coordinator prints at start"
+    )]
+    MissingCaHash { file: String, cert: PathBuf },
+    #[error("config file {file}: {error}")]
+    TokenFile { file: String, error: TokenFileError },
+    #[error("config file {file}: {error}")]
+    Isolation { file: String, error: crate::ConfigError },
+}
+
+/// The node certificate whose presence means the node has enrolled (`state::StateDir` keeps it).
+const NODE_CERT: &str = "node.crt";
+
 impl AgentConfig {
+    /// Checks what loading alone cannot: the coordinator address, the CA pin, and, on a node that
+    /// has not enrolled yet, that a bootstrap token and the pin are there to enroll with (a token
+    /// file must be readable and not empty). `file` names the configuration file in the errors.
+    /// Looks at the state directory without creating it.
+    pub fn check(&self, file: &str) -> Result<(), CheckError> {
+        let file = file.to_string();
+        let (host, port) = self.coordinator.rsplit_once(':').unwrap_or_default();
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(CheckError::Coordinator { file, value: self.coordinator.clone() });
+        }
+        if !self.ca_hash.is_empty() && self.ca_hash.parse::<hexa_shared::pki::CaHash>().is_err() {
+            return Err(CheckError::CaHash { file, value: self.ca_hash.clone() });
+        }
+        if let Err(error) = self.isolation.baseline_pod_cidr() {
+            return Err(CheckError::Isolation { file, error });
+        }
+        let cert = self.state_dir.join(NODE_CERT);
+        if cert.exists() {
+            // Enrolled: the token is not used again, whatever it says.
+            return Ok(());
+        }
+        let token = self.bootstrap_token().map_err(|error| CheckError::TokenFile { file: file.clone(), error })?;
+        if token.is_empty() {
+            return Err(CheckError::MissingToken { file, cert });
+        }
+        if self.ca_hash.is_empty() {
+            return Err(CheckError::MissingCaHash { file, cert });
+        }
+        Ok(())
+    }
+
     /// The bootstrap token: `token`, or else the contents of `token_file`, or empty when neither
     /// is set.
     pub fn bootstrap_token(&self) -> Result<String, TokenFileError> {

@@ -34,6 +34,8 @@ use tracing::warn;
 
 use hexa_shared::pki::CaHash;
 use hexa_shared::report::Resources;
+use hexa_shared::service::ServiceManager;
+use hexa_shared::spec::NodeSpec;
 
 use crate::collector::{Collector, CollectorSettings};
 use crate::config::AgentConfig;
@@ -57,6 +59,9 @@ pub struct Host {
     pub pods: Arc<dyn pods::PodSource>,
     /// This node's pods' bridge ports (for the firewall's anti-spoofing rules).
     pub local_pods: Arc<dyn isolation::local_pods::LocalPodSource>,
+    /// The service manager, told when isolation is in force (READY), what the agent is doing
+    /// (STATUS) and that the node supervisor's loop still turns (WATCHDOG).
+    pub service: Arc<ServiceManager>,
 }
 
 impl Default for Host {
@@ -74,6 +79,7 @@ impl Default for Host {
                 isolation::local_pods::DEFAULT_CNI_RESULTS_DIR,
                 isolation::firewall::DEFAULT_BRIDGE,
             )),
+            service: ServiceManager::none(),
         }
     }
 }
@@ -111,6 +117,64 @@ impl Host {
     }
 }
 
+/// What keeps tenants apart from the moment the agent starts, before any connection is tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartupIsolation {
+    /// The last applied spec's isolation (or its last good copy's) is in force again.
+    Spec { generation: u64 },
+    /// No spec could be read, and the baseline that keeps pods apart is in force.
+    Baseline,
+    /// Nothing is in force yet: the first spec applied puts isolation in place.
+    Nothing,
+}
+
+/// Enforces, before anything else, what the node has on disk, and says what is in force now: the
+/// last applied spec's isolation, or, on a node whose spec and its copy are both damaged
+/// (`baseline` is its pod CIDR), the baseline that keeps pods apart. The agent tells systemd it is
+/// ready only once one of them is, so that K3s (ordered after the agent) never runs pods on a node
+/// without isolation.
+pub async fn enforce_at_start(
+    applier: &apply::Applier,
+    applied: Option<&NodeSpec>,
+    baseline: Option<hexa_shared::isolation::Ipv4Cidr>,
+    service: &ServiceManager,
+) -> StartupIsolation {
+    let Some(spec) = applied else {
+        let Some(pod_cidr) = baseline else { return StartupIsolation::Nothing };
+        service.status(&format!("no readable spec: enforcing the baseline isolation for {pod_cidr}"));
+        return match applier.enforce_baseline(pod_cidr).await {
+            Ok(()) => {
+                warn!(%pod_cidr, "no readable spec: baseline isolation (pods kept apart) enforced");
+                StartupIsolation::Baseline
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot enforce the baseline isolation");
+                service.status(&format!("cannot enforce the baseline isolation for {pod_cidr}: {e}"));
+                StartupIsolation::Nothing
+            }
+        };
+    };
+    if spec.isolation.is_none() {
+        // A spec without isolation asks for none: applied as it is, nothing is missing.
+        return StartupIsolation::Spec { generation: spec.generation };
+    }
+    service.status(&format!("enforcing the last applied isolation (generation {})", spec.generation));
+    match applier.enforce_isolation(spec).await {
+        Ok(()) => {
+            tracing::info!(generation = spec.generation, "last applied isolation enforced");
+            StartupIsolation::Spec { generation: spec.generation }
+        }
+        Err(e) => {
+            warn!(generation = spec.generation, error = %e, "cannot enforce the last applied isolation");
+            service.status(&format!(
+                "cannot enforce the last applied isolation (generation {}): {e}; retrying",
+                spec.generation
+            ));
+            StartupIsolation::Nothing
+        }
+    }
+}
+
 async fn resolve(address: &str) -> Result<SocketAddr, AgentError> {
     let mut addrs = tokio::net::lookup_host(address)
         .await
@@ -128,24 +192,25 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
     let endpoint = quinn::Endpoint::client(bind).map_err(AgentError::Socket)?;
 
     // Fail-static: whatever the coordinator last asked for is enforced again before anything else
-    // (the node supervisor starts by re-applying it).
+    // (the node supervisor then re-applies the whole spec).
     let applied = state.load_spec()?;
     let applier = host.applier(state.clone())?;
-    if let Some(spec) = &applied {
-        // Fail-static: isolation is back in force before the first connection is even tried.
-        match applier.enforce_isolation(spec).await {
-            Ok(()) => tracing::info!(generation = spec.generation, "last applied isolation enforced"),
-            Err(e) => warn!(generation = spec.generation, error = %e, "cannot enforce the last applied isolation"),
-        }
-    } else if state.spec_is_lost() {
-        // The node had a spec and both copies are damaged: its pods are kept apart altogether
-        // until the coordinator sends a new one.
-        match applier.enforce_baseline(baseline_pod_cidr).await {
-            Ok(()) => {
-                warn!(pod_cidr = %baseline_pod_cidr, "no readable spec: baseline isolation (pods kept apart) enforced")
-            }
-            Err(e) => warn!(error = %e, "cannot enforce the baseline isolation"),
-        }
+    let baseline = state.spec_is_lost().then_some(baseline_pod_cidr);
+    let in_force = enforce_at_start(&applier, applied.as_ref(), baseline, &host.service).await;
+    match in_force {
+        StartupIsolation::Spec { generation } => host.service.ready(&format!(
+            "isolation of generation {generation} in force; connecting to the coordinator at {}",
+            config.coordinator
+        )),
+        StartupIsolation::Baseline => host.service.ready(&format!(
+            "no readable spec: baseline isolation (pods kept apart) in force; connecting to the coordinator at {}",
+            config.coordinator
+        )),
+        // READY comes from the supervisor once its first apply has put isolation in force.
+        StartupIsolation::Nothing => host.service.status(&format!(
+            "no isolation to enforce yet: waiting for a spec from the coordinator at {}",
+            config.coordinator
+        )),
     }
 
     if !state.is_enrolled() {
@@ -156,6 +221,7 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         let pin: CaHash = config.ca_hash.parse()?;
         let mut facts = NodeFacts::of_this_machine(&config.node_name);
         facts.provider = enroll::provider_identity(&host.sys_root, config.proxmox_vmid)?;
+        host.service.status(&format!("enrolling with the coordinator at {}", config.coordinator));
         let mut attempt = 0;
         loop {
             match enroll::enroll(&endpoint, addr, &token, pin, &facts, &state).await {
@@ -165,10 +231,18 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
                 Err(e) => {
                     let delay = backoff::backoff_delay(attempt, rand::rng().random::<f64>());
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "enrollment failed");
+                    host.service.status(&format!("enrollment with {} failed ({e}); retrying", config.coordinator));
                     attempt += 1;
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => return Ok(()),
+                    // This loop is the one that would hang before the supervisor runs: it feeds
+                    // the watchdog while it waits.
+                    let until = tokio::time::Instant::now() + delay;
+                    loop {
+                        host.service.ping();
+                        let wake = host.service.next_ping().map_or(until, |at| until.min(at.into()));
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(wake) => if wake >= until { break },
+                            _ = shutdown.changed() => return Ok(()),
+                        }
                     }
                 }
             }
@@ -189,7 +263,7 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         max_pods: config.max_pods,
     });
     // The supervisor outlives every session: it keeps enforcing while the link is down.
-    let node = node::Supervisor::spawn(
+    let node = node::Supervisor::spawn_notifying(
         applier,
         collector,
         host.pods.clone(),
@@ -203,8 +277,9 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         },
         applied,
         node::Periods::default(),
+        host.service.clone(),
     );
-    let mut link = link::Link::new(endpoint.clone(), addr, state, node);
+    let mut link = link::Link::new(endpoint.clone(), addr, state, node).notifying(host.service.clone());
     let result = link.run(shutdown).await;
     endpoint.close(hexa_shared::proto::close_code::DONE.into(), b"agent stopping");
     // Let the close frame leave before the socket goes.

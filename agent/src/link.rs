@@ -2,6 +2,7 @@
 //! re-established with jittered exponential backoff whenever it drops.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -13,6 +14,7 @@ use hexa_shared::pki::{self, COORDINATOR_SERVER_NAME};
 use hexa_shared::proto::{
     AgentMessage, CoordinatorMessage, Hello, PROTOCOL_VERSION, RefusalCode, SystemInfo, close_code,
 };
+use hexa_shared::service::ServiceManager;
 use hexa_shared::spec::AppliedStatus;
 use hexa_shared::wire::{self, FrameError};
 
@@ -65,11 +67,24 @@ pub struct Link {
     node: Node,
     /// Apply results the coordinator has not been told yet (the link may drop meanwhile).
     unsent: Vec<AppliedStatus>,
+    /// Told when the link comes up and when it drops (STATUS).
+    service: Arc<ServiceManager>,
 }
 
 impl Link {
     pub fn new(endpoint: quinn::Endpoint, addr: SocketAddr, state: StateDir, node: Node) -> Link {
-        Link { endpoint, addr, state, node, unsent: Vec::new() }
+        Link { endpoint, addr, state, node, unsent: Vec::new(), service: ServiceManager::none() }
+    }
+
+    /// Tells `service` when the link comes up and when it drops.
+    pub fn notifying(mut self, service: Arc<ServiceManager>) -> Link {
+        self.service = service;
+        self
+    }
+
+    fn link_status(&self, what: &str) {
+        let generation = self.node.applied_generation();
+        self.service.status(&format!("{what}; applied generation {generation}"));
     }
 
     /// Keeps the link up until `shutdown` turns true. Only errors no retry can fix end it early.
@@ -80,10 +95,12 @@ impl Link {
                 SessionEnd::Shutdown => return Ok(()),
                 SessionEnd::Dropped(reason) => {
                     warn!(%reason, "link lost; reconnecting");
+                    self.link_status(&format!("link to the coordinator lost ({reason}); reconnecting"));
                     attempt = 0;
                 }
                 SessionEnd::Failed(reason) => {
                     warn!(%reason, attempt, "cannot reach the coordinator");
+                    self.link_status(&format!("cannot reach the coordinator at {} ({reason}); retrying", self.addr));
                 }
             }
             let delay = backoff_delay(attempt, rand::rng().random::<f64>());
@@ -96,6 +113,7 @@ impl Link {
     }
 
     async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, AgentError> {
+        self.link_status(&format!("connecting to the coordinator at {}", self.addr));
         let identity = self.state.load_identity()?;
         let config = pki::link_client_config(&identity.ca, identity.chain.clone(), identity.key_der()?)?;
         let connecting = match self.endpoint.connect_with(config, self.addr, COORDINATOR_SERVER_NAME) {
@@ -141,6 +159,7 @@ impl Link {
         };
         let interval = Duration::from_millis(welcome.report_interval_ms.max(100));
         info!(node = %welcome.node_name, pool = %welcome.pool, interval_ms = welcome.report_interval_ms, "connected to the coordinator");
+        self.link_status(&format!("connected to the coordinator at {} as {}", self.addr, welcome.node_name));
 
         // Frames are read in their own task: a partially read frame must never be dropped by select!.
         let (mut msg_rx, reader) = wire::spawn_reader::<CoordinatorMessage, _>(recv);

@@ -1,5 +1,7 @@
 //! `hexa-agent`: parses flags, loads the configuration and runs the agent until SIGINT/SIGTERM;
-//! `hexa-agent apply --spec FILE` applies one spec and exits.
+//! `hexa-agent apply --spec FILE` applies one spec and exits; `hexa-agent check-config` checks the
+//! configuration and exits. A configuration the agent refuses ends it with exit status 78
+//! (EX_CONFIG), which the unit does not restart on (`RestartPreventExitStatus=78`).
 
 use std::path::PathBuf;
 
@@ -43,6 +45,9 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Check the configuration (file, HEXA_* variables and flags) as a start would, and exit:
+    /// 0 when the agent would start with it, 78 with what to change when it would refuse it
+    CheckConfig,
     /// Apply one NodeSpec (JSON) once and exit
     Apply {
         /// The spec, as JSON
@@ -55,11 +60,27 @@ enum Command {
     },
 }
 
+/// Exit status of a refused configuration: EX_CONFIG from sysexits.h.
+const EX_CONFIG: i32 = 78;
+
+/// Ends the process on a configuration it cannot run with, saying what to change.
+fn refuse(error: impl std::fmt::Display) -> ! {
+    eprintln!("hexa-agent: {error}");
+    std::process::exit(EX_CONFIG)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     hexa_shared::install_crypto_provider();
+    // The file the values come from, as errors name it.
+    let file = match &args.config {
+        Some(path) => path.display().to_string(),
+        None if std::path::Path::new(DEFAULT_CONFIG_PATH).exists() => DEFAULT_CONFIG_PATH.to_string(),
+        None => format!("{DEFAULT_CONFIG_PATH} (absent: defaults)"),
+    };
     let mut config: AgentConfig =
-        hexa_shared::config::load(args.config.as_deref(), DEFAULT_CONFIG_PATH.as_ref(), std::env::vars())?;
+        hexa_shared::config::load(args.config.as_deref(), DEFAULT_CONFIG_PATH.as_ref(), std::env::vars())
+            .unwrap_or_else(|e| refuse(e));
     let set = |target: &mut String, value: Option<String>| {
         if let Some(v) = value {
             *target = v;
@@ -78,22 +99,33 @@ fn main() -> anyhow::Result<()> {
     if let Some(format) = args.log_format {
         config.log_format = format;
     }
-    hexa_shared::logging::init(config.log_format);
-
-    if let Some(Command::Apply { spec, root }) = args.command {
-        return apply_once(&config, &spec, root);
+    match args.command {
+        Some(Command::Apply { spec, root }) => {
+            hexa_shared::logging::init(config.log_format);
+            return apply_once(&config, &spec, root);
+        }
+        Some(Command::CheckConfig) => {
+            config.check(&file).unwrap_or_else(|e| refuse(e));
+            println!("config file {file}: the agent would start with it (coordinator {})", config.coordinator);
+            return Ok(());
+        }
+        None => config.check(&file).unwrap_or_else(|e| refuse(e)),
     }
+    hexa_shared::logging::init(config.log_format);
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let host = hexa_agent::Host::for_config(&config);
+        let service = hexa_shared::service::ServiceManager::from_env();
+        let host = hexa_agent::Host { service: service.clone(), ..hexa_agent::Host::for_config(&config) };
         let mut agent = tokio::spawn(hexa_agent::run(config, host, stopped));
         tokio::select! {
             result = &mut agent => return result.context("agent task")?.map_err(anyhow::Error::from),
             signal = hexa_shared::signals::wait_for_termination() => signal?,
         }
         tracing::info!("stopping");
+        // The firewall is left as it is: isolation stays in force while the agent is away.
+        service.stopping("stopping; the isolation in force stays");
         let _ = stop.send(true);
         // The agent closes its link with a reason before the process ends.
         agent.await.context("agent task")?.map_err(anyhow::Error::from)

@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use hexa_shared::clock::now_unix_ms;
 use hexa_shared::k3s::K3sState;
 use hexa_shared::report::{CapacityReport, PodInfo, TenantUsage};
+use hexa_shared::service::ServiceManager;
 use hexa_shared::spec::{AppliedStatus, ApplyOutcome, NodeSpec};
 
 use crate::apply::{Applier, ApplyError};
@@ -229,6 +230,9 @@ pub struct Supervisor {
 
     events: mpsc::UnboundedSender<Event>,
     generation: watch::Sender<u64>,
+    /// Told READY when a first apply puts isolation in force (if start-up had nothing to
+    /// enforce), STATUS at each apply, and WATCHDOG from every pass of the loop.
+    service: Arc<ServiceManager>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -278,6 +282,7 @@ impl Supervisor {
             tenant_usage: Vec::new(),
             events,
             generation,
+            service: ServiceManager::none(),
         };
         (supervisor, events_rx, generation_rx)
     }
@@ -292,8 +297,36 @@ impl Supervisor {
         applied: Option<NodeSpec>,
         periods: Periods,
     ) -> Node {
-        let (supervisor, events, generation) =
+        Supervisor::spawn_notifying(
+            applier,
+            collector,
+            pod_source,
+            cgroup_root,
+            governor_settings,
+            applied,
+            periods,
+            ServiceManager::none(),
+        )
+    }
+
+    /// [`Supervisor::spawn`], telling `service` what it does. The supervisor's loop is the one
+    /// whose hang would leave the node's isolation unattended, so the watchdog is fed from it: a
+    /// pass that never ends (a blocked read of the node's state, a stalled runtime) stops the pings
+    /// and systemd restarts the agent.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_notifying(
+        applier: Applier,
+        collector: Collector,
+        pod_source: Arc<dyn PodSource>,
+        cgroup_root: PathBuf,
+        governor_settings: GovernorSettings,
+        applied: Option<NodeSpec>,
+        periods: Periods,
+        service: Arc<ServiceManager>,
+    ) -> Node {
+        let (mut supervisor, events, generation) =
             Supervisor::new(applier, collector, pod_source, cgroup_root, governor_settings, applied, periods);
+        supervisor.service = service;
         let (commands, commands_rx) = mpsc::unbounded_channel();
         tokio::spawn(supervisor.run(commands_rx));
         Node { commands, events, generation }
@@ -305,8 +338,13 @@ impl Supervisor {
             self.start_apply(spec);
         }
         loop {
+            self.service.ping();
             self.start_due();
-            let wake = self.next_wake();
+            let ping = self.service.next_ping().map(Instant::from_std);
+            let wake = match (self.next_wake(), ping) {
+                (Some(job), Some(ping)) => Some(job.min(ping)),
+                (job, ping) => job.or(ping),
+            };
             tokio::select! {
                 command = commands.recv() => match command {
                     None => break,
@@ -544,6 +582,9 @@ impl Supervisor {
         let outcome = match result {
             Ok(()) => {
                 info!(generation, "spec applied");
+                let what = if spec.isolation.is_some() { "isolation" } else { "spec" };
+                // The first apply is what makes a node with nothing on disk ready.
+                self.service.ready(&format!("{what} of generation {generation} in force"));
                 self.applied = Some(spec);
                 self.generation.send_replace(generation);
                 ApplyOutcome::Applied
@@ -551,6 +592,10 @@ impl Supervisor {
             Err(e) => {
                 let reason = e.to_string();
                 warn!(generation, %reason, retry_in_s = self.periods.apply_retry.as_secs(), "cannot apply spec");
+                self.service.status(&format!(
+                    "cannot apply generation {generation}: {reason}; retrying in {}s",
+                    self.periods.apply_retry.as_secs()
+                ));
                 if self.queued.is_none() {
                     self.retry = Some((spec, Instant::now() + self.periods.apply_retry));
                 }

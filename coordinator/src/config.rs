@@ -243,6 +243,21 @@ impl CoordinatorConfig {
         }
         Ok(())
     }
+
+    /// [`validate`](Self::validate), and that the files the configuration names can be read: what
+    /// `hexa-coordinator check-config` and a start check before anything else.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.validate()?;
+        let kubeconfig = &self.hostcluster.kubeconfig;
+        if self.hostcluster.mode == crate::hostcluster::render::Mode::Apply && !kubeconfig.is_empty() {
+            std::fs::File::open(kubeconfig).map_err(|error| ConfigError::Unreadable {
+                key: "hostcluster.kubeconfig",
+                path: kubeconfig.clone(),
+                error: error.to_string(),
+            })?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

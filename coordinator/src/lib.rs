@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 
 use hexa_shared::fsutil;
 use hexa_shared::pki::{self, CaHash};
+use hexa_shared::service::ServiceManager;
 
 use crate::bootstrap::{ADMIN_TOKEN_FILE, CertificateAuthority};
 use crate::config::CoordinatorConfig;
@@ -181,8 +182,28 @@ where
 /// recomputes them, so that a burst of changes (a deployment scaling up) costs one pass.
 const DESIRED_STATE_DEBOUNCE: Duration = Duration::from_millis(100);
 
+/// Starts a coordinator that tells no service manager anything (tests, `hexa-coordinator` outside
+/// systemd); see [`start_notifying`].
 pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
+    start_notifying(config, ServiceManager::none()).await
+}
+
+/// The status line `systemctl status` shows while serving: where, and the nodes by health.
+fn serving_status(quic_addr: SocketAddr, admin_addr: SocketAddr, inventory: &Inventory) -> String {
+    let counts = inventory.health_counts();
+    let total: usize = counts.values().sum();
+    let by_health: Vec<String> = counts.iter().map(|(health, n)| format!("{n} {health}")).collect();
+    let nodes = if by_health.is_empty() { String::new() } else { format!(" ({})", by_health.join(", ")) };
+    format!("serving agents on {quic_addr}/udp, admin API on {admin_addr}; {total} nodes{nodes}")
+}
+
+/// Brings up the coordinator, telling `service` what it is doing (STATUS) and feeding its watchdog
+/// from the inventory's health loop, the loop every node's health depends on: a pass stuck on the
+/// inventory stops the pings. READY is the caller's to say, once [`start_notifying`] has returned:
+/// by then the store is open and both listeners are bound.
+pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceManager>) -> Result<Running, StartError> {
     config.validate().map_err(StartError::Config)?;
+    service.status(&format!("opening the state in {}", config.state_dir.display()));
     fsutil::ensure_private_dir(&config.state_dir)?;
     let (ca, created_ca) = CertificateAuthority::load_or_create(&config.state_dir)?;
     if created_ca {
@@ -321,8 +342,11 @@ pub async fn start(config: CoordinatorConfig) -> Result<Running, StartError> {
 
     let tick_every = (config.report_interval / 4).min(Duration::from_millis(250));
     let ticker_inventory = inventory.clone();
+    let ticker_service = service.clone();
     tasks.push(every(tick_every, shutdown_rx.clone(), move || {
         ticker_inventory.tick(std::time::Instant::now());
+        ticker_service.status(&serving_status(quic_addr, admin_addr, &ticker_inventory));
+        ticker_service.ping();
         std::future::ready(())
     }));
 

@@ -12,17 +12,70 @@ use std::path::Path;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// Why a configuration file is refused: the file, the key, what is wrong with it and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The io error's text is part of the message and not repeated as a source.
-    #[error("config file {path}: {error}")]
+    #[error("config file {path}: cannot read it ({error}); check the path and that the service may read it")]
     Read { path: String, error: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config file {path}{}: unknown key `{key}` ({problem}); remove it or correct its name", at_line(*line))]
+    UnknownKey { path: String, key: String, line: Option<usize>, problem: String },
+    #[error(
+        "config file {path}{}: key `{key}`: {problem}; write a value of the type the key takes (the packaged \
+         file shows each key with its default)",
+        at_line(*line)
+    )]
+    BadValue { path: String, key: String, line: Option<usize>, problem: String },
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("environment variable {var}={value:?}: {message}")]
     Env { var: String, value: String, message: String },
     #[error("configuration: {0}")]
     Invalid(String),
+}
+
+fn at_line(line: Option<usize>) -> String {
+    line.map(|n| format!(" line {n}")).unwrap_or_default()
+}
+
+/// Turns a deserialization error into one that names the key (`section.key`) and its line.
+fn refusal(path: &str, text: &str, error: &toml::de::Error) -> ConfigError {
+    let shown = error.to_string();
+    let problem = error.message().trim().to_string();
+    // toml names where the error is as a last line "in `section.key`".
+    let at = shown.lines().rev().find_map(|l| l.trim().strip_prefix("in `")?.strip_suffix('`')).map(str::to_string);
+    let unknown = problem
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(field, _)| field.to_string());
+    match (unknown, at) {
+        (Some(field), section) => {
+            let key = section.map_or_else(|| field.clone(), |s| format!("{s}.{field}"));
+            ConfigError::UnknownKey { path: path.into(), line: key_line(text, &key), key, problem }
+        }
+        (None, Some(key)) => ConfigError::BadValue { path: path.into(), line: key_line(text, &key), key, problem },
+        (None, None) => ConfigError::Parse { path: path.into(), message: problem },
+    }
+}
+
+/// The line (1-based) where `key` (`section.key` or `key`) is set in `text`, if it is.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let (section, leaf) = key.rsplit_once('.').unwrap_or(("", key));
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            current = header.trim_start_matches('[').trim_end_matches(']').trim().to_string();
+            continue;
+        }
+        let set = line.strip_prefix(leaf).is_some_and(|rest| rest.trim_start().starts_with('='));
+        if current == section && set {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// Loads `T` from `path` (or `default_path` when none is given; a missing default file means all
@@ -41,18 +94,17 @@ where
         None => (default_path, false),
     };
     let display = file_path.display().to_string();
-    let mut table = match std::fs::read_to_string(file_path) {
-        Ok(text) => text
-            .parse::<toml::Table>()
-            .map_err(|e| ConfigError::Parse { path: display.clone(), message: e.to_string() })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => toml::Table::new(),
+    let text = match std::fs::read_to_string(file_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => String::new(),
         Err(error) => return Err(ConfigError::Read { path: display, error }),
     };
+    let mut table = text
+        .parse::<toml::Table>()
+        .map_err(|e| ConfigError::Syntax { path: display.clone(), message: e.to_string().trim().to_string() })?;
     let overrides: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("HEXA_")).collect();
     apply_env(&defaults, &mut table, &[], &overrides)?;
-    toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::Parse { path: display, message: e.to_string() })
+    toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| refusal(&display, &text, &e))
 }
 
 fn apply_env(
@@ -216,6 +268,37 @@ mod tests {
         // A section the environment half-fills is refused, as a half-filled one in a file is.
         let err = load::<Outer>(None, Path::new("/nonexistent"), env(&[("HEXA_INNER_A", "5")])).unwrap_err();
         assert!(err.to_string().contains("missing field `b`"), "{err}");
+    }
+
+    #[test]
+    fn a_refusal_names_the_file_the_key_its_line_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let shown = file.display().to_string();
+        let cases = [
+            (
+                "port = 7\n[limits]\nmemroy = 9\n",
+                format!(
+                    "config file {shown} line 3: unknown key `limits.memroy` (unknown field `memroy`, expected `memory`); remove it or correct its name"
+                ),
+            ),
+            ("prot = 7\n", format!("config file {shown} line 1: unknown key `prot` (unknown field `prot`")),
+            (
+                "name = \"x\"\nport = \"seven\"\n",
+                format!(
+                    "config file {shown} line 2: key `port`: invalid type: string \"seven\", expected u16; write a value of the type the key takes"
+                ),
+            ),
+            ("[limits]\nmemory = -1\n", format!("config file {shown} line 2: key `limits.memory`: invalid value")),
+            ("port = \n", format!("config file {shown} is not valid TOML: TOML parse error at line 1")),
+        ];
+        for (text, expected) in cases {
+            std::fs::write(&file, text).unwrap();
+            let err = load::<Sample>(Some(&file), Path::new("/x"), env(&[])).unwrap_err().to_string();
+            assert!(err.starts_with(&expected), "{text:?}:\n got {err}\nwant {expected}");
+        }
+        let err = load::<Sample>(Some(&dir.path().join("none.toml")), Path::new("/x"), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("none.toml: cannot read it ("), "{err}");
     }
 
     #[test]

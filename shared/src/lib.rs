@@ -8,6 +8,7 @@
 //! - [`names`]: node pools and the name rules both sides enforce.
 //! - [`config`]: TOML configuration files with `HEXA_*` environment overrides.
 //! - [`signals`]: waiting for SIGINT/SIGTERM; [`clock`]: wall-clock timestamps.
+//! - [`service`]: telling systemd the daemon is ready, what it is doing, and that it is alive.
 
 pub mod clock;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod pki;
 pub mod proto;
 pub mod quantity;
 pub mod report;
+pub mod service;
 pub mod signals;
 pub mod spec;
 pub mod tenant;

@@ -109,7 +109,19 @@ async fn systemd_analyze_verify_accepts_the_installed_units() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(unit);
         std::fs::write(&path, text).unwrap();
-        let output = std::process::Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+        let verify = || std::process::Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+        // K3s requires the agent's unit: without it the unit cannot start at all.
+        let alone = verify();
+        let stderr = String::from_utf8_lossy(&alone.stderr);
+        assert!(!alone.status.success() && stderr.contains(render::AGENT_UNIT), "{unit}: {alone:?}");
+        // Beside the packaged agent unit (and its slice) it verifies cleanly.
+        let packaged = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+        for name in [render::AGENT_UNIT, "hexabase.slice"] {
+            let text =
+                std::fs::read_to_string(packaged.join(name)).unwrap().replace("/usr/bin/hexa-agent", "/bin/true");
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let output = verify();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success() && stderr.trim().is_empty(), "{unit}: {output:?}\n{stderr}");
     }

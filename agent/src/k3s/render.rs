@@ -28,6 +28,10 @@ pub fn unit_name(role: RoleKind) -> &'static str {
     }
 }
 
+/// The agent's own unit. K3s' units order after it and require it: the agent tells systemd it is
+/// ready only once the node's isolation is in force, so K3s never runs pods on a node without it.
+pub const AGENT_UNIT: &str = "hexa-agent.service";
+
 /// Where the unit file lives on the node.
 pub fn unit_path(role: RoleKind) -> PathBuf {
     Path::new(paths::SYSTEMD_DIR).join(unit_name(role))
@@ -122,10 +126,13 @@ pub fn config_yaml(spec: &K3sSpec) -> String {
 
 /// The systemd unit, with the directives of K3s' installer: notify-type, the three environment
 /// files, process kill mode (containers outlive a K3s restart), delegated cgroups, no resource
-/// limits, no start timeout, restart always, and the br_netfilter and overlay modules loaded first.
+/// limits, no start timeout, restart always, and the br_netfilter and overlay modules loaded first;
+/// and, unlike the installer's, started only after [`AGENT_UNIT`] is ready (`After=`) and never
+/// without it (`Requires=`: if the agent cannot start, neither does K3s).
 pub fn systemd_unit(role: RoleKind) -> String {
     let env = env_path(role);
     let bin = paths::BINARY;
+    let agent = AGENT_UNIT;
     format!(
         "\
 # Written by hexa-agent. Local edits are overwritten.
@@ -133,7 +140,9 @@ pub fn systemd_unit(role: RoleKind) -> String {
 Description=Lightweight Kubernetes
 Documentation=https://k3s.io
 Wants=network-online.target
-After=network-online.target
+After=network-online.target {agent}
+# Pods start only once the agent has put the node's tenant isolation in force.
+Requires={agent}
 
 [Install]
 WantedBy=multi-user.target

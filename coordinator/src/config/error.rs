@@ -42,6 +42,11 @@ pub enum ConfigError {
     NoPodsPerNode { key: &'static str },
     #[error("{key} {value:?}: {reason}")]
     Cidr { key: &'static str, value: String, reason: IsolationError },
+    #[error(
+        "{key} {path:?}: cannot read it ({error}); point it at a kubeconfig of the host cluster that the \
+         coordinator may read, or set hostcluster.mode = \"manifests\" (or \"off\") to do without one"
+    )]
+    Unreadable { key: &'static str, path: String, error: String },
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
     #[error(transparent)]
