@@ -263,22 +263,20 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         max_pods: config.max_pods,
     });
     // The supervisor outlives every session: it keeps enforcing while the link is down.
-    let node = node::Supervisor::spawn_notifying(
+    let parts = node::NodeParts {
         applier,
         collector,
-        host.pods.clone(),
-        host.cgroup_root.clone(),
-        isolation::cgroup::GovernorSettings {
+        pod_source: host.pods.clone(),
+        cgroup_root: host.cgroup_root.clone(),
+        governor: isolation::cgroup::GovernorSettings {
             policy: isolation::cgroup::PolicySettings {
                 unknown_tenant: config.isolation.unknown_tenant,
                 ..Default::default()
             },
             ..Default::default()
         },
-        applied,
-        node::Periods::default(),
-        host.service.clone(),
-    );
+    };
+    let node = node::Supervisor::spawn(parts, applied, node::Periods::default(), host.service.clone());
     let mut link = link::Link::new(endpoint.clone(), addr, state, node).notifying(host.service.clone());
     let result = link.run(shutdown).await;
     endpoint.close(hexa_shared::proto::close_code::DONE.into(), b"agent stopping");

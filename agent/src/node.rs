@@ -245,17 +245,26 @@ impl std::fmt::Debug for Supervisor {
     }
 }
 
+/// What the supervisor works with on this node.
+#[derive(Debug)]
+pub struct NodeParts {
+    pub applier: Applier,
+    pub collector: Collector,
+    pub pod_source: Arc<dyn PodSource>,
+    /// Root of the cgroup hierarchy the governor works under (`/sys/fs/cgroup`).
+    pub cgroup_root: PathBuf,
+    pub governor: GovernorSettings,
+}
+
 impl Supervisor {
     /// A supervisor that starts by applying `applied` again (the last applied spec, fail-static).
     fn new(
-        applier: Applier,
-        collector: Collector,
-        pod_source: Arc<dyn PodSource>,
-        cgroup_root: PathBuf,
-        governor_settings: GovernorSettings,
+        parts: NodeParts,
         applied: Option<NodeSpec>,
         periods: Periods,
+        service: Arc<ServiceManager>,
     ) -> (Supervisor, mpsc::UnboundedReceiver<Event>, watch::Receiver<u64>) {
+        let NodeParts { applier, collector, pod_source, cgroup_root, governor: governor_settings } = parts;
         let (events, events_rx) = mpsc::unbounded_channel();
         let (generation, generation_rx) = watch::channel(applied.as_ref().map_or(0, |s| s.generation));
         let mut slots = [Slot::default(); 4];
@@ -282,51 +291,18 @@ impl Supervisor {
             tenant_usage: Vec::new(),
             events,
             generation,
-            service: ServiceManager::none(),
+            service,
         };
         (supervisor, events_rx, generation_rx)
     }
 
     /// Starts the supervisor on the current runtime; it runs until the returned handle is dropped.
-    pub fn spawn(
-        applier: Applier,
-        collector: Collector,
-        pod_source: Arc<dyn PodSource>,
-        cgroup_root: PathBuf,
-        governor_settings: GovernorSettings,
-        applied: Option<NodeSpec>,
-        periods: Periods,
-    ) -> Node {
-        Supervisor::spawn_notifying(
-            applier,
-            collector,
-            pod_source,
-            cgroup_root,
-            governor_settings,
-            applied,
-            periods,
-            ServiceManager::none(),
-        )
-    }
-
-    /// [`Supervisor::spawn`], telling `service` what it does. The supervisor's loop is the one
-    /// whose hang would leave the node's isolation unattended, so the watchdog is fed from it: a
-    /// pass that never ends (a blocked read of the node's state, a stalled runtime) stops the pings
-    /// and systemd restarts the agent.
-    #[allow(clippy::too_many_arguments)]
-    pub fn spawn_notifying(
-        applier: Applier,
-        collector: Collector,
-        pod_source: Arc<dyn PodSource>,
-        cgroup_root: PathBuf,
-        governor_settings: GovernorSettings,
-        applied: Option<NodeSpec>,
-        periods: Periods,
-        service: Arc<ServiceManager>,
-    ) -> Node {
-        let (mut supervisor, events, generation) =
-            Supervisor::new(applier, collector, pod_source, cgroup_root, governor_settings, applied, periods);
-        supervisor.service = service;
+    /// It tells `service` what it does (`ServiceManager::none()` outside systemd). The supervisor's
+    /// loop is the one whose hang would leave the node's isolation unattended, so the watchdog is
+    /// fed from it: a pass that never ends (a blocked read of the node's state, a stalled runtime)
+    /// stops the pings and systemd restarts the agent.
+    pub fn spawn(parts: NodeParts, applied: Option<NodeSpec>, periods: Periods, service: Arc<ServiceManager>) -> Node {
+        let (supervisor, events, generation) = Supervisor::new(parts, applied, periods, service);
         let (commands, commands_rx) = mpsc::unbounded_channel();
         tokio::spawn(supervisor.run(commands_rx));
         Node { commands, events, generation }
@@ -747,7 +723,14 @@ mod tests {
             max_pods: 110,
         });
         let pods = Arc::new(StaticPodSource::default());
-        Supervisor::spawn(applier, collector, pods, dir.join("cgroup"), Default::default(), None, periods)
+        let parts = NodeParts {
+            applier,
+            collector,
+            pod_source: pods,
+            cgroup_root: dir.join("cgroup"),
+            governor: Default::default(),
+        };
+        Supervisor::spawn(parts, None, periods, ServiceManager::none())
     }
 
     async fn status(node: &mut Node) -> AppliedStatus {

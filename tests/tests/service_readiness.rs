@@ -388,16 +388,15 @@ async fn a_wedged_supervisor_loop_stops_the_watchdog_pings() {
         eviction_memory_bytes: 0,
         max_pods: 110,
     });
-    let node = Arc::new(hexa_agent::node::Supervisor::spawn_notifying(
+    let parts = hexa_agent::node::NodeParts {
         applier,
         collector,
-        Arc::new(hexa_agent::pods::StaticPodSource::default()),
-        dir.path().join("cgroup"),
-        Default::default(),
-        None,
-        hexa_agent::node::Periods::default(),
-        service,
-    ));
+        pod_source: Arc::new(hexa_agent::pods::StaticPodSource::default()),
+        cgroup_root: dir.path().join("cgroup"),
+        governor: Default::default(),
+    };
+    let node =
+        Arc::new(hexa_agent::node::Supervisor::spawn(parts, None, hexa_agent::node::Periods::default(), service));
 
     // An idle loop still comes round for the watchdog: a ping every 100 ms or so.
     let idle = tokio::task::block_in_place(|| manager.during(Duration::from_millis(800)));
