@@ -91,23 +91,7 @@ impl Applier {
     /// Also run on a timer, to undo hand-made drift, and at start-up before any connection.
     pub async fn enforce_isolation(&self, spec: &NodeSpec) -> Result<(), ApplyError> {
         let Some(isolation) = spec.isolation.clone() else { return Ok(()) };
-        let firewall = self.firewall.clone();
-        let local_pods = self.local_pods.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let local = local_pods.local_pods();
-            crate::isolation::firewall::reconcile_spec(firewall.as_ref(), &isolation, &local)
-        })
-        .await
-        .map_err(ApplyError::Task)??;
-        if let crate::isolation::firewall::Reconciled::Applied { drift, displaced } = outcome {
-            if displaced {
-                let count = self.displacements.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::warn!(generation = spec.generation, %drift, displacements = count, "firewall displaced by another program, put back first");
-            } else {
-                tracing::info!(generation = spec.generation, %drift, "firewall brought in line");
-            }
-        }
-        Ok(())
+        self.enforce(isolation, spec.generation).await
     }
 
     /// Isolation when the node's last spec is lost: every pod-to-pod connection in `pod_cidr` and
@@ -122,13 +106,28 @@ impl Applier {
             node_addresses: Default::default(),
             node_services: Vec::new(),
         };
+        self.enforce(baseline, 0).await
+    }
+
+    /// Reconciles the firewall to `isolation` with this node's own pods, off the runtime's threads,
+    /// counting a reconcile that only had to put our rules back as a displacement.
+    async fn enforce(&self, isolation: IsolationSpec, generation: u64) -> Result<(), ApplyError> {
         let firewall = self.firewall.clone();
         let local_pods = self.local_pods.clone();
-        tokio::task::spawn_blocking(move || {
-            crate::isolation::firewall::reconcile_spec(firewall.as_ref(), &baseline, &local_pods.local_pods())
+        let outcome = tokio::task::spawn_blocking(move || {
+            let local = local_pods.local_pods();
+            crate::isolation::firewall::reconcile_spec(firewall.as_ref(), &isolation, &local)
         })
         .await
         .map_err(ApplyError::Task)??;
+        if let crate::isolation::firewall::Reconciled::Applied { drift, displaced } = outcome {
+            if displaced {
+                let count = self.displacements.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(generation, %drift, displacements = count, "firewall displaced by another program, put back first");
+            } else {
+                tracing::info!(generation, %drift, "firewall brought in line");
+            }
+        }
         Ok(())
     }
 
