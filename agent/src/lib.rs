@@ -277,7 +277,9 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         },
     };
     let node = node::Supervisor::spawn(parts, applied, node::Periods::default(), host.service.clone());
-    let mut link = link::Link::new(endpoint.clone(), addr, state, node).notifying(host.service.clone());
+    let mut link = link::Link::new(endpoint.clone(), addr, state, node)
+        .notifying(host.service.clone())
+        .with_k3s_root(host.root.clone());
     let result = link.run(shutdown).await;
     endpoint.close(hexa_shared::proto::close_code::DONE.into(), b"agent stopping");
     // Let the close frame leave before the socket goes.

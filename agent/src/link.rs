@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use hexa_shared::clock::now_unix;
+use hexa_shared::host_access::HostAccess;
 use hexa_shared::pki::{self, COORDINATOR_SERVER_NAME};
 use hexa_shared::proto::{
     AgentMessage, CoordinatorMessage, Hello, PROTOCOL_VERSION, RefusalCode, SystemInfo, close_code,
@@ -69,11 +70,28 @@ pub struct Link {
     unsent: Vec<AppliedStatus>,
     /// Told when the link comes up and when it drops (STATUS).
     service: Arc<ServiceManager>,
+    /// The root K3s is installed under, where a `server` node finds the admin kubeconfig it mints
+    /// the coordinator's host-cluster access with.
+    k3s_root: std::path::PathBuf,
 }
 
 impl Link {
     pub fn new(endpoint: quinn::Endpoint, addr: SocketAddr, state: StateDir, node: Node) -> Link {
-        Link { endpoint, addr, state, node, unsent: Vec::new(), service: ServiceManager::none() }
+        Link {
+            endpoint,
+            addr,
+            state,
+            node,
+            unsent: Vec::new(),
+            service: ServiceManager::none(),
+            k3s_root: std::path::PathBuf::from("/"),
+        }
+    }
+
+    /// Looks for K3s under `root` instead of `/` when asked for host-cluster access.
+    pub fn with_k3s_root(mut self, root: std::path::PathBuf) -> Link {
+        self.k3s_root = root;
+        self
     }
 
     /// Tells `service` when the link comes up and when it drops.
@@ -187,6 +205,10 @@ impl Link {
         let mut sent_at: Option<(u64, Instant)> = None;
         let silence_limit = (interval * SILENT_INTERVALS).max(MIN_SILENCE);
         let mut last_heard = Instant::now();
+        // Host-cluster access is minted off the link's loop (it waits on K3s' token controller);
+        // an answer for a session that has ended dies with it: the coordinator asks again.
+        let (minted_tx, mut minted_rx) = mpsc::channel::<Result<HostAccess, String>>(1);
+        let mut minting = false;
         loop {
             let mut report_now = false;
             tokio::select! {
@@ -223,8 +245,29 @@ impl Link {
                         pending_key = None;
                         warn!(reason = %refusal, "certificate renewal refused");
                     }
+                    Some(Ok(CoordinatorMessage::HostAccessRequest)) => {
+                        last_heard = Instant::now();
+                        if !minting {
+                            minting = true;
+                            info!("the coordinator asks for host-cluster access");
+                            let (root, minted) = (self.k3s_root.clone(), minted_tx.clone());
+                            tokio::spawn(async move {
+                                let result = crate::k3s::host_access::mint(&root).await.map_err(|e| e.to_string());
+                                let _ = minted.send(result).await;
+                            });
+                        }
+                    }
                     Some(Ok(other)) => debug!(?other, "ignoring unexpected message"),
                 },
+                Some(minted) = minted_rx.recv() => {
+                    minting = false;
+                    if let Err(why) = &minted {
+                        warn!(reason = %why, "cannot mint host-cluster access");
+                    }
+                    if let Err(e) = wire::write_frame(send, &AgentMessage::HostAccess(minted)).await {
+                        return Ok(SessionEnd::Dropped(e.to_string()));
+                    }
+                }
                 event = self.node.event() => {
                     let mut event = Some(event?);
                     // Take whatever else is waiting too (events pile up while the link is down).

@@ -278,15 +278,17 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
             config.hostcluster.clone(),
             config.placement.node_classes.clone(),
             tenants.clone(),
+            &config.state_dir.join(hostcluster::access::STORED_KUBECONFIG),
         )
         .await?,
     );
 
     // With an API server, it alone says who owns which pod IP; agents' reports no longer count.
-    let pod_owners_client = host_cluster.client().filter(|_| config.isolation.enabled);
-    if pod_owners_client.is_some() {
+    let pod_owners_from_api = config.isolation.enabled && config.hostcluster.mode == hostcluster::render::Mode::Apply;
+    if pod_owners_from_api && host_cluster.client().is_some() {
         inventory.take_pod_owners_from_api();
     }
+    let access_requests = Arc::new(hostcluster::access::AccessRequests::default());
 
     let (chain, key) = ca.issue_server_cert()?;
     let server_config = pki::server_config(ca.cert_der(), chain, key)?;
@@ -316,6 +318,7 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         report_interval: config.report_interval,
         silence_limit: config.unreachable_after,
         limits: link::AdmissionLimits::default(),
+        access: access_requests.clone(),
     });
     tasks.push(tokio::spawn(link::serve(endpoint, link_ctx, shutdown_rx.clone())));
 
@@ -336,8 +339,43 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         shutdown_rx.clone(),
     )));
 
-    if let Some(client) = pod_owners_client {
-        tasks.push(tokio::spawn(hostcluster::pod_watch::run(client, inventory.clone(), shutdown_rx.clone())));
+    if pod_owners_from_api {
+        // From the moment there is a client: at once, or once a server node gave access.
+        let (cluster, owners, mut stop) = (host_cluster.clone(), inventory.clone(), shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = tokio::select! {
+                client = cluster.wait_for_client() => client,
+                _ = stop.changed() => return,
+            };
+            owners.take_pod_owners_from_api();
+            hostcluster::pod_watch::run(client, owners, stop).await;
+        }));
+    }
+
+    if host_cluster.needs_access() {
+        // No credentials: ask the server nodes for them, a pass per report interval until one works.
+        let bootstrap = Arc::new(hostcluster::access::Bootstrap {
+            requests: access_requests.clone(),
+            inventory: inventory.clone(),
+            stored: config.state_dir.join(hostcluster::access::STORED_KUBECONFIG),
+        });
+        let cluster = host_cluster.clone();
+        tasks.push(every(config.report_interval, shutdown_rx.clone(), move || {
+            let (bootstrap, cluster) = (bootstrap.clone(), cluster.clone());
+            async move {
+                if !cluster.needs_access() {
+                    return;
+                }
+                match bootstrap.attempt().await {
+                    Ok(client) => {
+                        cluster.set_client(client);
+                        // Tenants that waited are realised now, not a pass later.
+                        cluster.reconcile().await;
+                    }
+                    Err(why) => cluster.set_waiting_for(&why),
+                }
+            }
+        }));
     }
 
     let tick_every = (config.report_interval / 4).min(Duration::from_millis(250));

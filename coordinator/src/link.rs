@@ -102,6 +102,8 @@ pub struct LinkContext {
     /// a peer that was killed never says goodbye.
     pub silence_limit: Duration,
     pub limits: AdmissionLimits,
+    /// Where the links of `server` nodes wait for host-cluster access requests.
+    pub access: Arc<crate::hostcluster::access::AccessRequests>,
 }
 
 /// Accepts connections until `shutdown` turns true.
@@ -330,6 +332,7 @@ async fn run_link(
 ) {
     let node = peer.node;
     let Admission { pool, spec: mut spec_rx, auth: mut auth_rx } = admission;
+    let is_server = pool == hexa_shared::names::Pool::Server;
     let metrics = &ctx.metrics;
     let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, conn.accept_bi()).await else {
         return refuse(conn, metrics, close_code::PROTOCOL, "no control stream opened within 10s", "timeout");
@@ -358,6 +361,9 @@ async fn run_link(
     }
     // The first spec goes out at once unless the agent already has it.
     let mut sent_generation = hello.applied_generation;
+    // Only a `server` node holds its cluster's admin kubeconfig: only its link is asked for access.
+    let mut access = is_server.then(|| ctx.access.register(node, conn.remote_address().ip()));
+    let mut access_pending: Vec<crate::hostcluster::access::AccessReply> = Vec::new();
 
     // Frames are read in their own task: a partially read frame must never be dropped by select!.
     // The guard stops the task when this function returns.
@@ -384,6 +390,15 @@ async fn run_link(
                     refuse(conn, metrics, close_code::PROTOCOL, &format!("closing link: {e}"), frame_label(&e));
                     break;
                 }
+                Some(Ok(AgentMessage::HostAccess(result))) => {
+                    last_heard = tokio::time::Instant::now();
+                    if access_pending.is_empty() {
+                        warn!("the node sent host-cluster access nobody asked for; ignored");
+                    }
+                    for reply in access_pending.drain(..) {
+                        let _ = reply.send(result.clone());
+                    }
+                }
                 Some(Ok(msg)) => {
                     last_heard = tokio::time::Instant::now();
                     let reply = handle(ctx, peer, msg);
@@ -393,6 +408,20 @@ async fn run_link(
                         }
                     }
                 }
+            },
+            Some(reply) = async {
+                match &mut access {
+                    Some((_, requests)) => requests.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if access_pending.is_empty()
+                    && wire::write_frame(&mut send, &CoordinatorMessage::HostAccessRequest).await.is_err()
+                {
+                    break;
+                }
+                info!("asked the node for host-cluster access");
+                access_pending.push(reply);
             },
             changed = spec_rx.changed() => if changed.is_err() { break },
             changed = auth_rx.changed() => {
@@ -444,6 +473,8 @@ fn handle(ctx: &LinkContext, peer: LinkPeer<'_>, msg: AgentMessage) -> Option<Co
             ctx.inventory.record_applied(node, status);
             None
         }
+        // Answered in the link's loop, where the requests wait.
+        AgentMessage::HostAccess(_) => None,
         AgentMessage::RenewCertificate { csr_der } => Some(match ctx.inventory.renew(node, peer.serial, &csr_der) {
             Ok(cert_chain_der) => CoordinatorMessage::CertificateRenewed { cert_chain_der },
             Err(refusal) => {

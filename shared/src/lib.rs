@@ -5,6 +5,7 @@
 //! - [`report`]: the capacity report an agent sends every interval.
 //! - [`spec`]: the desired state (`NodeSpec`) the coordinator pushes to each node.
 //! - [`pki`]: CA pinning, certificate identities and the TLS configurations of both ends.
+//! - [`host_access`]: the host cluster's ServiceAccount a `server` node mints for the coordinator.
 //! - [`names`]: node pools and the name rules both sides enforce.
 //! - [`config`]: TOML configuration files with `HEXA_*` environment overrides.
 //! - [`signals`]: waiting for SIGINT/SIGTERM; [`clock`]: wall-clock timestamps.
@@ -13,6 +14,7 @@
 pub mod clock;
 pub mod config;
 pub mod fsutil;
+pub mod host_access;
 pub mod isolation;
 pub mod k3s;
 pub mod logging;

@@ -19,8 +19,9 @@ use crate::spec::{AppliedStatus, NodeSpec};
 
 /// The protocol version this build speaks. 2: isolation specs carry node addresses and node
 /// services, reports carry firewall displacements (bincode is positional: a version 1 peer cannot
-/// read them, so it is told the version instead).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// read them, so it is told the version instead). 3: the coordinator may ask a `server` node for
+/// host-cluster access ([`CoordinatorMessage::HostAccessRequest`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// ALPN of the enrollment protocol.
 pub const ALPN_ENROLL: &[u8] = b"hexa-enroll/1";
 /// ALPN of the node link.
@@ -151,6 +152,9 @@ pub enum AgentMessage {
     RenewCertificate {
         csr_der: Vec<u8>,
     },
+    /// The answer to [`CoordinatorMessage::HostAccessRequest`]: the host cluster's access, or why
+    /// this node cannot mint it.
+    HostAccess(Result<crate::host_access::HostAccess, String>),
 }
 
 /// Everything the coordinator sends on the link.
@@ -168,6 +172,10 @@ pub enum CoordinatorMessage {
     },
     /// The renewal request was refused; the old certificate stays in use.
     RenewalRefused(Refusal),
+    /// Sent to a `server` node whose K3s runs, while the coordinator has no host-cluster access:
+    /// mint the coordinator's ServiceAccount ([`crate::host_access`]) and answer
+    /// [`AgentMessage::HostAccess`].
+    HostAccessRequest,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -243,6 +251,10 @@ pub(crate) mod strategies {
             applied_status().prop_map(AgentMessage::Applied),
             proptest::collection::vec(any::<u8>(), 0..200)
                 .prop_map(|csr_der| AgentMessage::RenewCertificate { csr_der }),
+            (".*", ".*", ".*").prop_map(|(server_url, ca_pem, token)| AgentMessage::HostAccess(Ok(
+                crate::host_access::HostAccess { server_url, ca_pem, token }
+            ))),
+            ".*".prop_map(|why| AgentMessage::HostAccess(Err(why))),
         ]
     }
 
@@ -261,6 +273,7 @@ pub(crate) mod strategies {
             proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..3)
                 .prop_map(|cert_chain_der| CoordinatorMessage::CertificateRenewed { cert_chain_der }),
             refusal().prop_map(CoordinatorMessage::RenewalRefused),
+            Just(CoordinatorMessage::HostAccessRequest),
         ]
     }
 }

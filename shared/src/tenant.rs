@@ -328,6 +328,8 @@ pub mod reasons {
     pub const DEPLOYING: &str = "Deploying";
     pub const DEPLOYED: &str = "Deployed";
     pub const DEPLOY_FAILED: &str = "DeployFailed";
+    /// Placed, but the coordinator has no access to the host cluster yet (see the message).
+    pub const WAITING_FOR_HOST_CLUSTER: &str = "WaitingForHostCluster";
     pub const READY: &str = "Ready";
     pub const DELETING: &str = "Deleting";
 }

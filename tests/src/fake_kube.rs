@@ -16,6 +16,9 @@
 //!   [`FakeKube::compact`] drops as etcd's compaction does), create, replace, patch
 //!   (server-side apply, JSON merge patch, JSON patch), delete, deletecollection; the `status`
 //!   subresource and `namespaces/<name>/finalize`;
+//! - ServiceAccount tokens and RBAC: a request with a bearer token is the ServiceAccount whose
+//!   token Secret (filled by the fake token controller) holds it, and may do only what its
+//!   ClusterRoles grant; a request without credentials is the cluster's admin;
 //! - `Status` bodies with the reasons and codes a real API server uses (NotFound, AlreadyExists,
 //!   Conflict, Invalid, Forbidden, BadRequest, UnsupportedMediaType, InternalError, ...).
 //!
@@ -62,6 +65,7 @@ const EVENT_HISTORY: usize = 20_000;
 const REQUEST_LOG: usize = 200_000;
 
 mod apply;
+mod auth;
 mod controllers;
 mod discovery;
 mod errors;
@@ -73,6 +77,7 @@ mod validation;
 mod verbs;
 mod watch;
 
+pub use auth::{SERVICE_ACCOUNT_NAME_ANNOTATION, SERVICE_ACCOUNT_TOKEN_TYPE};
 pub use types::*;
 
 use http::{Shared, bind, spawn_server};

@@ -17,6 +17,7 @@
 //! every report carries.
 
 pub mod fetch;
+pub mod host_access;
 pub mod kubectl;
 pub mod manifest;
 pub mod paths;

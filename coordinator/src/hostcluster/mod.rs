@@ -11,8 +11,10 @@
 //! - [`helmchart`]: the K3s `HelmChart` custom resource type.
 //! - [`reconcile`]: the effects: applies those objects with server-side apply, or writes them as
 //!   manifests.
+//! - [`access`]: where the credentials come from, down to minting them through a `server` node.
 //! - [`pod_watch`]: follows the cluster's Pods and Nodes, which say who owns each pod IP.
 
+pub mod access;
 pub mod helmchart;
 pub mod pod_watch;
 pub mod reconcile;

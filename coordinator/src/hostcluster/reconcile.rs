@@ -86,20 +86,12 @@ fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> HostClusterE
     move |source| HostClusterError::Kube { what, source }
 }
 
+/// Where a pass's objects go. In `Kube` mode the client may come later (see [`super::access`]).
+#[derive(Debug)]
 enum Target {
-    Kube(kube::Client),
+    Kube,
     Manifests(PathBuf),
     Off,
-}
-
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Kube(_) => f.write_str("Kube"),
-            Target::Manifests(dir) => f.debug_tuple("Manifests").field(dir).finish(),
-            Target::Off => f.write_str("Off"),
-        }
-    }
 }
 
 /// What one pass did.
@@ -117,9 +109,25 @@ pub struct HostCluster {
     settings: RenderSettings,
     classes: Vec<NodeClass>,
     target: Target,
+    /// The host cluster's client, in mode `apply`, once there is one.
+    client: tokio::sync::watch::Sender<Option<ClientSlot>>,
+    /// While there is none: what tenants wait for, in their `Deployed` condition.
+    waiting_for: std::sync::Mutex<String>,
     writes: AtomicU64,
     /// Per tenant: failed attempts in a row and when to try again.
     backoff: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+/// A client, and where its credentials came from.
+#[derive(Clone)]
+struct ClientSlot {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for ClientSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientSlot")
+    }
 }
 
 fn helm_chart_resource() -> ApiResource {
@@ -150,40 +158,69 @@ fn contains(live: &Value, desired: &Value) -> bool {
 }
 
 impl HostCluster {
-    /// Connects to the host cluster (mode `apply`) or prepares the manifests directory.
+    /// Connects to the host cluster (mode `apply`) or prepares the manifests directory. In mode
+    /// `apply` the credentials are the operator's `kubeconfig` (refused when unusable), one found
+    /// as kubectl finds it, or the access a server node minted earlier, kept at `stored`; with
+    /// none of them the coordinator starts without a client and tenants wait until
+    /// [`HostCluster::set_client`] (see [`super::access::Bootstrap`]).
     pub async fn new(
         settings: RenderSettings,
         classes: Vec<NodeClass>,
         tenants: Arc<Tenants>,
+        stored: &Path,
     ) -> Result<HostCluster, HostClusterError> {
-        let target = match settings.mode {
-            Mode::Off => Target::Off,
-            Mode::Manifests => Target::Manifests(settings.manifests_dir.clone()),
-            Mode::Apply => {
-                let config = if settings.kubeconfig.is_empty() {
-                    kube::Config::infer().await.map_err(|e| {
-                        HostClusterError::Config(format!(
-                            "{e}; set [hostcluster] kubeconfig, or mode = \"manifests\" to write the objects instead"
-                        ))
-                    })?
-                } else {
-                    let file = kube::config::Kubeconfig::read_from(&settings.kubeconfig)
-                        .map_err(|e| HostClusterError::Config(format!("{}: {e}", settings.kubeconfig)))?;
-                    kube::Config::from_custom_kubeconfig(file, &Default::default())
-                        .await
-                        .map_err(|e| HostClusterError::Config(format!("{}: {e}", settings.kubeconfig)))?
-                };
-                Target::Kube(kube::Client::try_from(config).map_err(|e| HostClusterError::Config(e.to_string()))?)
+        let (target, client) = match settings.mode {
+            Mode::Off => (Target::Off, None),
+            Mode::Manifests => (Target::Manifests(settings.manifests_dir.clone()), None),
+            Mode::Apply if !settings.kubeconfig.is_empty() => {
+                let file = kube::config::Kubeconfig::read_from(&settings.kubeconfig)
+                    .map_err(|e| HostClusterError::Config(format!("{}: {e}", settings.kubeconfig)))?;
+                let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
+                    .await
+                    .map_err(|e| HostClusterError::Config(format!("{}: {e}", settings.kubeconfig)))?;
+                let client = kube::Client::try_from(config).map_err(|e| HostClusterError::Config(e.to_string()))?;
+                (Target::Kube, Some(client))
             }
+            Mode::Apply => (Target::Kube, Self::found_client(stored).await),
+        };
+        let waiting_for = match (&target, &client) {
+            (Target::Kube, None) => {
+                tracing::info!("no host-cluster kubeconfig: tenants wait until a server node's K3s gives access");
+                "no kubeconfig is configured, and no server node runs K3s yet; access to the host cluster is \
+                 fetched from the first server node whose K3s runs"
+            }
+            _ => "",
         };
         Ok(HostCluster {
             tenants,
             settings,
             classes,
             target,
+            client: tokio::sync::watch::Sender::new(client.map(|client| ClientSlot { client })),
+            waiting_for: std::sync::Mutex::new(waiting_for.to_string()),
             writes: AtomicU64::new(0),
             backoff: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Credentials as kubectl finds them, else those a server node minted before (`stored`).
+    async fn found_client(stored: &Path) -> Option<kube::Client> {
+        if let Ok(config) = kube::Config::infer().await {
+            match kube::Client::try_from(config) {
+                Ok(client) => return Some(client),
+                Err(e) => tracing::warn!(error = %e, "the kubeconfig found as kubectl finds it is unusable"),
+            }
+        }
+        if !stored.exists() {
+            return None;
+        }
+        match super::access::client_from(stored).await {
+            Ok(client) => Some(client),
+            Err(e) => {
+                tracing::warn!(error = %e, "the host-cluster access kept from a server node is unusable; fetching it again");
+                None
+            }
+        }
     }
 
     /// Builds a reconciler on an existing client (tests point it at a fake API server).
@@ -197,18 +234,47 @@ impl HostCluster {
             tenants,
             settings,
             classes,
-            target: Target::Kube(client),
+            target: Target::Kube,
+            client: tokio::sync::watch::Sender::new(Some(ClientSlot { client })),
+            waiting_for: std::sync::Mutex::new(String::new()),
             writes: AtomicU64::new(0),
             backoff: Mutex::new(HashMap::new()),
         }
     }
 
+    /// True in mode `apply` while there is no client yet.
+    pub fn needs_access(&self) -> bool {
+        matches!(self.target, Target::Kube) && self.client.borrow().is_none()
+    }
+
+    /// Gives the reconciler the client it waited for (mode `apply` only).
+    pub fn set_client(&self, client: kube::Client) {
+        if matches!(self.target, Target::Kube) {
+            self.client.send_replace(Some(ClientSlot { client }));
+        }
+    }
+
+    /// Says what tenants wait for while there is no client.
+    pub fn set_waiting_for(&self, why: &str) {
+        *self.waiting_for.lock().unwrap_or_else(|p| p.into_inner()) = why.to_string();
+    }
+
+    /// Resolves once there is a client (at once if there is one); never in modes without one.
+    pub async fn wait_for_client(&self) -> kube::Client {
+        let mut changes = self.client.subscribe();
+        loop {
+            if let Some(slot) = changes.borrow_and_update().clone() {
+                return slot.client;
+            }
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// The host cluster's API client, in mode `apply`.
     pub fn client(&self) -> Option<kube::Client> {
-        match &self.target {
-            Target::Kube(client) => Some(client.clone()),
-            Target::Manifests(_) | Target::Off => None,
-        }
+        self.client.borrow().as_ref().map(|slot| slot.client.clone())
     }
 
     /// Writes made since start.
@@ -222,7 +288,10 @@ impl HostCluster {
         let failures = match &self.target {
             Target::Off => 0,
             Target::Manifests(dir) => self.write_manifests(dir).await,
-            Target::Kube(client) => self.apply_pass(client).await,
+            Target::Kube => match self.client() {
+                Some(client) => self.apply_pass(&client).await,
+                None => self.waiting_pass().await,
+            },
         };
         PassReport { writes: self.writes() - before, failures }
     }
@@ -241,6 +310,20 @@ impl HostCluster {
         } else {
             backoff.remove(tenant);
         }
+    }
+
+    /// Mode `apply` with no client yet: placed tenants say what they wait for; nothing fails.
+    async fn waiting_pass(&self) -> u64 {
+        let why = self.waiting_for.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let message = format!("waiting for the host cluster: {why}");
+        for tenant in self.tenants.list().await.iter().filter(|t| !t.placement.is_empty() && t.phase != Phase::Deleting)
+        {
+            let waiting = Err((reasons::WAITING_FOR_HOST_CLUSTER, message.as_str()));
+            if let Err(e) = self.tenants.set_realization(&tenant.name, waiting, false).await {
+                tracing::error!(tenant = %tenant.name, error = %e, "cannot record the tenant's status");
+            }
+        }
+        0
     }
 
     async fn apply_pass(&self, client: &kube::Client) -> u64 {

@@ -25,6 +25,9 @@ impl State {
             }
             let mut charts = BTreeSet::new();
             let mut namespaces = BTreeSet::new();
+            if dirty.iter().any(|k| k.group.is_empty() && matches!(k.plural.as_str(), "secrets" | "serviceaccounts")) {
+                self.fill_service_account_tokens();
+            }
             for key in &dirty {
                 if key.group == "helm.cattle.io" && key.plural == "helmcharts" {
                     charts.insert(key.clone());

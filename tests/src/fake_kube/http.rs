@@ -220,6 +220,8 @@ pub(super) struct Req {
     pub(super) content_type: String,
     pub(super) accept: String,
     pub(super) user_agent: String,
+    /// The token of `Authorization: Bearer <token>`, if the request carries one.
+    pub(super) bearer: Option<String>,
     pub(super) body: Bytes,
 }
 
@@ -242,6 +244,10 @@ impl Req {
             content_type: text(header::CONTENT_TYPE),
             accept: text(header::ACCEPT),
             user_agent: text(header::USER_AGENT),
+            bearer: text(header::AUTHORIZATION)
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token.trim().to_string()),
             body,
         }
     }

@@ -164,6 +164,8 @@ pub(super) struct State {
     /// Objects changed since the controllers last looked.
     pub(super) dirty: BTreeSet<Key>,
     pub(super) crd: Result<Arc<CrdSchema>, String>,
+    /// The cluster's CA, which the token controller puts in every token Secret.
+    pub(super) cluster_ca_pem: String,
     /// `Warning` headers for the request being served.
     pub(super) warnings: Vec<String>,
 }
@@ -193,6 +195,10 @@ impl State {
             timers: Vec::new(),
             dirty: BTreeSet::new(),
             crd: CrdSchema::load().map(Arc::new),
+            cluster_ca_pem: rcgen::KeyPair::generate()
+                .and_then(|key| rcgen::CertificateParams::new(vec!["kubernetes".to_string()])?.self_signed(&key))
+                .map(|cert| cert.pem())
+                .unwrap_or_default(),
             warnings: Vec::new(),
         };
         let ns_def = st.def_of(&Key::namespace("default")).unwrap_or_else(|| builtin_resources().remove(0));
@@ -276,6 +282,10 @@ impl State {
     }
 
     pub(super) fn route(&mut self, req: &Req) -> (Reply, Option<Verb>, String) {
+        let user = match self.authenticate(req) {
+            Ok(user) => user,
+            Err(e) => return (e.into(), None, String::new()),
+        };
         let aggregated = req.accept.contains("as=APIGroupDiscoveryList");
         let reply = match parse_route(&req.path) {
             Route::Version => Reply::ok(200, version_document()),
@@ -298,13 +308,18 @@ impl State {
                 Some(doc) => Reply::ok(200, doc),
                 None => ApiError::page_not_found().into(),
             },
-            Route::Resource(path) => return self.serve_resource(req, path),
+            Route::Resource(path) => return self.serve_resource(req, path, &user),
             Route::Unknown => ApiError::page_not_found().into(),
         };
         (reply, None, String::new())
     }
 
-    pub(super) fn serve_resource(&mut self, req: &Req, path: ResourcePath) -> (Reply, Option<Verb>, String) {
+    pub(super) fn serve_resource(
+        &mut self,
+        req: &Req,
+        path: ResourcePath,
+        user: &super::auth::User,
+    ) -> (Reply, Option<Verb>, String) {
         let plural = path.plural.clone();
         let served_gv = self.resources.iter().any(|(d, s)| *s && d.group == path.group && d.version == path.version);
         if !served_gv {
@@ -353,6 +368,19 @@ impl State {
         }
         let namespace = path.namespace.clone().unwrap_or_default();
         let name = path.name.clone().unwrap_or_default();
+        if let Err(e) = self.authorize(user, verb, &def, sub, path.namespace.as_deref(), &name) {
+            return (e.into(), Some(verb), plural);
+        }
+        // An apply that creates the object needs the right to create it too.
+        let creates = verb == Verb::Patch
+            && req.media_type() == "application/apply-patch+yaml"
+            && !self.objects.contains_key(&Key::new(&def, &namespace, &name));
+        if let Err(e) = creates
+            .then(|| self.authorize(user, Verb::Create, &def, sub, path.namespace.as_deref(), &name))
+            .unwrap_or(Ok(()))
+        {
+            return (e.into(), Some(verb), plural);
+        }
         if let Some(e) = self.take_fault(verb, &def, path.namespace.as_deref(), &name) {
             return (e.into(), Some(verb), plural);
         }

@@ -260,8 +260,14 @@ impl State {
     pub(super) fn validate(&self, def: &ResourceDef, old: Option<&Value>, obj: &Value) -> Result<(), ApiError> {
         let name = meta_str(obj, "name").unwrap_or("");
         let mut causes = Vec::new();
-        let name_check =
-            if def.is_namespace() || def.plural == "services" { dns_label(name) } else { dns_subdomain(name) };
+        let name_check = if def.is_namespace() || def.plural == "services" {
+            dns_label(name)
+        } else if def.group == "rbac.authorization.k8s.io" {
+            // RBAC objects take any path segment (`system:controller:...`).
+            path_segment_name(name)
+        } else {
+            dns_subdomain(name)
+        };
         if let Err(m) = name_check {
             causes.push(Cause {
                 reason: "FieldValueInvalid",
@@ -397,6 +403,17 @@ pub(super) fn dns_subdomain(s: &str) -> Result<(), String> {
         return Err("must be no more than 253 characters".into());
     }
     if !s.is_empty() && s.split('.').all(is_dns_label) { Ok(()) } else { Err(DNS_SUBDOMAIN_HELP.into()) }
+}
+
+/// The API server's `ValidatePathSegmentName`: not `.` or `..`, and no `/` or `%`.
+pub(super) fn path_segment_name(s: &str) -> Result<(), String> {
+    match s {
+        "" => Err("name or generateName is required".into()),
+        "." | ".." => Err(format!("may not be '{s}'")),
+        _ if s.contains('/') => Err("may not contain '/'".into()),
+        _ if s.contains('%') => Err("may not contain '%'".into()),
+        _ => Ok(()),
+    }
 }
 
 pub(super) fn is_name_part(s: &str) -> bool {
