@@ -183,7 +183,7 @@ impl Bootstrap {
         }
         let mut failures = Vec::new();
         for node in candidates {
-            match self.from_node(&node).await {
+            match self.access_through(&node).await {
                 Ok(client) => return Ok(client),
                 Err(why) => {
                     tracing::warn!(%node, reason = %why, "cannot get host-cluster access from this server node");
@@ -194,7 +194,7 @@ impl Bootstrap {
         Err(format!("no kubeconfig is configured, and no server node gave access yet: {}", failures.join("; ")))
     }
 
-    async fn from_node(&self, node: &str) -> Result<kube::Client, String> {
+    async fn access_through(&self, node: &str) -> Result<kube::Client, String> {
         let (address, access) = self.requests.ask(node).await?;
         check(&access).map_err(|why| format!("node {node} sent unusable access: {why}"))?;
         let server = server_url(&access.server_url, address).map_err(|why| format!("node {node}: {why}"))?;

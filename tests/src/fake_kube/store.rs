@@ -375,11 +375,10 @@ impl State {
         let creates = verb == Verb::Patch
             && req.media_type() == "application/apply-patch+yaml"
             && !self.objects.contains_key(&Key::new(&def, &namespace, &name));
-        if let Err(e) = creates
-            .then(|| self.authorize(user, Verb::Create, &def, sub, path.namespace.as_deref(), &name))
-            .unwrap_or(Ok(()))
-        {
-            return (e.into(), Some(verb), plural);
+        if creates {
+            if let Err(e) = self.authorize(user, Verb::Create, &def, sub, path.namespace.as_deref(), &name) {
+                return (e.into(), Some(verb), plural);
+            }
         }
         if let Some(e) = self.take_fault(verb, &def, path.namespace.as_deref(), &name) {
             return (e.into(), Some(verb), plural);
