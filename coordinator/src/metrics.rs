@@ -45,7 +45,11 @@ impl Histogram {
     /// A histogram with `bounds`, which must be increasing.
     pub fn new(bounds: &'static [f64]) -> Histogram {
         debug_assert!(bounds.windows(2).all(|w| w[0] < w[1]), "histogram bounds must increase");
-        Histogram { bounds, buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_micros: AtomicU64::new(0) }
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
     }
 
     pub fn observe(&self, value: Duration) {
@@ -303,9 +307,19 @@ impl Metrics {
             let n = fleet.vms.as_ref().and_then(|vms| vms.get(&state)).copied().unwrap_or(0);
             let _ = writeln!(out, "hexa_provisioning_vms{{state=\"{state}\"}} {n}");
         }
-        header(out, "hexa_link_reconnects_total", "counter", "Links a node opened after a first one, since this coordinator started.");
+        header(
+            out,
+            "hexa_link_reconnects_total",
+            "counter",
+            "Links a node opened after a first one, since this coordinator started.",
+        );
         for node in &fleet.nodes {
-            let _ = writeln!(out, "hexa_link_reconnects_total{{node=\"{}\"}} {}", escaped(&node.node), node.link_reconnects);
+            let _ = writeln!(
+                out,
+                "hexa_link_reconnects_total{{node=\"{}\"}} {}",
+                escaped(&node.node),
+                node.link_reconnects
+            );
         }
         self.render_reported(out, &fleet.nodes);
         text
@@ -364,7 +378,12 @@ impl Metrics {
         for (node, r) in &reported {
             let _ = writeln!(out, "hexa_firewall_displacements_total{{node=\"{node}\"}} {}", r.firewall_displacements);
         }
-        header(out, "hexa_cgroup_writes_total", "counter", "cgroup limits the node's governor set or changed, as it reports.");
+        header(
+            out,
+            "hexa_cgroup_writes_total",
+            "counter",
+            "cgroup limits the node's governor set or changed, as it reports.",
+        );
         for (node, r) in &reported {
             let _ = writeln!(out, "hexa_cgroup_writes_total{{node=\"{node}\"}} {}", r.isolation.cgroup_writes);
         }

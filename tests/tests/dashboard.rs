@@ -37,8 +37,30 @@ fn panels(dashboard: &Value) -> Vec<&Value> {
 /// PromQL's functions, aggregations, operators and modifiers: words in an expression that are not
 /// metric names.
 const PROMQL_WORDS: &[&str] = &[
-    "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group",
-    "and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right", "inf",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+    "group",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "inf",
     "nan",
 ];
 
@@ -141,7 +163,8 @@ fn find_grouping(expr: &str) -> Option<(usize, usize)> {
             let start = from + found;
             let end = start + keyword.len();
             from = end;
-            let boundary_before = lower[..start].chars().last().is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+            let boundary_before =
+                lower[..start].chars().last().is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
             let after = lower[end..].trim_start();
             if !boundary_before || !after.starts_with('(') {
                 continue;
@@ -183,7 +206,8 @@ fn is_exported(name: &str, families: &BTreeSet<(String, String)>, samples: &BTre
     if samples.contains(name) || families.iter().any(|(family, _)| family == name) {
         return true;
     }
-    let declared = |family: &str, kinds: &[&str]| families.iter().any(|(f, k)| f == family && kinds.contains(&k.as_str()));
+    let declared =
+        |family: &str, kinds: &[&str]| families.iter().any(|(f, k)| f == family && kinds.contains(&k.as_str()));
     if let Some(family) = name.strip_suffix("_bucket") {
         return declared(family, &["histogram"]);
     }
@@ -293,8 +317,10 @@ async fn every_dashboard_panel_queries_a_metric_the_coordinator_exports() {
         nodes.iter().any(|n| n.name == "dash-1" && n.health == Health::Ready && n.allocatable.is_some()).then_some(())
     };
     eventually(Duration::from_secs(30), "the node Ready", ready).await;
-    let plan = json!({"kind": "shared", "cpu_millis": 100, "memory_bytes": 1u64 << 28, "pods": 5, "replicas": 1, "spread": 1});
-    let (status, body) = c.admin.request(Method::POST, "/v1/tenants", Some(json!({"name": "dash", "plan": plan}))).await;
+    let plan =
+        json!({"kind": "shared", "cpu_millis": 100, "memory_bytes": 1u64 << 28, "pods": 5, "replicas": 1, "spread": 1});
+    let (status, body) =
+        c.admin.request(Method::POST, "/v1/tenants", Some(json!({"name": "dash", "plan": plan}))).await;
     assert_eq!(status, 201, "{body}");
     eventually(Duration::from_secs(20), "the tenant's spec applied", async || {
         let node = c.admin.node("dash-1").await?;
@@ -306,7 +332,7 @@ async fn every_dashboard_panel_queries_a_metric_the_coordinator_exports() {
     agent.stop().await;
     let agent = Agent::spawn(config);
     let (_, refused) = raw::enroll_request("hxb_nope.nope", "stranger");
-    let answer = raw::enroll(c.running.quic_addr, c.running.ca_hash.clone(), &refused).await;
+    let answer = raw::enroll(c.running.quic_addr, c.running.ca_hash, &refused).await;
     assert!(matches!(answer, Ok(hexa_shared::proto::EnrollResponse::Refused(_))), "{answer:?}");
 
     let text = eventually(Duration::from_secs(30), "every driven series in /metrics", async || {
@@ -334,6 +360,10 @@ async fn every_dashboard_panel_queries_a_metric_the_coordinator_exports() {
         .filter(|(_, name)| !is_exported(name, &families, &samples))
         .map(|(title, name)| format!("{title}: {name}"))
         .collect();
-    assert!(missing.is_empty(), "the dashboard queries what /metrics does not export:\n{}\n\n{text}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries what /metrics does not export:\n{}\n\n{text}",
+        missing.join("\n")
+    );
     agent.stop().await;
 }

@@ -85,7 +85,16 @@ impl NodeEntry {
     fn new(record: NodeRecord, silent_since: Instant) -> NodeEntry {
         let (spec_tx, _) = watch::channel(record.spec.clone());
         let (auth_tx, _) = watch::channel(CertAuth::of(&record));
-        NodeEntry { record, last_report: None, silent_since, links: 0, reconnects: None, applied: None, spec_tx, auth_tx }
+        NodeEntry {
+            record,
+            last_report: None,
+            silent_since,
+            links: 0,
+            reconnects: None,
+            applied: None,
+            spec_tx,
+            auth_tx,
+        }
     }
 
     /// Makes `record` this node's record, telling links and the node what changed.
