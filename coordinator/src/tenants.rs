@@ -180,8 +180,8 @@ impl Tenants {
         let asked = std::time::Instant::now();
         self.refresh_nodes(&mut book)?;
         let decision = book.placement.decide(&Request::Place { tenant: name.to_string(), plan })?;
-        book.requested.insert(name.to_string(), asked);
         self.commit(&mut book, &decision)?;
+        book.requested.insert(name.to_string(), asked);
         self.note_placed(&mut book, name);
         tracing::info!(tenant = name, "tenant created");
         book.tenants.get(name).cloned().ok_or_else(|| TenantsError::NotFound(name.to_string()))
@@ -196,8 +196,8 @@ impl Tenants {
         let asked = std::time::Instant::now();
         self.refresh_nodes(&mut book)?;
         let decision = book.placement.decide(&Request::ChangePlan { tenant: name.to_string(), plan })?;
-        book.requested.insert(name.to_string(), asked);
         self.commit(&mut book, &decision)?;
+        book.requested.insert(name.to_string(), asked);
         self.note_placed(&mut book, name);
         tracing::info!(tenant = name, "tenant plan changed");
         book.tenants.get(name).cloned().ok_or_else(|| TenantsError::NotFound(name.to_string()))
