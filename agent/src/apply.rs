@@ -14,7 +14,8 @@ use hexa_shared::k3s::K3sState;
 use hexa_shared::names::{NameError, validate_node_name};
 use hexa_shared::spec::NodeSpec;
 
-use crate::isolation::firewall::FirewallError;
+use crate::isolation::figures::IsolationCounters;
+use crate::isolation::firewall::{FirewallError, Reconciled, Ruleset, reconcile};
 use crate::isolation::local_pods::LocalPodSource;
 use crate::k3s::{self, Fetcher, K3sError, NodeReadiness, Systemd};
 use crate::state::{StateDir, StateError};
@@ -72,6 +73,8 @@ pub struct Applier {
     pub local_pods: Arc<dyn LocalPodSource>,
     /// Enforcements that only had to put our jumps back before another program's rules.
     pub displacements: Arc<AtomicU64>,
+    /// What enforcing isolation has cost and how often it was put right, for the reports.
+    pub figures: Arc<IsolationCounters>,
 }
 
 impl Applier {
@@ -110,20 +113,28 @@ impl Applier {
     }
 
     /// Reconciles the firewall to `isolation` with this node's own pods, off the runtime's threads,
-    /// counting a reconcile that only had to put our rules back as a displacement.
+    /// counting a reconcile that only had to put our rules back as a displacement, and what each
+    /// reconcile took in [`Applier::figures`].
     async fn enforce(&self, isolation: IsolationSpec, generation: u64) -> Result<(), ApplyError> {
         let firewall = self.firewall.clone();
         let local_pods = self.local_pods.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
+        let figures = self.figures.clone();
+        let (outcome, repaired) = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let local = local_pods.local_pods();
-            crate::isolation::firewall::reconcile_spec(firewall.as_ref(), &isolation, &local)
+            let desired = Ruleset::desired(&isolation, &local)?;
+            let outcome = reconcile(firewall.as_ref(), &desired);
+            let repaired = figures.firewall_reconciled(&desired, outcome.as_ref().ok(), started.elapsed());
+            outcome.map(|outcome| (outcome, repaired))
         })
         .await
         .map_err(ApplyError::Task)??;
-        if let crate::isolation::firewall::Reconciled::Applied { drift, displaced } = outcome {
+        if let Reconciled::Applied { drift, displaced } = outcome {
             if displaced {
                 let count = self.displacements.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(generation, %drift, displacements = count, "firewall displaced by another program, put back first");
+            } else if repaired {
+                tracing::warn!(generation, %drift, "firewall changed by something else, put back");
             } else {
                 tracing::info!(generation, %drift, "firewall brought in line");
             }
@@ -179,7 +190,7 @@ pub fn record(state: &StateDir, spec: &NodeSpec) -> Result<(), ApplyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::isolation::firewall::{MemoryFirewall, Recording};
+    use crate::isolation::firewall::{Firewall, MemoryFirewall, Recording, plan};
     use crate::k3s::testkit::{self, ArtifactServer, Fault, V2, quick_policy, server_spec};
     use crate::k3s::{RecordingSystemd, ScriptedReadiness};
     use hexa_shared::isolation::{IsolationSpec, TenantIsolation};
@@ -210,6 +221,7 @@ mod tests {
             firewall: firewall.clone(),
             local_pods: Arc::new(crate::isolation::local_pods::CniResults::new(dir.path().join("cni"), "cni0")),
             displacements: Default::default(),
+            figures: Default::default(),
         };
         Node { _dir: dir, state, firewall, systemd, applier }
     }
@@ -242,6 +254,35 @@ mod tests {
         next.isolation.as_mut().unwrap().system_pod_ips.insert("10.42.0.54".parse().unwrap());
         node.applier.apply(&next).await.unwrap();
         assert_eq!(node.applier.displacements.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn rules_changed_behind_the_agent_are_counted_as_drift_repairs() {
+        let node = node();
+        let spec = isolated(NodeSpec::for_pool("n1", &Pool::Shared, 2));
+        node.applier.apply(&spec).await.unwrap();
+        let first = node.applier.figures.figures();
+        assert_eq!((first.firewall_applies, first.firewall_drift_repairs), (1, 0), "{first:?}");
+        node.applier.enforce_isolation(&spec).await.unwrap();
+        assert_eq!(node.applier.figures.figures().firewall_applies, 1, "a reconcile that writes nothing is no apply");
+
+        // Someone deletes one of our rules: the next reconcile puts it back and counts a repair.
+        let current = node.firewall.inner().current().unwrap();
+        let mut tampered = current.clone();
+        tampered.chains.values_mut().find(|rules| !rules.is_empty()).expect("a chain with rules").pop();
+        node.firewall.inner().apply(&plan(&tampered, &current).unwrap()).unwrap();
+        node.applier.enforce_isolation(&spec).await.unwrap();
+        let repaired = node.applier.figures.figures();
+        assert_eq!((repaired.firewall_applies, repaired.firewall_drift_repairs), (2, 1), "{repaired:?}");
+        assert!(repaired.firewall_apply_micros >= repaired.firewall_last_apply_micros);
+
+        // A new spec is a change of ours: applied, not repaired.
+        let mut next = spec.clone();
+        next.generation = 3;
+        next.isolation.as_mut().unwrap().system_pod_ips.insert("10.42.0.54".parse().unwrap());
+        node.applier.apply(&next).await.unwrap();
+        let changed = node.applier.figures.figures();
+        assert_eq!((changed.firewall_applies, changed.firewall_drift_repairs), (3, 1), "{changed:?}");
     }
 
     #[tokio::test]

@@ -113,6 +113,7 @@ impl Host {
             firewall: self.firewall.clone(),
             local_pods: self.local_pods.clone(),
             displacements: Default::default(),
+            figures: Default::default(),
         })
     }
 }

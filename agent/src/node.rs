@@ -458,9 +458,12 @@ impl Supervisor {
                     .iter()
                     .filter_map(|p| p.tenant.clone().map(|tenant| PodTenant { pod_uid: p.uid.clone(), tenant }))
                     .collect();
+                let figures = self.applier.figures.clone();
                 self.tasks.spawn_blocking(move || {
-                    let usage = match governor.reconcile(&allocations, &pods, std::time::Instant::now()) {
+                    let started = std::time::Instant::now();
+                    let usage = match governor.reconcile(&allocations, &pods, started) {
                         Ok(done) => {
+                            figures.cgroup_passed(started.elapsed(), done.writes.len());
                             for failure in &done.failures {
                                 warn!(?failure, "cannot govern a pod");
                             }
@@ -607,6 +610,7 @@ impl Supervisor {
             pods: self.pods.clone(),
             tenant_usage: self.tenant_usage.clone(),
             firewall_displacements: self.applier.displacements.load(std::sync::atomic::Ordering::Relaxed),
+            isolation: self.applier.figures.figures(),
         })
     }
 }
@@ -713,6 +717,7 @@ mod tests {
             firewall,
             local_pods: Arc::new(crate::isolation::local_pods::CniResults::new(dir.join("cni"), "cni0")),
             displacements: Default::default(),
+            figures: Default::default(),
         };
         let collector = Collector::new(CollectorSettings {
             proc_root: "/proc".into(),

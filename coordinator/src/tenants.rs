@@ -57,6 +57,9 @@ struct Book {
     tenants: BTreeMap<String, Tenant>,
     /// Each node as placement last saw it, so unchanged nodes are not re-indexed every reconcile.
     nodes: BTreeMap<String, placement::NodeState>,
+    /// Tenants created or given a new plan and not yet placed whole, with when that was asked
+    /// (in memory only: `hexa_placement_seconds` covers requests made since this start).
+    requested: BTreeMap<String, std::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -133,7 +136,7 @@ impl Tenants {
         // Deleting tenants hold no capacity any more.
         let states = tenants.values().filter(|t| t.phase != Phase::Deleting).map(state_of).collect();
         let placement = PlacementState::new(config, nodes.values().cloned().collect(), states)?;
-        let book = Mutex::new(Book { placement, tenants, nodes });
+        let book = Mutex::new(Book { placement, tenants, nodes, requested: BTreeMap::new() });
         let service = Tenants { store, inventory, allocations, provisioner, book, keep_tombstones };
         let book = service.book.try_lock().map_err(|_| StoreError::Db("tenant book busy at load".into()))?;
         let every_node: BTreeSet<String> = book.nodes.keys().cloned().collect();
@@ -174,9 +177,12 @@ impl Tenants {
         if book.tenants.get(name).is_some_and(|t| t.phase == Phase::Deleting) {
             return Err(TenantsError::StillDeleting(name.to_string()));
         }
+        let asked = std::time::Instant::now();
         self.refresh_nodes(&mut book)?;
         let decision = book.placement.decide(&Request::Place { tenant: name.to_string(), plan })?;
         self.commit(&mut book, &decision)?;
+        book.requested.insert(name.to_string(), asked);
+        self.note_placed(&mut book, name);
         tracing::info!(tenant = name, "tenant created");
         book.tenants.get(name).cloned().ok_or_else(|| TenantsError::NotFound(name.to_string()))
     }
@@ -187,9 +193,12 @@ impl Tenants {
         if book.tenants.get(name).is_some_and(|t| t.phase == Phase::Deleting) {
             return Err(TenantsError::StillDeleting(name.to_string()));
         }
+        let asked = std::time::Instant::now();
         self.refresh_nodes(&mut book)?;
         let decision = book.placement.decide(&Request::ChangePlan { tenant: name.to_string(), plan })?;
         self.commit(&mut book, &decision)?;
+        book.requested.insert(name.to_string(), asked);
+        self.note_placed(&mut book, name);
         tracing::info!(tenant = name, "tenant plan changed");
         book.tenants.get(name).cloned().ok_or_else(|| TenantsError::NotFound(name.to_string()))
     }
@@ -434,12 +443,22 @@ impl Tenants {
         })?;
         // 2. Then in memory, then on the nodes and the provisioner.
         book.placement.apply(decision);
+        let metrics = self.inventory.metrics();
         for tenant in changed {
+            let moved = book.tenants.get(&tenant.name).is_none_or(|before| before.placement != tenant.placement);
+            if moved && !tenant.placement.nodes().is_empty() {
+                metrics.placement_made(tenant.plan.kind());
+            }
             tracing::info!(tenant = %tenant.name, phase = %tenant.phase, nodes = ?tenant.placement.nodes(), "tenant placement recorded");
             book.tenants.insert(tenant.name.clone(), tenant);
         }
         for name in &decision.removed {
             book.tenants.remove(name);
+            book.requested.remove(name);
+        }
+        let waiting: Vec<String> = book.requested.keys().cloned().collect();
+        for name in waiting {
+            self.note_placed(book, &name);
         }
         for request in &decision.provision {
             self.provisioner.provision(request);
@@ -450,6 +469,21 @@ impl Tenants {
         touched_nodes.extend(decision.released.iter().cloned());
         self.push_specs(book, &touched_nodes)?;
         Ok(true)
+    }
+
+    /// Observes how long `name` waited to be placed, once it is placed whole after a request.
+    fn note_placed(&self, book: &mut Book, name: &str) {
+        let Some(tenant) = book.tenants.get(name) else {
+            book.requested.remove(name);
+            return;
+        };
+        if tenant.phase == Phase::Deleting {
+            book.requested.remove(name);
+        } else if tenant.condition(ConditionType::Placed).is_some_and(|c| c.status) {
+            if let Some(asked) = book.requested.remove(name) {
+                self.inventory.metrics().placement_completed(tenant.plan.kind(), asked.elapsed());
+            }
+        }
     }
 
     /// Sends each node in `nodes` the allocations placement gives it, decided whole here (see

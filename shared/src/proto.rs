@@ -19,8 +19,9 @@ use crate::spec::{AppliedStatus, NodeSpec};
 
 /// The protocol version this build speaks. 2: isolation specs carry node addresses and node
 /// services, reports carry firewall displacements (bincode is positional: a version 1 peer cannot
-/// read them, so it is told the version instead). 3: the coordinator may ask a `server` node for
-/// host-cluster access ([`CoordinatorMessage::HostAccessRequest`]).
+/// read them, so it is told the version instead). 3: reports carry isolation figures, and the
+/// coordinator may ask a `server` node for host-cluster access
+/// ([`CoordinatorMessage::HostAccessRequest`]).
 pub const PROTOCOL_VERSION: u32 = 3;
 /// ALPN of the enrollment protocol.
 pub const ALPN_ENROLL: &[u8] = b"hexa-enroll/1";

@@ -82,6 +82,33 @@ pub struct CapacityReport {
     /// of another program's (something on the node keeps moving them).
     #[serde(default)]
     pub firewall_displacements: u64,
+    /// What enforcing isolation has cost this node and how often it had to be put right.
+    #[serde(default)]
+    pub isolation: IsolationFigures,
+}
+
+/// Counters of the agent's isolation since it started (they start again from zero when it
+/// restarts): how long applying it takes and how often it had to be put right. Each figure speaks
+/// only for the node that reports it.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IsolationFigures {
+    /// Firewall reconciles that wrote a batch (a new spec, new local pods, or drift put right).
+    pub firewall_applies: u64,
+    /// Their time together, in microseconds: reading the rules, writing the batch, reading back.
+    pub firewall_apply_micros: u64,
+    /// The last one's time, in microseconds.
+    pub firewall_last_apply_micros: u64,
+    /// Reconciles that found the rules changed by something else while what the agent wants was
+    /// the same as at the reconcile before, and put them back.
+    pub firewall_drift_repairs: u64,
+    /// cgroup governor passes (sample every tenant pod, set what changed).
+    pub cgroup_passes: u64,
+    /// Their time together, in microseconds.
+    pub cgroup_pass_micros: u64,
+    /// The last one's time, in microseconds.
+    pub cgroup_last_pass_micros: u64,
+    /// cgroup files the governor wrote (a limit set or changed).
+    pub cgroup_writes: u64,
 }
 
 /// One tenant's use of one node.
@@ -184,6 +211,16 @@ pub(crate) mod strategies {
                         memory_pressure: seq % 3 == 0,
                     }],
                     firewall_displacements: generation / 5,
+                    isolation: IsolationFigures {
+                        firewall_applies: seq / 7,
+                        firewall_apply_micros: seq,
+                        firewall_last_apply_micros: seq / 11,
+                        firewall_drift_repairs: generation / 3,
+                        cgroup_passes: generation,
+                        cgroup_pass_micros: cpu,
+                        cgroup_last_pass_micros: mem,
+                        cgroup_writes: seq / 13,
+                    },
                     k3s: if generation % 2 == 0 {
                         crate::k3s::K3sState::Running { version: "v1.35.5+k3s1".into(), cluster_ca_sha256: None }
                     } else {

@@ -61,6 +61,7 @@ fn report(seq: u64, claimed: &str, cpu_millis: u64) -> AgentMessage {
         pods: Vec::new(),
         tenant_usage: Vec::new(),
         firewall_displacements: 0,
+        isolation: Default::default(),
     }))
 }
 

@@ -379,6 +379,7 @@ async fn a_wedged_supervisor_loop_stops_the_watchdog_pings() {
         firewall: Arc::new(hexa_agent::isolation::firewall::MemoryFirewall::new()),
         local_pods: Arc::new(hexa_agent::isolation::local_pods::CniResults::new(dir.path().join("cni"), "cni0")),
         displacements: Default::default(),
+        figures: Default::default(),
     };
     let collector = hexa_agent::collector::Collector::new(hexa_agent::collector::CollectorSettings {
         proc_root,

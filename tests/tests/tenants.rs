@@ -220,6 +220,13 @@ async fn a_tenant_moves_between_shared_and_dedicated_without_being_deleted() {
     assert!(bound.placement.shares.is_empty());
     let (_, provisioning) = c.admin.request(Method::GET, "/v1/provisioning", None).await;
     assert_eq!(provisioning, json!([]));
+    // The wait from the plan change to the bound node is one dedicated placement's latency.
+    let metrics = c.admin.metrics().await;
+    let waited = hexa_tests::admin::metric(&metrics, "hexa_placement_seconds_count{plan=\"dedicated\"}");
+    assert_eq!(waited, 1, "{metrics}");
+    assert!(hexa_tests::admin::metric(&metrics, "hexa_placements_total{plan=\"dedicated\"}") >= 1, "{metrics}");
+    let shared_before = hexa_tests::admin::metric(&metrics, "hexa_placement_seconds_count{plan=\"shared\"}");
+    assert_eq!(shared_before, 1, "the create: {metrics}");
     let vm = c.admin.node("mover-vm").await.unwrap();
     assert_eq!(vm.tenants.iter().map(|a| a.tenant.as_str()).collect::<Vec<_>>(), ["mover"]);
     for node in ["node-1", "node-2"] {
@@ -234,6 +241,9 @@ async fn a_tenant_moves_between_shared_and_dedicated_without_being_deleted() {
     assert_eq!(t.placement.shares.len(), 2);
     assert!(t.placement.dedicated_nodes.is_empty());
     assert!(c.admin.node("mover-vm").await.unwrap().tenants.is_empty());
+    let metrics = c.admin.metrics().await;
+    let shared_after = hexa_tests::admin::metric(&metrics, "hexa_placement_seconds_count{plan=\"shared\"}");
+    assert_eq!(shared_after, 2, "the create and the move back: {metrics}");
     dedicated.stop().await;
     for agent in agents {
         agent.stop().await;

@@ -7,9 +7,11 @@
 //!   from the management networks, applied as one atomic batch and reconciled against drift.
 //! - [`local_pods`]: which bridge port each of this node's pods sends from (what only the node knows).
 //! - [`dry_run`]: a firewall that prints the batch it would apply, for `hexa-agent apply --root`.
+//! - [`figures`]: what enforcing isolation costs and how often it is put right, for the reports.
 
 pub mod cgroup;
 pub mod dry_run;
+pub mod figures;
 pub mod firewall;
 pub mod local_pods;
 

@@ -138,12 +138,31 @@ async fn openapi_json(State(ctx): State<Ctx>) -> impl IntoResponse {
     Json(document)
 }
 
-/// Prometheus metrics: node health counts, reports, refusals.
+/// Prometheus metrics: nodes by health, reports and their lag, placements and their latency,
+/// tenants by phase, provisioning VMs by state, link reconnects, refusals, and what each node's
+/// agent reports of its isolation (README, "Metrics").
 #[utoipa::path(get, path = "/metrics", tag = "meta",
     responses((status = 200, description = "Prometheus text exposition format 0.0.4", body = String,
         content_type = "text/plain")))]
 async fn metrics(State(ctx): State<Ctx>) -> impl IntoResponse {
-    let body = ctx.metrics.render(&ctx.inventory.health_counts());
+    let mut tenants = std::collections::BTreeMap::new();
+    for tenant in ctx.tenants.list().await {
+        *tenants.entry(tenant.phase).or_default() += 1;
+    }
+    let vms = ctx.provisioner.as_ref().map(|p| {
+        let mut vms = std::collections::BTreeMap::new();
+        for record in p.records().unwrap_or_default() {
+            *vms.entry(record.state).or_default() += 1;
+        }
+        vms
+    });
+    let fleet = crate::metrics::Fleet {
+        health: ctx.inventory.health_counts(),
+        tenants,
+        vms,
+        nodes: ctx.inventory.node_figures(),
+    };
+    let body = ctx.metrics.render(&fleet);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 

@@ -17,7 +17,7 @@ use hexa_shared::spec::{AppliedStatus, ApplyOutcome, NodeSpec, TenantAllocation}
 use crate::bootstrap::CertificateAuthority;
 use crate::desired::{self, Fleet, Plans};
 use crate::enroll::{Enroller, refusal};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, NodeFigures, ReportedFigures};
 use crate::placement;
 use crate::pod_owners::{Changes, OwnerMap, Pinning, PodOwners};
 use crate::store::{Health, NodeRecord, Store, StoreError};
@@ -36,6 +36,8 @@ struct NodeEntry {
     /// Silence is measured from the last report, or from enrollment / coordinator start.
     silent_since: Instant,
     links: u32,
+    /// Links opened after the first one since this coordinator started (`None` before the first).
+    reconnects: Option<u64>,
     applied: Option<AppliedStatus>,
     spec_tx: watch::Sender<NodeSpec>,
     /// Which certificates open a link; every open link watches it and closes when its own
@@ -83,7 +85,16 @@ impl NodeEntry {
     fn new(record: NodeRecord, silent_since: Instant) -> NodeEntry {
         let (spec_tx, _) = watch::channel(record.spec.clone());
         let (auth_tx, _) = watch::channel(CertAuth::of(&record));
-        NodeEntry { record, last_report: None, silent_since, links: 0, applied: None, spec_tx, auth_tx }
+        NodeEntry {
+            record,
+            last_report: None,
+            silent_since,
+            links: 0,
+            reconnects: None,
+            applied: None,
+            spec_tx,
+            auth_tx,
+        }
     }
 
     /// Makes `record` this node's record, telling links and the node what changed.
@@ -376,6 +387,7 @@ impl Inventory {
             entry.set_record(record);
         }
         entry.links += 1;
+        entry.reconnects = Some(entry.reconnects.map_or(0, |n| n + 1));
         let admitted = Admission {
             pool: entry.record.pool.clone(),
             spec: entry.spec_tx.subscribe(),
@@ -494,9 +506,10 @@ impl Inventory {
             hexa_shared::k3s::K3sState::Running { cluster_ca_sha256: Some(hash), .. } => Some(hash.clone()),
             _ => None,
         };
+        let collected_at_unix_ms = report.collected_at_unix_ms;
         entry.last_report = Some((Box::new(report), now));
         entry.silent_since = now;
-        self.metrics.reports.inc();
+        self.metrics.report_recorded(collected_at_unix_ms, hexa_shared::clock::now_unix_ms());
         if entry.record.health != Health::Ready {
             self.transition(entry, Health::Ready);
         }
@@ -688,6 +701,26 @@ impl Inventory {
     /// Names of nodes whose health is Lost.
     pub fn lost_nodes(&self) -> Vec<String> {
         self.nodes().values().filter(|e| e.record.health == Health::Lost).map(|e| e.record.name.clone()).collect()
+    }
+
+    /// What `/metrics` says of each node (see [`crate::metrics`]).
+    pub fn node_figures(&self) -> Vec<NodeFigures> {
+        self.nodes()
+            .values()
+            .map(|entry| NodeFigures {
+                node: entry.record.name.clone(),
+                link_reconnects: entry.reconnects.unwrap_or(0),
+                reported: entry.last_report.as_ref().map(|(report, _)| ReportedFigures {
+                    isolation: report.isolation,
+                    firewall_displacements: report.firewall_displacements,
+                }),
+            })
+            .collect()
+    }
+
+    /// The counters this inventory feeds, for the parts of the coordinator that work with it.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn health_counts(&self) -> BTreeMap<Health, usize> {

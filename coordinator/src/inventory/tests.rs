@@ -251,3 +251,33 @@ fn silence_turns_into_health() {
         assert_eq!(judge_health(current, Duration::from_secs(secs), T), want, "{current:?} after {secs}s");
     }
 }
+
+#[test]
+fn metrics_see_reconnects_and_each_node_figures_under_its_own_name() {
+    let f = fixture(K3sSettings { manage: false, ..Default::default() });
+    let serial = enroll(&f, &token(&f, Pool::Shared), "n1");
+    enroll(&f, &token(&f, Pool::Shared), "n2");
+    let figures = |name: &str| f.inventory.node_figures().into_iter().find(|n| n.node == name).unwrap();
+    assert_eq!((figures("n1").link_reconnects, figures("n1").reported), (0, None));
+    f.inventory.admit_link("n1", &serial, ADDR).unwrap();
+    f.inventory.link_closed("n1");
+    assert_eq!(figures("n1").link_reconnects, 0, "a first link is no reconnect");
+    f.inventory.admit_link("n1", &serial, ADDR).unwrap();
+    f.inventory.admit_link("n1", &serial, ADDR).unwrap();
+    assert_eq!(figures("n1").link_reconnects, 2);
+
+    let isolation = hexa_shared::report::IsolationFigures { firewall_drift_repairs: 4, ..Default::default() };
+    let report = CapacityReport {
+        node_name: "n2".into(),
+        collected_at_unix_ms: hexa_shared::clock::now_unix_ms(),
+        firewall_displacements: 1,
+        isolation,
+        ..Default::default()
+    };
+    // What n1's report claims is n1's, whatever name it carries.
+    f.inventory.record_report("n1", report);
+    let reported = figures("n1").reported.unwrap();
+    assert_eq!((reported.isolation.firewall_drift_repairs, reported.firewall_displacements), (4, 1));
+    assert_eq!(figures("n2").reported, None);
+    assert_eq!(f.inventory.metrics().reports.get(), 1);
+}

@@ -358,6 +358,7 @@ fn sample_report(seq: u64) -> AgentMessage {
         pods: Vec::new(),
         tenant_usage: Vec::new(),
         firewall_displacements: 0,
+        isolation: Default::default(),
     }))
 }
 

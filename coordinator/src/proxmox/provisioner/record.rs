@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use hexa_shared::proto::ProviderIdentity;
 
 /// Where a VM is in its life.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     Requested,
