@@ -52,6 +52,8 @@ pub struct CoordinatorConfig {
     pub hostcluster: crate::hostcluster::render::RenderSettings,
     /// Tenant isolation the nodes enforce (firewall).
     pub isolation: IsolationSettings,
+    /// Where the coordinator keeps its state: the redb file in `state_dir`, or etcd.
+    pub store: crate::store::StoreSettings,
     /// Dedicated nodes as Proxmox VE VMs; absent: dedicated tenants wait for nodes enrolled by hand.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxmox: Option<crate::proxmox::ProxmoxSettings>,
@@ -207,6 +209,7 @@ impl Default for CoordinatorConfig {
             k3s: K3sSettings::default(),
             hostcluster: crate::hostcluster::render::RenderSettings::default(),
             isolation: IsolationSettings::default(),
+            store: crate::store::StoreSettings::default(),
             proxmox: None,
         }
     }
@@ -238,6 +241,7 @@ impl CoordinatorConfig {
         self.placement.validate()?;
         self.hostcluster.validate()?;
         self.isolation.validate()?;
+        self.store.validate()?;
         if let Some(proxmox) = &self.proxmox {
             proxmox.validate(&self.placement.node_classes)?;
         }
@@ -248,6 +252,7 @@ impl CoordinatorConfig {
     /// `hexa-coordinator check-config` and a start check before anything else.
     pub fn check(&self) -> Result<(), ConfigError> {
         self.validate()?;
+        self.store.check()?;
         let kubeconfig = &self.hostcluster.kubeconfig;
         if self.hostcluster.mode == crate::hostcluster::render::Mode::Apply && !kubeconfig.is_empty() {
             std::fs::File::open(kubeconfig).map_err(|error| ConfigError::Unreadable {

@@ -210,7 +210,7 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         tracing::info!(ca_hash = %ca.hash(), "certificate authority created");
     }
     let ca = Arc::new(ca);
-    let store = Store::open(&config.state_dir.join("state.redb"))?;
+    let store = Store::open_configured(&config.store, &config.state_dir)?;
     let admin_token_sha256 = admin_token_hash(&config, &store)?;
     let metrics = Arc::new(Metrics::default());
     let thresholds = HealthThresholds { unreachable_after: config.unreachable_after, lost_after: config.lost_after };

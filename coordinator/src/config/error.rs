@@ -47,6 +47,8 @@ pub enum ConfigError {
          coordinator may read, or set hostcluster.mode = \"manifests\" (or \"off\") to do without one"
     )]
     Unreadable { key: &'static str, path: String, error: String },
+    #[error("{key} {path:?}: cannot read it ({error}); point it at a PEM file the coordinator may read")]
+    UnreadableFile { key: &'static str, path: String, error: String },
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
     #[error(transparent)]

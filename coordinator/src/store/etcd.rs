@@ -1,0 +1,271 @@
+//! The etcd backend: each table's records under `<prefix><table>/<key>`, values the records' JSON
+//! bytes as in redb, a commit one etcd transaction (`Txn`) that applies every write only if each
+//! record the transaction read still has the mod revision it was read at.
+//!
+//! # How the synchronous store drives the async client
+//!
+//! The store's API is synchronous (callers hold it inside transactions, from async tasks and from
+//! plain threads alike), while `etcd-client` is async. The backend owns one thread running its own
+//! single-threaded Tokio runtime, which owns the client; every operation is sent to it over a
+//! channel with a reply channel, and the caller blocks on the reply. We chose this over
+//! `tokio::task::block_in_place` because `block_in_place` panics on a current-thread runtime
+//! (every `#[tokio::test]`, and any caller not on a Tokio worker) and would tie the store to the
+//! caller's runtime; the thread works the same from anywhere, and etcd's progress never depends on
+//! the callers' runtime having a free worker. A caller blocks for as long as redb's fsync would
+//! block it, bounded by `request_timeout`: a write returns only once etcd has answered that the
+//! transaction committed (etcd answers after a quorum of members has it in its log), and fails with
+//! a clear error when no quorum answers in time.
+
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient, TlsOptions, Txn, TxnOp,
+};
+use tokio::sync::mpsc;
+
+use super::{Backend, Batch, StoreError, StoreSettings, Table, Versioned};
+
+/// Records per range request: a page of node records stays far below the gRPC message limit.
+const PAGE: i64 = 256;
+/// Largest answer the client accepts (a page of large records).
+const MAX_MESSAGE: usize = 64 << 20;
+
+enum Op {
+    Get(Vec<u8>),
+    Range(Vec<u8>),
+    Txn(Txn),
+}
+
+enum Answer {
+    Get(Option<Versioned>),
+    Range(Vec<(Vec<u8>, Vec<u8>)>),
+    Txn { succeeded: bool },
+}
+
+type Reply = std_mpsc::SyncSender<Result<Answer, String>>;
+
+#[derive(Debug)]
+pub struct EtcdBackend {
+    requests: mpsc::UnboundedSender<(Op, Reply)>,
+    prefix: String,
+    endpoints: String,
+    request_timeout: Duration,
+}
+
+fn options(settings: &StoreSettings) -> Result<ConnectOptions, String> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(settings.dial_timeout)
+        .with_timeout(settings.request_timeout)
+        .with_keep_alive(Duration::from_secs(10), settings.request_timeout)
+        // A member cut off from the others answers at once that it has no leader, instead of
+        // holding the request until it times out.
+        .with_require_leader(true);
+    let read = |key: &str, path: &str| std::fs::read(path).map_err(|e| format!("{key} {path:?}: {e}"));
+    if !settings.ca_file.is_empty() || !settings.cert_file.is_empty() {
+        let mut tls = TlsOptions::new();
+        if !settings.ca_file.is_empty() {
+            tls = tls.ca_certificate(Certificate::from_pem(read("store.ca_file", &settings.ca_file)?));
+        }
+        if !settings.cert_file.is_empty() {
+            let cert = read("store.cert_file", &settings.cert_file)?;
+            let key = read("store.key_file", &settings.key_file)?;
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(tls);
+    }
+    Ok(options)
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+async fn run(mut kv: KvClient, op: Op) -> Result<Answer, etcd_client::Error> {
+    match op {
+        Op::Get(key) => {
+            let response = kv.get(key, None).await?;
+            let found = response.kvs().first().map(|kv| Versioned { value: kv.value().to_vec(), version: kv.mod_revision() });
+            Ok(Answer::Get(found))
+        }
+        Op::Range(prefix) => {
+            // Pages of one revision: the whole table as it was at the first page.
+            let end = prefix_end(&prefix);
+            let mut start = prefix;
+            let mut revision = 0;
+            let mut out = Vec::new();
+            loop {
+                let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+                if revision != 0 {
+                    options = options.with_revision(revision);
+                }
+                let response = kv.get(start.clone(), Some(options)).await?;
+                if revision == 0 {
+                    revision = response.header().map_or(0, |h| h.revision());
+                }
+                for kv in response.kvs() {
+                    out.push((kv.key().to_vec(), kv.value().to_vec()));
+                }
+                match out.last() {
+                    Some((last, _)) if response.more() => {
+                        start = last.clone();
+                        start.push(0);
+                    }
+                    _ => return Ok(Answer::Range(out)),
+                }
+            }
+        }
+        Op::Txn(txn) => Ok(Answer::Txn { succeeded: kv.txn(txn).await?.succeeded() }),
+    }
+}
+
+impl EtcdBackend {
+    /// Starts the client thread and waits (at most `dial_timeout`) until etcd answers a read.
+    pub fn connect(settings: &StoreSettings) -> Result<EtcdBackend, StoreError> {
+        let endpoints = settings.endpoints.join(",");
+        let fail = |message: String| StoreError::Etcd { endpoints: endpoints.clone(), message };
+        let options = options(settings).map_err(fail)?;
+        let (requests, mut incoming) = mpsc::unbounded_channel::<(Op, Reply)>();
+        let (ready_tx, ready_rx) = std_mpsc::sync_channel::<Result<(), String>>(1);
+        let urls = settings.endpoints.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| fail(format!("cannot start the etcd client's runtime: {e}")))?;
+        std::thread::Builder::new()
+            .name("hexa-store-etcd".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let client = match Client::connect(&urls, Some(options)).await {
+                        Ok(client) => client,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    let kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+                    // Ends when the backend, the only sender, is dropped.
+                    while let Some((op, reply)) = incoming.recv().await {
+                        let kv = kv.clone();
+                        tokio::spawn(async move {
+                            let _ = reply.send(run(kv, op).await.map_err(|e| e.to_string()));
+                        });
+                    }
+                })
+            })
+            .map_err(|e| fail(format!("cannot start the etcd client's thread: {e}")))?;
+        match ready_rx.recv_timeout(settings.dial_timeout) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(fail(e)),
+            Err(_) => return Err(fail(format!("no connection within {}", humantime::format_duration(settings.dial_timeout)))),
+        }
+        let backend = EtcdBackend {
+            requests,
+            prefix: settings.prefix.clone(),
+            endpoints: endpoints.clone(),
+            request_timeout: settings.dial_timeout,
+        };
+        // The first answer proves a quorum is there; until then a start waits up to dial_timeout.
+        backend.get(Table::Meta, "schema_version").map_err(|e| match e {
+            StoreError::Etcd { message, .. } => fail(format!(
+                "cannot read from etcd within {} ({message}): check store.endpoints, and that a quorum of the \
+                 members is up",
+                humantime::format_duration(settings.dial_timeout)
+            )),
+            other => other,
+        })?;
+        Ok(EtcdBackend { request_timeout: settings.request_timeout, ..backend })
+    }
+
+    fn key(&self, table: Table, key: &str) -> Vec<u8> {
+        format!("{}{}/{key}", self.prefix, table.name()).into_bytes()
+    }
+
+    fn ask(&self, op: Op) -> Result<Answer, StoreError> {
+        let fail = |message: String| StoreError::Etcd { endpoints: self.endpoints.clone(), message };
+        let (reply, answer) = std_mpsc::sync_channel(1);
+        self.requests.send((op, reply)).map_err(|_| fail("the etcd client thread has stopped".into()))?;
+        // The client's own timeout (request_timeout) ends the request first; this bound only
+        // covers the trip through the channel, so that a caller never waits unbounded.
+        match answer.recv_timeout(self.request_timeout + Duration::from_secs(1)) {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(message)) => Err(fail(explain(&message, self.request_timeout))),
+            Err(_) => Err(fail(explain("timed out", self.request_timeout))),
+        }
+    }
+}
+
+/// The client's error, with what an operator can do about the usual ones.
+fn explain(message: &str, timeout: Duration) -> String {
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("too many operations") {
+        format!("{message}: this transaction writes more records than etcd's --max-txn-ops allows; raise it (e.g. 1024)")
+    } else if lower.contains("request too large") {
+        format!("{message}: raise etcd's --max-request-bytes (e.g. 10485760)")
+    } else if lower.contains("timed out") || lower.contains("timeout") || lower.contains("no leader") || lower.contains("deadline") {
+        format!(
+            "{message} (no answer within {}): is a quorum of the etcd members up and reachable?",
+            humantime::format_duration(timeout)
+        )
+    } else {
+        message.to_string()
+    }
+}
+
+impl Backend for EtcdBackend {
+    fn get(&self, table: Table, key: &str) -> Result<Option<Versioned>, StoreError> {
+        match self.ask(Op::Get(self.key(table, key)))? {
+            Answer::Get(found) => Ok(found),
+            _ => Err(StoreError::Db("etcd answered a read with something else".into())),
+        }
+    }
+
+    fn range(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = self.key(table, "");
+        let Answer::Range(records) = self.ask(Op::Range(prefix.clone()))? else {
+            return Err(StoreError::Db("etcd answered a range with something else".into()));
+        };
+        records
+            .into_iter()
+            .map(|(key, value)| {
+                let key = String::from_utf8(key[prefix.len()..].to_vec())
+                    .map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(&prefix).into_owned(), message: e.to_string() })?;
+                Ok((key, value))
+            })
+            .collect()
+    }
+
+    fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        let compares: Vec<Compare> = batch
+            .read
+            .iter()
+            .map(|((table, key), version)| Compare::mod_revision(self.key(*table, key), CompareOp::Equal, *version))
+            .collect();
+        let ops: Vec<TxnOp> = batch
+            .writes
+            .into_iter()
+            .map(|((table, key), value)| match value {
+                Some(value) => TxnOp::put(self.key(table, &key), value, None),
+                None => TxnOp::delete(self.key(table, &key), None),
+            })
+            .collect();
+        match self.ask(Op::Txn(Txn::new().when(compares).and_then(ops)))? {
+            Answer::Txn { succeeded: true } => Ok(()),
+            Answer::Txn { succeeded: false } => Err(StoreError::Conflict { endpoints: self.endpoints.clone() }),
+            _ => Err(StoreError::Db("etcd answered a transaction with something else".into())),
+        }
+    }
+
+    fn location(&self) -> String {
+        format!("etcd {} under {}", self.endpoints, self.prefix)
+    }
+}
