@@ -225,3 +225,24 @@ fn the_coordinator_refuses_an_unreadable_kubeconfig() {
     );
     assert!(!dir.path().join("state").exists(), "refused before anything was created");
 }
+
+#[test]
+fn the_coordinator_refuses_a_store_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = coordinator_config(dir.path(), "backend.toml", "[store]\nbackend = \"etcd3\"\n");
+    refused("hexa-coordinator", &config, &["key `store.backend`", "unknown variant `etcd3`, expected `redb` or `etcd`"]);
+    let config = coordinator_config(
+        dir.path(),
+        "tls.toml",
+        "[store]\nbackend = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\"]\nca_file = \"/etc/etcd/ca.pem\"\n",
+    );
+    refused("hexa-coordinator", &config, &["store.endpoints", "\"http://10.0.0.1:2379\"", "write https://HOST:PORT"]);
+    let missing = dir.path().join("etcd-ca.pem");
+    let config = coordinator_config(
+        dir.path(),
+        "ca.toml",
+        &format!("[store]\nbackend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"{}\"\n", missing.display()),
+    );
+    refused("hexa-coordinator", &config, &["store.ca_file", "etcd-ca.pem", "cannot read it"]);
+    assert!(!dir.path().join("state").exists(), "refused before anything was created");
+}

@@ -15,7 +15,14 @@
 //! block it, bounded by `request_timeout`: a write returns only once etcd has answered that the
 //! transaction committed (etcd answers after a quorum of members has it in its log), and fails with
 //! a clear error when no quorum answers in time.
+//!
+//! The thread keeps one client per member and sends each request to the member that answered
+//! last; a member that does not answer within its share of `request_timeout` hands the request to
+//! the next, so a killed or partitioned member costs a request a fraction of the timeout, once.
+//! Every commit also writes a marker key of its own, so that a transaction sent again after a
+//! timeout, and refused because the first attempt had in fact committed, is known for a success.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
@@ -31,6 +38,7 @@ const PAGE: i64 = 256;
 /// Largest answer the client accepts (a page of large records).
 const MAX_MESSAGE: usize = 64 << 20;
 
+#[derive(Clone)]
 enum Op {
     Get(Vec<u8>),
     Range(Vec<u8>),
@@ -51,6 +59,10 @@ pub struct EtcdBackend {
     prefix: String,
     endpoints: String,
     request_timeout: Duration,
+    /// `<prefix>commits/<random id of this backend>`: every commit also writes its sequence
+    /// number there, so a commit whose first attempt timed out knows whether it went through.
+    marker: Vec<u8>,
+    sequence: AtomicU64,
 }
 
 fn options(settings: &StoreSettings) -> Result<ConnectOptions, String> {
@@ -127,6 +139,63 @@ async fn run(mut kv: KvClient, op: Op) -> Result<Answer, etcd_client::Error> {
     }
 }
 
+/// One client per member, and the member that answered last. A member that fails (killed,
+/// partitioned, without a leader) hands the request to the next one, reads and transactions alike:
+/// a transaction that timed out may have committed, and [`EtcdBackend::commit`] tells a second
+/// attempt's refusal after such a first one from a real conflict by its commit marker.
+struct Members {
+    urls: Vec<String>,
+    clients: Vec<KvClient>,
+    preferred: AtomicUsize,
+}
+
+/// gRPC codes of a member that could not answer (as opposed to one that refused the request):
+/// cancelled, unknown, deadline exceeded, aborted, unavailable.
+fn transient(code: i32) -> bool {
+    matches!(code, 1 | 2 | 4 | 10 | 14)
+}
+
+impl Members {
+    async fn run(&self, op: Op, timeout: Duration) -> Result<Answer, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let count = self.clients.len();
+        let first = self.preferred.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for attempt in 0..count {
+            let member = (first + attempt) % count;
+            // What is left of the request's time, shared among the members still to try.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let this_try = left / u32::try_from(count - attempt).unwrap_or(1);
+            match tokio::time::timeout(this_try, run(self.clients[member].clone(), op.clone())).await {
+                Ok(Ok(answer)) => {
+                    self.preferred.store(member, Ordering::Relaxed);
+                    return Ok(answer);
+                }
+                // etcd's own refusal (too many operations, a request too large, no permission):
+                // every member would say the same.
+                Ok(Err(etcd_client::Error::GRpcStatus(status))) if !transient(status.code() as i32) => {
+                    return Err(explain(&format!("{}: {}", self.urls[member], status.message())));
+                }
+                Ok(Err(etcd_client::Error::GRpcStatus(status))) => {
+                    failures.push(format!("{}: {}", self.urls[member], status.message()))
+                }
+                Ok(Err(e)) => failures.push(format!("{}: {e}", self.urls[member])),
+                Err(_) => failures.push(format!(
+                    "{}: no answer within {}",
+                    self.urls[member],
+                    humantime::format_duration(Duration::from_millis(this_try.as_millis() as u64))
+                )),
+            }
+            self.preferred.store((member + 1) % count, Ordering::Relaxed);
+        }
+        Err(format!(
+            "no member answered within {} ({}): is a quorum of the etcd members up and reachable?",
+            humantime::format_duration(timeout),
+            failures.join("; ")
+        ))
+    }
+}
+
 impl EtcdBackend {
     /// Starts the client thread and waits (at most `dial_timeout`) until etcd answers a read.
     pub fn connect(settings: &StoreSettings) -> Result<EtcdBackend, StoreError> {
@@ -136,6 +205,7 @@ impl EtcdBackend {
         let (requests, mut incoming) = mpsc::unbounded_channel::<(Op, Reply)>();
         let (ready_tx, ready_rx) = std_mpsc::sync_channel::<Result<(), String>>(1);
         let urls = settings.endpoints.clone();
+        let timeout = settings.request_timeout;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -144,20 +214,23 @@ impl EtcdBackend {
             .name("hexa-store-etcd".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let client = match Client::connect(&urls, Some(options)).await {
-                        Ok(client) => client,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e.to_string()));
-                            return;
+                    let mut clients = Vec::new();
+                    for url in &urls {
+                        match Client::connect([url], Some(options.clone())).await {
+                            Ok(client) => clients.push(client.kv_client().max_decoding_message_size(MAX_MESSAGE)),
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(format!("{url}: {e}")));
+                                return;
+                            }
                         }
-                    };
+                    }
                     let _ = ready_tx.send(Ok(()));
-                    let kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+                    let members = std::sync::Arc::new(Members { urls, clients, preferred: AtomicUsize::new(0) });
                     // Ends when the backend, the only sender, is dropped.
                     while let Some((op, reply)) = incoming.recv().await {
-                        let kv = kv.clone();
+                        let members = members.clone();
                         tokio::spawn(async move {
-                            let _ = reply.send(run(kv, op).await.map_err(|e| e.to_string()));
+                            let _ = reply.send(members.run(op, timeout).await);
                         });
                     }
                 })
@@ -173,6 +246,8 @@ impl EtcdBackend {
             prefix: settings.prefix.clone(),
             endpoints: endpoints.clone(),
             request_timeout: settings.dial_timeout,
+            marker: format!("{}commits/{:016x}", settings.prefix, rand::random::<u64>()).into_bytes(),
+            sequence: AtomicU64::new(1),
         };
         // The first answer proves a quorum is there; until then a start waits up to dial_timeout.
         backend.get(Table::Meta, "schema_version").map_err(|e| match e {
@@ -198,24 +273,22 @@ impl EtcdBackend {
         // covers the trip through the channel, so that a caller never waits unbounded.
         match answer.recv_timeout(self.request_timeout + Duration::from_secs(1)) {
             Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(message)) => Err(fail(explain(&message, self.request_timeout))),
-            Err(_) => Err(fail(explain("timed out", self.request_timeout))),
+            Ok(Err(message)) => Err(fail(explain(&message))),
+            Err(_) => Err(fail(format!(
+                "no answer within {}: is a quorum of the etcd members up and reachable?",
+                humantime::format_duration(self.request_timeout)
+            ))),
         }
     }
 }
 
 /// The client's error, with what an operator can do about the usual ones.
-fn explain(message: &str, timeout: Duration) -> String {
+fn explain(message: &str) -> String {
     let lower = message.to_ascii_lowercase();
     if lower.contains("too many operations") {
         format!("{message}: this transaction writes more records than etcd's --max-txn-ops allows; raise it (e.g. 1024)")
     } else if lower.contains("request too large") {
         format!("{message}: raise etcd's --max-request-bytes (e.g. 10485760)")
-    } else if lower.contains("timed out") || lower.contains("timeout") || lower.contains("no leader") || lower.contains("deadline") {
-        format!(
-            "{message} (no answer within {}): is a quorum of the etcd members up and reachable?",
-            humantime::format_duration(timeout)
-        )
     } else {
         message.to_string()
     }
@@ -250,7 +323,7 @@ impl Backend for EtcdBackend {
             .iter()
             .map(|((table, key), version)| Compare::mod_revision(self.key(*table, key), CompareOp::Equal, *version))
             .collect();
-        let ops: Vec<TxnOp> = batch
+        let mut ops: Vec<TxnOp> = batch
             .writes
             .into_iter()
             .map(|((table, key), value)| match value {
@@ -258,9 +331,18 @@ impl Backend for EtcdBackend {
                 None => TxnOp::delete(self.key(table, &key), None),
             })
             .collect();
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed).to_string();
+        ops.push(TxnOp::put(self.marker.clone(), sequence.clone(), None));
         match self.ask(Op::Txn(Txn::new().when(compares).and_then(ops)))? {
             Answer::Txn { succeeded: true } => Ok(()),
-            Answer::Txn { succeeded: false } => Err(StoreError::Conflict { endpoints: self.endpoints.clone() }),
+            Answer::Txn { succeeded: false } => {
+                // Refused: by another writer, or because an attempt that timed out had committed
+                // it already (its writes changed what the compares look at). The marker says which.
+                match self.ask(Op::Get(self.marker.clone()))? {
+                    Answer::Get(Some(found)) if found.value == sequence.as_bytes() => Ok(()),
+                    _ => Err(StoreError::Conflict { endpoints: self.endpoints.clone() }),
+                }
+            }
             _ => Err(StoreError::Db("etcd answered a transaction with something else".into())),
         }
     }
