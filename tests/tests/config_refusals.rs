@@ -230,7 +230,11 @@ fn the_coordinator_refuses_an_unreadable_kubeconfig() {
 fn the_coordinator_refuses_a_store_it_cannot_use() {
     let dir = tempfile::tempdir().unwrap();
     let config = coordinator_config(dir.path(), "backend.toml", "[store]\nbackend = \"etcd3\"\n");
-    refused("hexa-coordinator", &config, &["key `store.backend`", "unknown variant `etcd3`, expected `redb` or `etcd`"]);
+    refused(
+        "hexa-coordinator",
+        &config,
+        &["key `store.backend`", "unknown variant `etcd3`, expected `redb` or `etcd`"],
+    );
     let config = coordinator_config(
         dir.path(),
         "tls.toml",
@@ -241,7 +245,10 @@ fn the_coordinator_refuses_a_store_it_cannot_use() {
     let config = coordinator_config(
         dir.path(),
         "ca.toml",
-        &format!("[store]\nbackend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"{}\"\n", missing.display()),
+        &format!(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"{}\"\n",
+            missing.display()
+        ),
     );
     refused("hexa-coordinator", &config, &["store.ca_file", "etcd-ca.pem", "cannot read it"]);
     assert!(!dir.path().join("state").exists(), "refused before anything was created");

@@ -59,9 +59,7 @@ fn the_store_suite_passes_on_etcd() {
 
 #[test]
 fn etcd_goes_on_without_a_member_and_refuses_writes_without_a_quorum() {
-    let Some(mut cluster) =
-        cluster("etcd_goes_on_without_a_member_and_refuses_writes_without_a_quorum")
-    else {
+    let Some(mut cluster) = cluster("etcd_goes_on_without_a_member_and_refuses_writes_without_a_quorum") else {
         return;
     };
     let endpoints = cluster.endpoints();

@@ -105,7 +105,8 @@ async fn run(mut kv: KvClient, op: Op) -> Result<Answer, etcd_client::Error> {
     match op {
         Op::Get(key) => {
             let response = kv.get(key, None).await?;
-            let found = response.kvs().first().map(|kv| Versioned { value: kv.value().to_vec(), version: kv.mod_revision() });
+            let found =
+                response.kvs().first().map(|kv| Versioned { value: kv.value().to_vec(), version: kv.mod_revision() });
             Ok(Answer::Get(found))
         }
         Op::Range(prefix) => {
@@ -239,7 +240,12 @@ impl EtcdBackend {
         match ready_rx.recv_timeout(settings.dial_timeout) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(fail(e)),
-            Err(_) => return Err(fail(format!("no connection within {}", humantime::format_duration(settings.dial_timeout)))),
+            Err(_) => {
+                return Err(fail(format!(
+                    "no connection within {}",
+                    humantime::format_duration(settings.dial_timeout)
+                )));
+            }
         }
         let backend = EtcdBackend {
             requests,
@@ -286,7 +292,9 @@ impl EtcdBackend {
 fn explain(message: &str) -> String {
     let lower = message.to_ascii_lowercase();
     if lower.contains("too many operations") {
-        format!("{message}: this transaction writes more records than etcd's --max-txn-ops allows; raise it (e.g. 1024)")
+        format!(
+            "{message}: this transaction writes more records than etcd's --max-txn-ops allows; raise it (e.g. 1024)"
+        )
     } else if lower.contains("request too large") {
         format!("{message}: raise etcd's --max-request-bytes (e.g. 10485760)")
     } else {
@@ -310,8 +318,10 @@ impl Backend for EtcdBackend {
         records
             .into_iter()
             .map(|(key, value)| {
-                let key = String::from_utf8(key[prefix.len()..].to_vec())
-                    .map_err(|e| StoreError::Corrupt { key: String::from_utf8_lossy(&prefix).into_owned(), message: e.to_string() })?;
+                let key = String::from_utf8(key[prefix.len()..].to_vec()).map_err(|e| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&prefix).into_owned(),
+                    message: e.to_string(),
+                })?;
                 Ok((key, value))
             })
             .collect()

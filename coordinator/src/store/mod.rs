@@ -168,13 +168,20 @@ impl StoreSettings {
         }
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
         if self.endpoints.is_empty() {
-            return invalid("store.endpoints", "is empty: list the etcd members' client URLs, e.g. [\"http://10.0.0.1:2379\"]".into());
+            return invalid(
+                "store.endpoints",
+                "is empty: list the etcd members' client URLs, e.g. [\"http://10.0.0.1:2379\"]".into(),
+            );
         }
         let tls = !self.ca_file.is_empty() || !self.cert_file.is_empty();
         for endpoint in &self.endpoints {
             let scheme_ok = endpoint.starts_with("https://") || (!tls && endpoint.starts_with("http://"));
             if !scheme_ok || endpoint.split_once("://").is_none_or(|(_, rest)| rest.is_empty()) {
-                let want = if tls { "https://HOST:PORT (ca_file or cert_file is set)" } else { "http://HOST:PORT or https://HOST:PORT" };
+                let want = if tls {
+                    "https://HOST:PORT (ca_file or cert_file is set)"
+                } else {
+                    "http://HOST:PORT or https://HOST:PORT"
+                };
                 return invalid("store.endpoints", format!("{endpoint:?} is not an etcd client URL: write {want}"));
             }
         }
@@ -200,9 +207,11 @@ impl StoreSettings {
     pub fn check(&self) -> Result<(), ConfigError> {
         self.validate()?;
         if self.backend == BackendKind::Etcd {
-            for (key, path) in
-                [("store.ca_file", &self.ca_file), ("store.cert_file", &self.cert_file), ("store.key_file", &self.key_file)]
-            {
+            for (key, path) in [
+                ("store.ca_file", &self.ca_file),
+                ("store.cert_file", &self.cert_file),
+                ("store.key_file", &self.key_file),
+            ] {
                 if !path.is_empty() {
                     std::fs::read(path).map_err(|error| ConfigError::UnreadableFile {
                         key,
@@ -585,9 +594,13 @@ mod tests {
         assert_eq!(etcd(|_| {}), Ok(()));
         let off = StoreSettings { endpoints: Vec::new(), prefix: String::new(), ..Default::default() };
         assert_eq!(off.validate(), Ok(()));
-        let cases: [(fn(&mut StoreSettings), &str); 6] = [
+        type Change = fn(&mut StoreSettings);
+        let cases: [(Change, &str); 6] = [
             (|s| s.endpoints.clear(), "store.endpoints: is empty"),
-            (|s| s.endpoints = vec!["127.0.0.1:2379".into()], "store.endpoints: \"127.0.0.1:2379\" is not an etcd client URL"),
+            (
+                |s| s.endpoints = vec!["127.0.0.1:2379".into()],
+                "store.endpoints: \"127.0.0.1:2379\" is not an etcd client URL",
+            ),
             (|s| s.ca_file = "/ca.pem".into(), "write https://HOST:PORT (ca_file or cert_file is set)"),
             (|s| s.key_file = "/k.pem".into(), "store.cert_file: and store.key_file go together"),
             (|s| s.prefix = "hexa".into(), "store.prefix: \"hexa\" must start and end with /"),

@@ -1,19 +1,24 @@
 //! One test suite for every backend: [`run`] takes a way to open a named, initially empty state
 //! (a redb file, an etcd prefix) and checks what callers rely on, whatever holds the records.
+//! Test code (built for tests and the `testing` feature only): a failed unwrap is a failed case.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 
 use hexa_shared::names::Pool;
 use hexa_shared::spec::NodeSpec;
 
-use super::{Health, NodeRecord, Store, StoreError, TokenRecord, TokenState, SCHEMA_VERSION};
+use super::{Health, NodeRecord, SCHEMA_VERSION, Store, StoreError, TokenRecord, TokenState};
 
 /// Opens the state named by its argument, creating it empty on first use; opening it again (once
 /// the earlier store is dropped) must find what was committed.
 pub type Open<'a> = &'a dyn Fn(&str) -> Result<Store, StoreError>;
 
+/// One case of the suite.
+pub type Case = fn(Open<'_>);
+
 /// The suite's cases, by name.
-pub const CASES: &[(&str, fn(Open<'_>))] = &[
+pub const CASES: &[(&str, Case)] = &[
     ("records_survive_reopening", records_survive_reopening),
     ("a_failed_transaction_writes_nothing", a_failed_transaction_writes_nothing),
     ("a_transaction_sees_its_own_writes", a_transaction_sees_its_own_writes),

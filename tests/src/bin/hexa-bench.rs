@@ -22,6 +22,9 @@
 //! - `proxmox [--vms 20] [--tenants 10] [--scale 1.0]`: dedicated tenants on the Proxmox VE
 //!   emulator with realistic task times (times `scale`), request to all Ready, every VM at once
 //!   against one step at a time; Proxmox API calls per VM.
+//! - `store [--tenants 300] [--nodes 10]`: tenant creates per second through the coordinator's
+//!   tenants service with its state on a real three-member etcd cluster on loopback, against the
+//!   same with its state in the redb file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -101,6 +104,12 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    Store {
+        #[arg(long, default_value_t = 300)]
+        tenants: usize,
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+    },
     /// Internal: the baseline process of agent-footprint.
     QuicFloor {
         #[arg(long)]
@@ -136,6 +145,7 @@ fn main() -> anyhow::Result<()> {
                     Command::LinkLatency { nodes, reports } => link_latency(nodes, reports).await,
                     Command::K3sNoop { iterations } => k3s_noop(iterations).await,
                     Command::Hostcluster { tenants } => hostcluster(tenants).await,
+                    Command::Store { tenants, nodes } => store(tenants, nodes).await,
                     Command::Proxmox { vms, tenants, scale } => {
                         hexa_tests::pve_bench::proxmox(vms, tenants, scale).await
                     }
@@ -291,6 +301,65 @@ async fn hostcluster(count: usize) -> anyhow::Result<()> {
     for task in nodes {
         task.abort();
     }
+    Ok(())
+}
+
+/// Tenant creates through the real path (placement, the durable commit of the tenant, the nodes'
+/// new specs) on each backend, one after another in the same run.
+async fn store(count: usize, nodes: usize) -> anyhow::Result<()> {
+    use hexa_coordinator::store::{BackendKind, StoreSettings};
+    if let Some(why) = hexa_tests::etcd::unavailable() {
+        anyhow::bail!("store: {why}");
+    }
+    let cluster = tokio::task::spawn_blocking(|| hexa_tests::etcd::EtcdCluster::start(3)).await?;
+    let etcd = StoreSettings { backend: BackendKind::Etcd, endpoints: cluster.endpoints(), ..StoreSettings::default() };
+    for (name, settings) in [("redb", StoreSettings::default()), ("etcd, 3 members on loopback", etcd)] {
+        let coordinator = Coordinator::start_tuned(|config| {
+            let defaults = hexa_coordinator::config::CoordinatorConfig::default();
+            config.report_interval = defaults.report_interval;
+            config.unreachable_after = defaults.unreachable_after;
+            config.lost_after = defaults.lost_after;
+            config.store = settings;
+        })
+        .await;
+        let node_tasks = big_nodes(&coordinator, nodes).await?;
+        // Wait for the nodes' reports, then create the tenants one after another.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let tenants = coordinator.running.tenants.clone();
+        let mut latencies = Vec::with_capacity(count);
+        let began = Instant::now();
+        for i in 0..count {
+            let plan = hexa_shared::tenant::Plan::Shared(hexa_shared::tenant::SharedPlan {
+                cpu_millis: 100,
+                memory_bytes: 128 << 20,
+                pods: 5,
+                replicas: 1,
+                spread: 1,
+            });
+            let asked = Instant::now();
+            tenants.create(&format!("t{i:04}"), plan).await?;
+            latencies.push(asked.elapsed());
+        }
+        let seconds = began.elapsed().as_secs_f64();
+        latencies.sort();
+        let ms = |q: f64| {
+            let d = latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+            (d.as_secs_f64() * 1e5).round() / 100.0
+        };
+        let placed = tenants.list().await.iter().filter(|t| !t.placement.nodes().is_empty()).count();
+        println!(
+            "{}",
+            json!({"bench": "store_tenant_create", "backend": name, "tenants": count, "placed": placed,
+                "nodes": nodes, "seconds": (seconds * 1000.0).round() / 1000.0,
+                "creates_per_sec": (count as f64 / seconds * 10.0).round() / 10.0,
+                "p50_ms": ms(0.5), "p99_ms": ms(0.99)})
+        );
+        for task in node_tasks {
+            task.abort();
+        }
+        coordinator.running.shutdown().await;
+    }
+    drop(cluster);
     Ok(())
 }
 
