@@ -20,7 +20,8 @@
 //! last; a member that does not answer within its share of `request_timeout` hands the request to
 //! the next, so a killed or partitioned member costs a request a fraction of the timeout, once.
 //! Every commit also writes a marker key of its own, so that a transaction sent again after a
-//! timeout, and refused because the first attempt had in fact committed, is known for a success.
+//! timeout, and refused because the first attempt had in fact committed, is known for a success
+//! (one small key per coordinator start, `<prefix>commits/<id>`, outside every table).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -258,9 +259,8 @@ impl EtcdBackend {
         // The first answer proves a quorum is there; until then a start waits up to dial_timeout.
         backend.get(Table::Meta, "schema_version").map_err(|e| match e {
             StoreError::Etcd { message, .. } => fail(format!(
-                "cannot read from etcd within {} ({message}): check store.endpoints, and that a quorum of the \
-                 members is up",
-                humantime::format_duration(settings.dial_timeout)
+                "cannot read from etcd at start ({message}): check store.endpoints, and that a quorum of the \
+                 members is up"
             )),
             other => other,
         })?;
