@@ -137,3 +137,34 @@ fn etcd_unreachable_at_start_is_refused_in_bounded_time() {
         .to_string();
     assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("store.endpoints"), "{err}");
 }
+
+#[test]
+fn a_deposed_leaders_writes_are_refused() {
+    let Some(cluster) = cluster("a_deposed_leaders_writes_are_refused") else { return };
+    let endpoints = cluster.endpoints();
+    let first = open_etcd(&endpoints, "/lead/").unwrap();
+    let second = open_etcd(&endpoints, "/lead/").unwrap();
+    let led = first.campaign("first", Duration::from_secs(10)).unwrap();
+    first.set_meta("by", &"first").unwrap();
+    // The first leader's lease ends as it does when it stalls past its TTL (here revoked).
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &endpoints.join(","), "lease", "revoke", &format!("{:x}", led.lease)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let leads = second.campaign("second", Duration::from_secs(10)).unwrap();
+    assert_ne!(leads.revision, led.revision);
+    // The deposed leader wakes up and writes: refused, and nothing of it lands.
+    let err = first
+        .write::<_, StoreError>(|tx| {
+            tx.set_meta("by", &"first, deposed")?;
+            tx.put_token(&suite::token("stale"))
+        })
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotLeader { .. }), "{err}");
+    assert!(err.to_string().contains("no longer leads"), "{err}");
+    second.set_meta("by", &"second").unwrap();
+    assert_eq!(second.meta::<String>("by").unwrap().as_deref(), Some("second"));
+    assert!(second.tokens().unwrap().is_empty());
+}

@@ -32,7 +32,7 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 
-use super::{Backend, Batch, StoreError, StoreSettings, Table, Versioned};
+use super::{Backend, Batch, Leadership, StoreError, StoreSettings, Table, Versioned};
 
 /// Records per range request: a page of node records stays far below the gRPC message limit.
 const PAGE: i64 = 256;
@@ -42,12 +42,21 @@ const MAX_MESSAGE: usize = 64 << 20;
 #[derive(Clone)]
 enum Op {
     Get(Vec<u8>),
+    /// The create revision of a key, if it exists.
+    Created(Vec<u8>),
+    Campaign {
+        name: Vec<u8>,
+        value: Vec<u8>,
+        ttl: i64,
+    },
     Range(Vec<u8>),
     Txn(Txn),
 }
 
 enum Answer {
     Get(Option<Versioned>),
+    Created(Option<i64>),
+    Leader { key: Vec<u8>, rev: i64, lease: i64 },
     Range(Vec<(Vec<u8>, Vec<u8>)>),
     Txn { succeeded: bool },
 }
@@ -64,6 +73,8 @@ pub struct EtcdBackend {
     /// number there, so a commit whose first attempt timed out knows whether it went through.
     marker: Vec<u8>,
     sequence: AtomicU64,
+    /// Once elected: the leader key and its create revision, which every commit is conditioned on.
+    fence: std::sync::Mutex<Option<(Vec<u8>, i64)>>,
 }
 
 fn options(settings: &StoreSettings) -> Result<ConnectOptions, String> {
@@ -138,6 +149,12 @@ async fn run(mut kv: KvClient, op: Op) -> Result<Answer, etcd_client::Error> {
             }
         }
         Op::Txn(txn) => Ok(Answer::Txn { succeeded: kv.txn(txn).await?.succeeded() }),
+        Op::Created(key) => {
+            let response = kv.get(key, None).await?;
+            Ok(Answer::Created(response.kvs().first().map(|kv| kv.create_revision())))
+        }
+        // Campaigns go to a whole client (Members::campaign), never here.
+        Op::Campaign { .. } => Err(etcd_client::Error::InvalidArgs("a campaign needs the election API".into())),
     }
 }
 
@@ -148,6 +165,8 @@ async fn run(mut kv: KvClient, op: Op) -> Result<Answer, etcd_client::Error> {
 struct Members {
     urls: Vec<String>,
     clients: Vec<KvClient>,
+    /// The same members' whole clients, for leases and elections.
+    full: Vec<Client>,
     preferred: AtomicUsize,
 }
 
@@ -158,6 +177,33 @@ fn transient(code: i32) -> bool {
 }
 
 impl Members {
+    /// Grants a lease of `ttl` seconds, keeps it alive from this thread for as long as etcd takes
+    /// the keep-alives, and campaigns under `name` with it until elected.
+    async fn campaign(&self, name: Vec<u8>, value: Vec<u8>, ttl: i64) -> Result<Answer, String> {
+        let member = self.preferred.load(Ordering::Relaxed) % self.full.len();
+        let mut client = self.full[member].clone();
+        let lease = client.lease_grant(ttl, None).await.map_err(|e| e.to_string())?.id();
+        let (mut keeper, mut stream) = client.lease_keep_alive(lease).await.map_err(|e| e.to_string())?;
+        let every = Duration::from_millis(u64::try_from(ttl.max(1)).unwrap_or(1) * 1000 / 3);
+        tokio::spawn(async move {
+            // Ends when etcd says the lease is gone (revoked, or expired while we were away), or
+            // stops answering: from then on the leader key's revision no longer matches.
+            loop {
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match stream.message().await {
+                    Ok(Some(answer)) if answer.ttl() > 0 => {}
+                    _ => break,
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+        let response = client.campaign(name, value, lease).await.map_err(|e| e.to_string())?;
+        let leader = response.leader().ok_or_else(|| "etcd answered the campaign without a leader key".to_string())?;
+        Ok(Answer::Leader { key: leader.key().to_vec(), rev: leader.rev(), lease })
+    }
+
     async fn run(&self, op: Op, timeout: Duration) -> Result<Answer, String> {
         let deadline = tokio::time::Instant::now() + timeout;
         let count = self.clients.len();
@@ -217,9 +263,13 @@ impl EtcdBackend {
             .spawn(move || {
                 runtime.block_on(async move {
                     let mut clients = Vec::new();
+                    let mut full = Vec::new();
                     for url in &urls {
                         match Client::connect([url], Some(options.clone())).await {
-                            Ok(client) => clients.push(client.kv_client().max_decoding_message_size(MAX_MESSAGE)),
+                            Ok(client) => {
+                                clients.push(client.kv_client().max_decoding_message_size(MAX_MESSAGE));
+                                full.push(client);
+                            }
                             Err(e) => {
                                 let _ = ready_tx.send(Err(format!("{url}: {e}")));
                                 return;
@@ -227,12 +277,16 @@ impl EtcdBackend {
                         }
                     }
                     let _ = ready_tx.send(Ok(()));
-                    let members = std::sync::Arc::new(Members { urls, clients, preferred: AtomicUsize::new(0) });
+                    let members = std::sync::Arc::new(Members { urls, clients, full, preferred: AtomicUsize::new(0) });
                     // Ends when the backend, the only sender, is dropped.
                     while let Some((op, reply)) = incoming.recv().await {
                         let members = members.clone();
                         tokio::spawn(async move {
-                            let _ = reply.send(members.run(op, timeout).await);
+                            let answer = match op {
+                                Op::Campaign { name, value, ttl } => members.campaign(name, value, ttl).await,
+                                op => members.run(op, timeout).await,
+                            };
+                            let _ = reply.send(answer);
                         });
                     }
                 })
@@ -255,6 +309,7 @@ impl EtcdBackend {
             request_timeout: settings.dial_timeout,
             marker: format!("{}commits/{:016x}", settings.prefix, rand::random::<u64>()).into_bytes(),
             sequence: AtomicU64::new(1),
+            fence: std::sync::Mutex::new(None),
         };
         // The first answer proves a quorum is there; until then a start waits up to dial_timeout.
         backend.get(Table::Meta, "schema_version").map_err(|e| match e {
@@ -328,11 +383,15 @@ impl Backend for EtcdBackend {
     }
 
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        let compares: Vec<Compare> = batch
+        let mut compares: Vec<Compare> = batch
             .read
             .iter()
             .map(|((table, key), version)| Compare::mod_revision(self.key(*table, key), CompareOp::Equal, *version))
             .collect();
+        let fence = self.fence.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        if let Some((key, rev)) = &fence {
+            compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, *rev));
+        }
         let mut ops: Vec<TxnOp> = batch
             .writes
             .into_iter()
@@ -348,12 +407,39 @@ impl Backend for EtcdBackend {
             Answer::Txn { succeeded: false } => {
                 // Refused: by another writer, or because an attempt that timed out had committed
                 // it already (its writes changed what the compares look at). The marker says which.
-                match self.ask(Op::Get(self.marker.clone()))? {
-                    Answer::Get(Some(found)) if found.value == sequence.as_bytes() => Ok(()),
-                    _ => Err(StoreError::Conflict { endpoints: self.endpoints.clone() }),
+                if let Answer::Get(Some(found)) = self.ask(Op::Get(self.marker.clone()))?
+                    && found.value == sequence.as_bytes()
+                {
+                    return Ok(());
                 }
+                if let Some((key, rev)) = fence
+                    && !matches!(self.ask(Op::Created(key))?, Answer::Created(Some(now)) if now == rev)
+                {
+                    return Err(StoreError::NotLeader { endpoints: self.endpoints.clone() });
+                }
+                Err(StoreError::Conflict { endpoints: self.endpoints.clone() })
             }
             _ => Err(StoreError::Db("etcd answered a transaction with something else".into())),
+        }
+    }
+
+    fn campaign(&self, who: &str, ttl: Duration) -> Result<Leadership, StoreError> {
+        let name = format!("{}leader", self.prefix).into_bytes();
+        let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let (reply, answer) = std_mpsc::sync_channel(1);
+        let fail = |message: String| StoreError::Etcd { endpoints: self.endpoints.clone(), message };
+        self.requests
+            .send((Op::Campaign { name, value: who.as_bytes().to_vec(), ttl }, reply))
+            .map_err(|_| fail("the etcd client thread has stopped".into()))?;
+        // Waits for as long as another coordinator leads.
+        match answer.recv() {
+            Ok(Ok(Answer::Leader { key, rev, lease })) => {
+                *self.fence.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((key.clone(), rev));
+                Ok(Leadership { key: String::from_utf8_lossy(&key).into_owned(), revision: rev, lease })
+            }
+            Ok(Ok(_)) => Err(fail("etcd answered a campaign with something else".into())),
+            Ok(Err(message)) => Err(fail(format!("campaign for leadership: {message}"))),
+            Err(_) => Err(fail("the etcd client thread has stopped".into())),
         }
     }
 

@@ -75,6 +75,11 @@ pub enum StoreError {
          (another coordinator wrote them); nothing was written: try again"
     )]
     Conflict { endpoints: String },
+    #[error(
+        "state store etcd ({endpoints}): this coordinator no longer leads (its lease expired or was revoked, \
+         and another may lead now); nothing was written"
+    )]
+    NotLeader { endpoints: String },
     #[error("state database record {key:?} is corrupt: {message}")]
     Corrupt { key: String, message: String },
     #[error(
@@ -109,8 +114,23 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Applies every write of `batch` or none; refuses it with [`StoreError::Conflict`] when a
     /// record it read has changed. Returns once the writes are durable.
     fn commit(&self, batch: Batch) -> Result<(), StoreError>;
+    /// Waits until this process leads the coordinators sharing the state, and from then on
+    /// conditions every commit on still leading. A backend with one writer (redb) leads at once.
+    fn campaign(&self, who: &str, ttl: Duration) -> Result<Leadership, StoreError> {
+        let _ = (who, ttl);
+        Ok(Leadership { key: String::new(), revision: 0, lease: 0 })
+    }
     /// Where the state lives, for messages.
     fn location(&self) -> String;
+}
+
+/// This process's leadership: on etcd the election's leader key, its create revision (what every
+/// commit is fenced on) and the lease that keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    pub key: String,
+    pub revision: i64,
+    pub lease: i64,
 }
 
 /// Which backend `[store]` selects.
@@ -521,6 +541,13 @@ impl Store {
 
     pub fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
         self.write::<_, StoreError>(|tx| tx.put_node(node))
+    }
+
+    /// Waits until this coordinator leads (an etcd election with a lease of `ttl`; at once on
+    /// redb); from then on every write is fenced on the leader key, so once another coordinator
+    /// has taken over, this one's writes are refused with [`StoreError::NotLeader`].
+    pub fn campaign(&self, who: &str, ttl: Duration) -> Result<Leadership, StoreError> {
+        self.backend.campaign(who, ttl)
     }
 
     /// Where the state lives: the redb file, or the etcd endpoints and prefix.
