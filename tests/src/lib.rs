@@ -4,6 +4,7 @@
 //! - [`inproc`]: coordinator and agents inside the test process, on loopback.
 //! - [`raw`]: hand-driven QUIC peers that misbehave on purpose.
 //! - [`admin`]: a small client for the admin API.
+//! - [`sim`]: a fleet of simulated agents, each a real QUIC connection with its own certificate.
 
 pub mod admin;
 pub mod artifacts;
@@ -17,6 +18,7 @@ pub mod procs;
 pub mod pve;
 pub mod pve_bench;
 pub mod raw;
+pub mod sim;
 pub mod trust_bench;
 
 use std::path::PathBuf;
