@@ -11,6 +11,7 @@ pub mod artifacts;
 pub mod dedicated;
 pub mod fake_kube;
 pub mod hostile;
+pub mod ingest_bench;
 pub mod inproc;
 pub mod k3s_supervisor;
 pub mod netns;
