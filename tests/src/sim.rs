@@ -14,9 +14,11 @@
 //! `connect_with`. A partition that drops packets drops them on an endpoint, so it cuts every agent
 //! behind it.
 //!
-//! Control: [`Fleet::kill`] ends an agent at once (its connection is abandoned, its link state
-//! lost, as with `kill -9`); [`Fleet::revive`] starts it again with its credentials and the
-//! generation it applied, as a restarted agent with its state directory; [`Fleet::partition`] and
+//! Control: [`Fleet::kill`] ends an agent at once, mid-session, with no goodbye of its own (its
+//! connection handle is dropped, so QUIC closes it underneath, where a killed process's connection
+//! would be left for the coordinator to time out; either way no report comes, which is what node
+//! health goes by); [`Fleet::revive`] starts it again with its credentials and the generation it
+//! applied, as a restarted agent with its state directory; [`Fleet::partition`] and
 //! [`Fleet::heal`] cut and restore its network.
 
 use std::collections::VecDeque;
@@ -326,7 +328,7 @@ impl Fleet {
         tasks[i] = Some(tokio::spawn(run_agent(self.shared.clone(), agent.clone())));
     }
 
-    /// Ends agent `i` at once, as `kill -9` would.
+    /// Ends agent `i` at once (see the module's notes on how close this is to `kill -9`).
     pub fn kill(&self, i: usize) {
         let agent = &self.agents[i];
         agent.mode.send_replace(Mode::Killed);
@@ -613,7 +615,7 @@ impl Figures {
         let cores = [4u64, 8, 16][rng.random_range(0..3)];
         let capacity = Resources {
             cpu_millis: cores * 1000,
-            memory_bytes: cores * 4 << 30,
+            memory_bytes: (cores * 4) << 30,
             ephemeral_bytes: 200 << 30,
             pods: 110,
         };
