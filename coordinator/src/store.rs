@@ -288,6 +288,17 @@ impl Store {
         Ok(out)
     }
 
+    /// Like [`write`](Self::write), but the commit is not flushed to disk: readers see it at once,
+    /// the next flushed commit makes it durable with its own, and a crash before that loses it (the
+    /// state of the last flushed commit comes back). Only for what a restart recomputes anyway.
+    pub fn write_unflushed<T, E: From<StoreError>>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T, E>) -> Result<T, E> {
+        let mut txn = self.db.begin_write().map_err(StoreError::from)?;
+        txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
+        let out = f(&Tx { txn: &txn })?;
+        txn.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
     fn all<T: DeserializeOwned>(&self, table: TableDefinition<&str, &[u8]>) -> Result<BTreeMap<String, T>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(table)?;
@@ -371,6 +382,21 @@ mod tests {
         }
         let store = Store::open(&path).unwrap();
         assert_eq!(store.tokens().unwrap().get("abcdef"), Some(&token("abcdef")));
+        assert_eq!(store.meta::<String>("admin").unwrap().as_deref(), Some("hash"));
+    }
+
+    #[test]
+    fn an_unflushed_write_is_read_at_once_and_made_durable_by_the_next_flushed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            store.write_unflushed::<_, StoreError>(|tx| tx.put_token(&token("bbbbbb"))).unwrap();
+            assert_eq!(store.tokens().unwrap().get("bbbbbb"), Some(&token("bbbbbb")));
+            store.set_meta("admin", &"hash").unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.tokens().unwrap().get("bbbbbb"), Some(&token("bbbbbb")));
         assert_eq!(store.meta::<String>("admin").unwrap().as_deref(), Some("hash"));
     }
 
