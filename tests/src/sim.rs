@@ -726,6 +726,7 @@ impl Figures {
             pods: self.pods.clone(),
             tenant_usage,
             firewall_displacements: 0,
+            isolation: Default::default(),
         }
     }
 }
