@@ -68,6 +68,22 @@ pub async fn enroll(
     facts: &NodeFacts,
     state: &StateDir,
 ) -> Result<Enrolled, AgentError> {
+    let (key, enrolled) = request_certificate(endpoint, addr, token, pin, facts).await?;
+    state.save_enrollment(&key.serialize_pem(), &enrolled.cert_chain_der, &enrolled.ca_der)?;
+    tracing::info!(node = %enrolled.node_name, pool = %enrolled.pool, "enrolled");
+    Ok(enrolled)
+}
+
+/// One enrollment with the coordinator at `addr`: a fresh key, its CSR and `token` sent over the
+/// shared `endpoint` to a coordinator trusted only through `pin`. Returns the key and what the
+/// coordinator issued for it; keeping them is the caller's.
+pub async fn request_certificate(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    token: &str,
+    pin: CaHash,
+    facts: &NodeFacts,
+) -> Result<(KeyPair, Enrolled), AgentError> {
     let (key, csr_der) = new_key_and_csr()?;
     let config = pki::enroll_client_config(pin)?;
     let conn = endpoint
@@ -91,11 +107,7 @@ pub async fn enroll(
     let response: Option<EnrollResponse> = wire::read_frame(&mut recv).await?;
     conn.close(close_code::DONE.into(), b"enrolled");
     match response {
-        Some(EnrollResponse::Accepted(enrolled)) => {
-            state.save_enrollment(&key.serialize_pem(), &enrolled.cert_chain_der, &enrolled.ca_der)?;
-            tracing::info!(node = %enrolled.node_name, pool = %enrolled.pool, "enrolled");
-            Ok(enrolled)
-        }
+        Some(EnrollResponse::Accepted(enrolled)) => Ok((key, enrolled)),
         Some(EnrollResponse::Refused(refusal)) => Err(AgentError::Refused(refusal)),
         None => Err(AgentError::Refused(Refusal {
             code: hexa_shared::proto::RefusalCode::Internal,

@@ -13,7 +13,7 @@ use hexa_shared::clock::now_unix;
 use hexa_shared::host_access::HostAccess;
 use hexa_shared::pki::{self, COORDINATOR_SERVER_NAME};
 use hexa_shared::proto::{
-    AgentMessage, CoordinatorMessage, Hello, PROTOCOL_VERSION, RefusalCode, SystemInfo, close_code,
+    AgentMessage, CoordinatorMessage, Hello, PROTOCOL_VERSION, Refusal, RefusalCode, SystemInfo, Welcome, close_code,
 };
 use hexa_shared::service::ServiceManager;
 use hexa_shared::spec::AppliedStatus;
@@ -46,6 +46,81 @@ pub fn system_info() -> SystemInfo {
         kernel: sysinfo::System::kernel_version().unwrap_or_default(),
         arch: std::env::consts::ARCH.to_string(),
     }
+}
+
+/// The opening message of a link for the node `node_name`, as this agent build sends it.
+pub fn hello(node_name: &str, applied_generation: u64, system: SystemInfo) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        node_name: node_name.to_string(),
+        applied_generation,
+        system,
+    }
+}
+
+/// The report interval the coordinator asked for in its welcome (never below 100ms).
+pub fn report_interval(welcome: &Welcome) -> Duration {
+    Duration::from_millis(welcome.report_interval_ms.max(100))
+}
+
+/// How long a link may go without hearing from the coordinator before the agent presumes it dead.
+pub fn silence_limit(interval: Duration) -> Duration {
+    (interval * SILENT_INTERVALS).max(MIN_SILENCE)
+}
+
+/// An open session: the connection, its control stream, the coordinator's welcome, and the frames
+/// the coordinator sends after it (read in a task of their own, which `reader` stops when dropped:
+/// a partially read frame must never be dropped by `select!`).
+#[derive(Debug)]
+pub struct Session {
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub msgs: mpsc::Receiver<Result<CoordinatorMessage, FrameError>>,
+    pub reader: wire::AbortOnDrop,
+    pub welcome: Welcome,
+}
+
+/// Why no session could be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Retrying may help (no answer, connection lost, a refusal that can pass): back off and retry.
+    Failed(String),
+    /// A refusal no retry can fix: the operator must act.
+    Refused(Refusal),
+}
+
+/// Opens a session with the coordinator at `addr`: connects with `config` on the shared
+/// `endpoint`, sends `hello` on the control stream and waits for the welcome.
+pub async fn open_session(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    config: quinn::ClientConfig,
+    hello: &Hello,
+) -> Result<Session, OpenError> {
+    let failed = |e: &dyn std::fmt::Display| OpenError::Failed(e.to_string());
+    let conn = endpoint.connect_with(config, addr, COORDINATOR_SERVER_NAME).map_err(|e| failed(&e))?;
+    let conn = conn.await.map_err(|e| failed(&e))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(&e))?;
+    wire::write_frame(&mut send, hello).await.map_err(|e| failed(&e))?;
+    let closed = |conn: &quinn::Connection, e: String| OpenError::Failed(close_reason(conn).unwrap_or(e));
+    let welcome = match tokio::time::timeout(Duration::from_secs(10), wire::read_frame(&mut recv)).await {
+        Err(_) => return Err(OpenError::Failed("no welcome within 10s".into())),
+        Ok(Err(e)) => return Err(closed(&conn, e.to_string())),
+        Ok(Ok(None)) => return Err(closed(&conn, "closed".into())),
+        Ok(Ok(Some(CoordinatorMessage::Welcome(welcome)))) => welcome,
+        Ok(Ok(Some(CoordinatorMessage::Refused(refusal)))) => {
+            return Err(match refusal.code {
+                RefusalCode::UnsupportedVersion
+                | RefusalCode::CertificateSuperseded
+                | RefusalCode::CertificateRevoked => OpenError::Refused(refusal),
+                _ => OpenError::Failed(refusal.to_string()),
+            });
+        }
+        Ok(Ok(Some(other))) => return Err(OpenError::Failed(format!("expected a welcome, got {other:?}"))),
+    };
+    let (msgs, reader) = wire::spawn_reader::<CoordinatorMessage, _>(recv);
+    Ok(Session { conn, send, msgs, reader, welcome })
 }
 
 /// How a session ended.
@@ -134,54 +209,21 @@ impl Link {
         self.link_status(&format!("connecting to the coordinator at {}", self.addr));
         let identity = self.state.load_identity()?;
         let config = pki::link_client_config(&identity.ca, identity.chain.clone(), identity.key_der()?)?;
-        let connecting = match self.endpoint.connect_with(config, self.addr, COORDINATOR_SERVER_NAME) {
-            Ok(c) => c,
-            Err(e) => return Ok(SessionEnd::Failed(e.to_string())),
-        };
-        let conn = tokio::select! {
-            conn = connecting => match conn {
-                Ok(conn) => conn,
-                Err(e) => return Ok(SessionEnd::Failed(e.to_string())),
+        let hello = hello(&identity.node_name, self.node.applied_generation(), system_info());
+        let session = tokio::select! {
+            opened = open_session(&self.endpoint, self.addr, config, &hello) => match opened {
+                Ok(session) => session,
+                Err(OpenError::Failed(reason)) => return Ok(SessionEnd::Failed(reason)),
+                Err(OpenError::Refused(refusal)) => return Err(AgentError::Refused(refusal)),
             },
             _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
         };
-        let (mut send, mut recv) = match conn.open_bi().await {
-            Ok(streams) => streams,
-            Err(e) => return Ok(SessionEnd::Failed(e.to_string())),
-        };
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            node_name: identity.node_name.clone(),
-            applied_generation: self.node.applied_generation(),
-            system: system_info(),
-        };
-        if let Err(e) = wire::write_frame(&mut send, &hello).await {
-            return Ok(SessionEnd::Failed(e.to_string()));
-        }
-        let welcome = match tokio::time::timeout(Duration::from_secs(10), wire::read_frame(&mut recv)).await {
-            Err(_) => return Ok(SessionEnd::Failed("no welcome within 10s".into())),
-            Ok(Err(e)) => return Ok(SessionEnd::Failed(close_reason(&conn).unwrap_or_else(|| e.to_string()))),
-            Ok(Ok(None)) => return Ok(SessionEnd::Failed(close_reason(&conn).unwrap_or_else(|| "closed".into()))),
-            Ok(Ok(Some(CoordinatorMessage::Welcome(welcome)))) => welcome,
-            Ok(Ok(Some(CoordinatorMessage::Refused(refusal)))) => {
-                return match refusal.code {
-                    // Retrying cannot fix these: the operator must act.
-                    RefusalCode::UnsupportedVersion
-                    | RefusalCode::CertificateSuperseded
-                    | RefusalCode::CertificateRevoked => Err(AgentError::Refused(refusal)),
-                    _ => Ok(SessionEnd::Failed(refusal.to_string())),
-                };
-            }
-            Ok(Ok(Some(other))) => return Ok(SessionEnd::Failed(format!("expected a welcome, got {other:?}"))),
-        };
-        let interval = Duration::from_millis(welcome.report_interval_ms.max(100));
+        let Session { conn, mut send, mut msgs, reader, welcome } = session;
+        let interval = report_interval(&welcome);
         info!(node = %welcome.node_name, pool = %welcome.pool, interval_ms = welcome.report_interval_ms, "connected to the coordinator");
         self.link_status(&format!("connected to the coordinator at {} as {}", self.addr, welcome.node_name));
 
-        // Frames are read in their own task: a partially read frame must never be dropped by select!.
-        let (mut msg_rx, reader) = wire::spawn_reader::<CoordinatorMessage, _>(recv);
-        let end = self.exchange(&conn, &mut send, &mut msg_rx, interval, &identity, shutdown).await;
+        let end = self.exchange(&conn, &mut send, &mut msgs, interval, &identity, shutdown).await;
         drop(reader);
         if matches!(end, Ok(SessionEnd::Shutdown)) {
             conn.close(close_code::DONE.into(), b"agent stopping");
@@ -203,7 +245,7 @@ impl Link {
         let mut pending_key: Option<rcgen::KeyPair> = None;
         let (mut not_before, mut not_after) = (identity.not_before_unix, identity.not_after_unix);
         let mut sent_at: Option<(u64, Instant)> = None;
-        let silence_limit = (interval * SILENT_INTERVALS).max(MIN_SILENCE);
+        let silence_limit = silence_limit(interval);
         let mut last_heard = Instant::now();
         // Host-cluster access is minted off the link's loop (it waits on K3s' token controller);
         // an answer for a session that has ended dies with it: the coordinator asks again.
@@ -308,7 +350,7 @@ impl Link {
 }
 
 /// The reason the coordinator gave when it closed the connection, if it did.
-fn close_reason(conn: &quinn::Connection) -> Option<String> {
+pub fn close_reason(conn: &quinn::Connection) -> Option<String> {
     match conn.close_reason()? {
         quinn::ConnectionError::ApplicationClosed(close) => {
             Some(format!("coordinator closed the link: {}", String::from_utf8_lossy(&close.reason)))

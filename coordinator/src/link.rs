@@ -199,7 +199,19 @@ async fn read_opening<T: serde::de::DeserializeOwned, const LIMIT: usize>(
         Ok(Ok(None)) => return Err(protocol("empty", "stream closed before the opening message".into())),
         Ok(Ok(Some(payload))) => payload,
     };
-    if let Some(version) = wire::peek_protocol_version(&payload) {
+    decode_opening::<T, LIMIT>(&payload)
+}
+
+/// Decodes the payload of a stream's first message as [`read_opening`] does: a peer speaking
+/// another protocol version is told so, anything else that is not a whole `T` within `LIMIT`
+/// bytes is malformed. Returns the close code, the refusal to answer with and the metric label.
+pub fn decode_opening<T: serde::de::DeserializeOwned, const LIMIT: usize>(
+    payload: &[u8],
+) -> Result<T, (u32, Refusal, &'static str)> {
+    let protocol = |label: &'static str, message: String| {
+        (close_code::PROTOCOL, Refusal { code: RefusalCode::MalformedRequest, message }, label)
+    };
+    if let Some(version) = wire::peek_protocol_version(payload) {
         if version != PROTOCOL_VERSION {
             let message = format!(
                 "protocol version {version} is not supported: this coordinator speaks version {PROTOCOL_VERSION}; install a matching agent"
@@ -211,7 +223,7 @@ async fn read_opening<T: serde::de::DeserializeOwned, const LIMIT: usize>(
             ));
         }
     }
-    wire::decode_payload_within::<T, LIMIT>(&payload).map_err(|e| protocol(frame_label(&e), e.to_string()))
+    wire::decode_payload_within::<T, LIMIT>(payload).map_err(|e| protocol(frame_label(&e), e.to_string()))
 }
 
 fn frame_label(e: &FrameError) -> &'static str {

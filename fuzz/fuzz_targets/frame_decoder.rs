@@ -3,6 +3,8 @@
 //! trip: its canonical encoding decodes to a message with that same encoding.
 #![no_main]
 
+use std::sync::OnceLock;
+
 use hexa_shared::proto::{AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse, Hello};
 use hexa_shared::wire;
 use libfuzzer_sys::fuzz_target;
@@ -16,10 +18,14 @@ fn check<T: serde::Serialize + serde::de::DeserializeOwned>(payload: &[u8]) {
     }
 }
 
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| tokio::runtime::Builder::new_current_thread().build().expect("runtime"))
+}
+
 fuzz_target!(|data: &[u8]| {
-    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
     let mut reader = data;
-    runtime.block_on(async {
+    runtime().block_on(async {
         while let Ok(Some(payload)) = wire::read_payload(&mut reader).await {
             assert!(payload.len() <= wire::MAX_FRAME_LEN);
             check::<Hello>(&payload);

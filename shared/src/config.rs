@@ -88,7 +88,6 @@ pub fn load<T>(
 where
     T: Serialize + DeserializeOwned + Default,
 {
-    let defaults = toml::Table::try_from(T::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let (file_path, must_exist) = match path {
         Some(p) => (p, true),
         None => (default_path, false),
@@ -99,12 +98,22 @@ where
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => String::new(),
         Err(error) => return Err(ConfigError::Read { path: display, error }),
     };
+    parse(&text, &display, env)
+}
+
+/// What [`load`] does once it has read the file: `text` (the file named `display` in errors)
+/// parsed, `HEXA_*` overrides from `env` applied, the result checked against `T`.
+pub fn parse<T>(text: &str, display: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<T, ConfigError>
+where
+    T: Serialize + DeserializeOwned + Default,
+{
+    let defaults = toml::Table::try_from(T::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let mut table = text
         .parse::<toml::Table>()
-        .map_err(|e| ConfigError::Syntax { path: display.clone(), message: e.to_string().trim().to_string() })?;
+        .map_err(|e| ConfigError::Syntax { path: display.to_string(), message: e.to_string().trim().to_string() })?;
     let overrides: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("HEXA_")).collect();
     apply_env(&defaults, &mut table, &[], &overrides)?;
-    toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| refusal(&display, &text, &e))
+    toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| refusal(display, text, &e))
 }
 
 fn apply_env(

@@ -4,6 +4,7 @@
 //! - [`inproc`]: coordinator and agents inside the test process, on loopback.
 //! - [`raw`]: hand-driven QUIC peers that misbehave on purpose.
 //! - [`admin`]: a small client for the admin API.
+//! - [`sim`]: a fleet of simulated agents, each a real QUIC connection with its own certificate.
 
 pub mod admin;
 pub mod artifacts;
@@ -11,6 +12,7 @@ pub mod dedicated;
 pub mod etcd;
 pub mod fake_kube;
 pub mod hostile;
+pub mod ingest_bench;
 pub mod inproc;
 pub mod k3s_supervisor;
 pub mod netns;
@@ -18,6 +20,7 @@ pub mod procs;
 pub mod pve;
 pub mod pve_bench;
 pub mod raw;
+pub mod sim;
 pub mod trust_bench;
 
 use std::path::PathBuf;

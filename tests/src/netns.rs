@@ -415,3 +415,44 @@ fn remove_stale_namespaces() {
         }
     }
 }
+
+/// One empty network namespace with only `lo` up, for processes that must reach nothing but each
+/// other on its loopback (a VM's user-mode network, whose host side is this loopback). Removed on
+/// drop, also when the test panics.
+#[derive(Debug)]
+pub struct Isolated {
+    pub name: String,
+}
+
+impl Isolated {
+    pub fn new(role: &str) -> Result<Isolated> {
+        remove_stale_namespaces();
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("{NAME_PREFIX}{}x{}-{role}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        run("ip", &["netns", "add", &name])?;
+        let isolated = Isolated { name };
+        run("ip", &["-n", &isolated.name, "link", "set", "lo", "up"])?;
+        Ok(isolated)
+    }
+
+    /// Runs `body` on a new thread that has entered the namespace: sockets it opens, threads it
+    /// starts (a tokio runtime's workers) and processes it spawns all live in the namespace.
+    pub fn run<T: Send + 'static>(&self, body: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = format!("{NETNS_DIR}/{}", self.name);
+        let file = std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+        let thread = std::thread::spawn(move || -> Result<T> {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns into the namespace")?;
+            Ok(body())
+        });
+        match thread.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+impl Drop for Isolated {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
+    }
+}

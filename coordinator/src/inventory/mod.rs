@@ -167,13 +167,18 @@ impl Inventory {
     ) -> Result<Inventory, StoreError> {
         let now = Instant::now();
         let mut nodes = BTreeMap::new();
+        let mut reset = Vec::new();
         for (name, mut record) in store.nodes()? {
             if record.health != Health::Lost && record.health != Health::Pending {
                 record.health = Health::Pending;
                 record.health_since_unix = now_unix();
-                store.put_node(&record)?;
+                reset.push(record.clone());
             }
             nodes.insert(name, NodeEntry::new(record, now));
+        }
+        // One commit for the whole fleet: a commit per node would keep a large fleet waiting.
+        if !reset.is_empty() {
+            store.write(|tx| reset.iter().try_for_each(|record| tx.put_node(record)))?;
         }
         let enroller = Enroller::new(store.clone(), ca, node_cert_validity);
         let cluster_ca_sha256 = Mutex::new(store.meta::<String>(K3S_CA_SHA256)?);
@@ -587,7 +592,15 @@ impl Inventory {
         record.health = to;
         record.health_since_unix = now_unix();
         // Persist first: the in-memory state never claims a transition the disk does not have.
-        match self.store.put_node(&record) {
+        // Pending, Ready and Unreachable all become Pending again at a restart ([`Inventory::load`]),
+        // so a change among them need not wait for the disk (a fleet coming back would wait for one
+        // flush per node); into or out of Lost, which a restart keeps, it must.
+        let written = if from == Health::Lost || to == Health::Lost {
+            self.store.put_node(&record)
+        } else {
+            self.store.write_unflushed(|tx| tx.put_node(&record))
+        };
+        match written {
             Ok(()) => {
                 tracing::info!(node = %record.name, %from, %to, "node health changed");
                 entry.record = record;

@@ -281,3 +281,38 @@ fn metrics_see_reconnects_and_each_node_figures_under_its_own_name() {
     assert_eq!(figures("n2").reported, None);
     assert_eq!(f.inventory.metrics().reports.get(), 1);
 }
+
+#[test]
+fn a_restart_finds_every_node_pending_except_the_lost_ones() {
+    let f = fixture(K3sSettings::default());
+    for name in ["ready", "silent", "gone"] {
+        enroll(&f, &token(&f, Pool::Shared), name);
+        f.inventory.record_report(name, CapacityReport::default());
+    }
+    // All Lost, then two back and silent again, and one of those reporting once more.
+    f.inventory.tick(Instant::now() + T.lost_after + Duration::from_secs(1));
+    f.inventory.record_report("ready", CapacityReport::default());
+    f.inventory.record_report("silent", CapacityReport::default());
+    f.inventory.tick(Instant::now() + T.unreachable_after + Duration::from_secs(1));
+    f.inventory.record_report("ready", CapacityReport::default());
+    let stored = |name: &str| f.store.nodes().unwrap()[name].health;
+    assert_eq!(
+        [stored("ready"), stored("silent"), stored("gone")],
+        [Health::Ready, Health::Unreachable, Health::Lost],
+        "every change is in the store when it shows"
+    );
+
+    let (ca, _) = CertificateAuthority::load_or_create(f._dir.path()).unwrap();
+    let k3s = desired::K3sPlan {
+        settings: K3sSettings::default(),
+        server_secret: "s".repeat(32),
+        agent_secret: "a".repeat(32),
+    };
+    let plans = Plans { k3s, isolation: None };
+    let restarted =
+        Inventory::load(f.store.clone(), Arc::new(ca), T, Duration::from_secs(3600), Default::default(), plans)
+            .unwrap();
+    let health = |name: &str| restarted.get(name).unwrap().health;
+    assert_eq!([health("ready"), health("silent"), health("gone")], [Health::Pending, Health::Pending, Health::Lost]);
+    assert_eq!([stored("ready"), stored("silent"), stored("gone")], [Health::Pending, Health::Pending, Health::Lost]);
+}

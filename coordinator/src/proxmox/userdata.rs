@@ -85,6 +85,11 @@ pub fn agent_toml(seed: &AgentSeed) -> String {
     )
 }
 
+/// `write_files` runs before `runcmd`, so the package finds `/etc/hexabase/agent.toml` already
+/// there and differing from its own conffile; dpkg would then ask what to do, and with no terminal
+/// the install fails (`end of file on stdin at conffile prompt`). The seed's file is kept.
+const KEEP_SEED_CONFIG: &str = "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold";
+
 /// `user-data`: write the agent's config, install the agent when missing, enable it.
 pub fn user_data(seed: &AgentSeed) -> String {
     let mut write_files = vec![WriteFile {
@@ -112,15 +117,14 @@ pub fn user_data(seed: &AgentSeed) -> String {
                 permissions: "0644".into(),
                 content: format!("{source}\n"),
             });
-            runcmd.push(sh(
-                "command -v hexa-agent >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get \
-                 install -y hexa-agent; }"
-                    .into(),
-            ));
+            runcmd.push(sh(format!(
+                "command -v hexa-agent >/dev/null || {{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get \
+                 install -y {KEEP_SEED_CONFIG} hexa-agent; }}"
+            )));
         }
         Install::Deb { url } => runcmd.push(sh(format!(
             "command -v hexa-agent >/dev/null || {{ curl -fsSL -o /tmp/hexa-agent.deb '{url}' && \
-             DEBIAN_FRONTEND=noninteractive apt-get install -y /tmp/hexa-agent.deb; }}"
+             DEBIAN_FRONTEND=noninteractive apt-get install -y {KEEP_SEED_CONFIG} /tmp/hexa-agent.deb; }}"
         ))),
     }
     runcmd.push(vec!["systemctl".into(), "enable".into(), "--now".into(), "hexa-agent.service".into()]);

@@ -103,6 +103,9 @@ pub struct Batch {
     pub read: BTreeMap<(Table, String), i64>,
     /// `None` deletes the key.
     pub writes: BTreeMap<(Table, String), Option<Vec<u8>>>,
+    /// The commit need not wait for the disk (see [`Store::write_unflushed`]); a backend whose every
+    /// commit is replicated before it answers (etcd) ignores it.
+    pub unflushed: bool,
 }
 
 /// The backend under [`Store`]: ordered tables of string keys and byte values, committed reads,
@@ -506,6 +509,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Like [`write`](Self::write), but on redb the commit is not flushed to disk: readers see it at
+    /// once, the next flushed commit makes it durable with its own, and a crash before that loses it
+    /// (the state of the last flushed commit comes back). Only for what a restart recomputes anyway.
+    pub fn write_unflushed<T, E: From<StoreError>>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T, E>) -> Result<T, E> {
+        let _one_writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let tx = Tx { backend: self.backend.as_ref(), batch: RefCell::new(Batch::default()) };
+        let out = f(&tx)?;
+        let mut batch = tx.batch.into_inner();
+        batch.unflushed = true;
+        if !batch.writes.is_empty() {
+            self.backend.commit(batch)?;
+        }
+        Ok(out)
+    }
+
     fn all<T: DeserializeOwned>(&self, table: Table) -> Result<BTreeMap<String, T>, StoreError> {
         let mut out = BTreeMap::new();
         for (key, value) in self.backend.range(table)? {
@@ -609,6 +627,21 @@ mod tests {
         let nodes = txn.open_table(TableDefinition::<&str, &[u8]>::new("nodes")).unwrap();
         let n2: NodeRecord = serde_json::from_slice(nodes.get("n2").unwrap().unwrap().value()).unwrap();
         assert_eq!(n2, suite::node("n2"));
+    }
+
+    #[test]
+    fn an_unflushed_write_is_read_at_once_and_made_durable_by_the_next_flushed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            store.write_unflushed::<_, StoreError>(|tx| tx.put_token(&suite::token("bbbbbb"))).unwrap();
+            assert_eq!(store.tokens().unwrap().get("bbbbbb"), Some(&suite::token("bbbbbb")));
+            store.set_meta("admin", &"hash").unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.tokens().unwrap().get("bbbbbb"), Some(&suite::token("bbbbbb")));
+        assert_eq!(store.meta::<String>("admin").unwrap().as_deref(), Some("hash"));
     }
 
     #[test]

@@ -65,7 +65,10 @@ impl Backend for RedbBackend {
     /// The file has one writer, this process (redb locks it), and [`super::Store::write`] lets one
     /// transaction at a time in: what a batch read cannot have changed, so there is nothing to check.
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        if batch.unflushed {
+            txn.set_durability(::redb::Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
+        }
         for ((table, key), value) in &batch.writes {
             let mut table = txn.open_table(definition(*table))?;
             match value {

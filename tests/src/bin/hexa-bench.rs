@@ -25,6 +25,11 @@
 //! - `store [--tenants 300] [--nodes 10]`: tenant creates per second through the coordinator's
 //!   tenants service with its state on a real three-member etcd cluster on loopback, against the
 //!   same with its state in the redb file.
+//! - `ingest [--agents 1000,5000,10000] [--interval 1s] [--seconds 20]`: simulated agents
+//!   (`hexa_tests::sim`) against the `hexa-coordinator` process: sustained acknowledged reports,
+//!   report-to-ack latency, the coordinator's memory and CPU, enrollments per second, and the time
+//!   for every agent to link again after the coordinator is killed and restarted; against the same
+//!   fleet on a bare QUIC server that only acks (see `hexa_tests::ingest_bench`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -110,6 +115,41 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         nodes: usize,
     },
+    Ingest {
+        /// Fleet sizes, comma separated; the fleet grows from one to the next
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+        agents: Vec<usize>,
+        /// Report interval the coordinator asks for
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Length of each steady window
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Warm-up before each window
+        #[arg(long, default_value_t = 5)]
+        warmup: u64,
+        /// Simulated agents per client endpoint (each endpoint has its own loopback address)
+        #[arg(long, default_value_t = 20)]
+        agents_per_endpoint: usize,
+        /// Enrollments in flight at once
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Directory holding the hexa-coordinator binary (default: beside this one)
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Where the coordinator's state directory is made (default: the temporary directory)
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+    /// Internal: the baseline server of ingest.
+    AckFloor {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        interval_ms: u64,
+    },
     /// Internal: the baseline process of agent-footprint.
     QuicFloor {
         #[arg(long)]
@@ -133,6 +173,25 @@ fn main() -> anyhow::Result<()> {
             println!("{line}");
             Ok(())
         }
+        Command::Ingest { agents, interval, seconds, warmup, agents_per_endpoint, concurrency, bin_dir, work_dir } => {
+            // The simulator gets the machine's cores, as the coordinator process does.
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let settings = hexa_tests::ingest_bench::IngestSettings {
+                agents,
+                interval,
+                window: Duration::from_secs(seconds),
+                warmup: Duration::from_secs(warmup),
+                agents_per_endpoint,
+                concurrency,
+                bin_dir,
+                work_dir,
+            };
+            rt.block_on(hexa_tests::ingest_bench::ingest(settings))
+        }
+        Command::AckFloor { state_dir, listen, interval_ms } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(hexa_tests::ingest_bench::ack_floor(&state_dir, listen, interval_ms))
+        }
         Command::QuicFloor { addr, pin, token } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(quic_floor(addr, pin.parse()?, token))
@@ -155,7 +214,11 @@ fn main() -> anyhow::Result<()> {
                     Command::SlowHeaders { slow, requests } => {
                         hexa_tests::trust_bench::slow_headers(slow, requests).await
                     }
-                    Command::QuicFloor { .. } | Command::Placement { .. } | Command::FirewallBatch { .. } => {
+                    Command::QuicFloor { .. }
+                    | Command::Placement { .. }
+                    | Command::FirewallBatch { .. }
+                    | Command::Ingest { .. }
+                    | Command::AckFloor { .. } => {
                         unreachable!("handled above")
                     }
                 }

@@ -22,6 +22,9 @@ pub struct BootRequest {
     pub vmid: u32,
     pub name: String,
     pub smbios1: String,
+    /// The VM's whole configuration (`cores`, `memory`, ...) and its disk's size.
+    pub config: BTreeMap<String, String>,
+    pub disk_gib: u64,
 }
 
 /// A booted VM's agent.
@@ -33,6 +36,15 @@ pub struct Booted {
 }
 
 impl Booted {
+    /// A VM whose guest runs in `task`, told to power off through `stop`.
+    pub fn new(
+        node_name: String,
+        stop: watch::Sender<bool>,
+        task: JoinHandle<Result<(), hexa_agent::AgentError>>,
+    ) -> Booted {
+        Booted { node_name, stop, task }
+    }
+
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         if tokio::time::timeout(Duration::from_secs(5), self.task).await.is_err() {

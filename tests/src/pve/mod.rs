@@ -17,6 +17,7 @@
 //! identity in a sysfs fixture root.
 
 pub mod boot;
+pub mod qemu;
 pub mod schema;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -460,7 +461,13 @@ fn finish_tasks(shared: &Arc<Shared>) {
             let shared = shared.clone();
             tokio::spawn(async move {
                 let smbios1 = vm.config.get("smbios1").cloned().unwrap_or_default();
-                let request = boot::BootRequest { vmid: vm.vmid, name: vm.name.clone(), smbios1 };
+                let request = boot::BootRequest {
+                    vmid: vm.vmid,
+                    name: vm.name.clone(),
+                    smbios1,
+                    config: vm.config.clone(),
+                    disk_gib: vm.disk_gib,
+                };
                 if let Some(booted) = hook(request).await {
                     shared.booted.lock().unwrap().insert(vm.vmid, booted);
                 }
