@@ -100,7 +100,11 @@ fn etcd_goes_on_without_a_member_and_refuses_writes_without_a_quorum() {
     store.write::<_, StoreError>(|tx| tx.put_token(&suite::token("after"))).unwrap();
     let tokens = store.tokens().unwrap();
     assert!(tokens.contains_key("before") && tokens.contains_key("after"), "{:?}", tokens.keys());
-    assert_eq!(tokens.len(), 32, "the refused write left nothing: {:?}", tokens.keys());
+    // A write that timed out has no known outcome: a member that had taken it into its log while
+    // it could not reach the others may still commit it once they are back (Raft), as a request in
+    // flight when a server dies may have been applied. Nothing else may appear.
+    let expected = if tokens.contains_key("lost") { 33 } else { 32 };
+    assert_eq!(tokens.len(), expected, "{:?}", tokens.keys());
 }
 
 #[test]

@@ -237,7 +237,8 @@ impl Members {
             self.preferred.store((member + 1) % count, Ordering::Relaxed);
         }
         Err(format!(
-            "no member answered within {} ({}): is a quorum of the etcd members up and reachable?",
+            "no member answered within {} ({}): is a quorum of the etcd members up and reachable? (a write \
+             that got no answer may still be applied once they are)",
             humantime::format_duration(timeout),
             failures.join("; ")
         ))
