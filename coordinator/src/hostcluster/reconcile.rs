@@ -173,12 +173,9 @@ impl HostCluster {
             Mode::Off => (Target::Off, None),
             Mode::Manifests => (Target::Manifests(settings.manifests_dir.clone()), None),
             Mode::Apply if !settings.kubeconfig.is_empty() => {
-                let file = kube::config::Kubeconfig::read_from(&settings.kubeconfig)
-                    .map_err(|e| HostClusterError::Config(format!("{}: {e}", settings.kubeconfig)))?;
-                let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
+                let client = super::access::client_from(Path::new(&settings.kubeconfig))
                     .await
-                    .map_err(|e| HostClusterError::Config(format!("{}: {e}", settings.kubeconfig)))?;
-                let client = kube::Client::try_from(config).map_err(|e| HostClusterError::Config(e.to_string()))?;
+                    .map_err(HostClusterError::Config)?;
                 (Target::Kube, Some(client))
             }
             Mode::Apply => (Target::Kube, Self::found_client(stored).await),

@@ -498,26 +498,26 @@ impl Store {
 
     /// Runs `f` in one write transaction and commits it durably if `f` succeeds.
     pub fn write<T, E: From<StoreError>>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T, E>) -> Result<T, E> {
-        // A writer that panicked left nothing half-written (its batch was never committed).
-        let _one_writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let tx = Tx { backend: self.backend.as_ref(), batch: RefCell::new(Batch::default()) };
-        let out = f(&tx)?;
-        let batch = tx.batch.into_inner();
-        if !batch.writes.is_empty() {
-            self.backend.commit(batch)?;
-        }
-        Ok(out)
+        self.commit_with(false, f)
     }
 
     /// Like [`write`](Self::write), but on redb the commit is not flushed to disk: readers see it at
     /// once, the next flushed commit makes it durable with its own, and a crash before that loses it
     /// (the state of the last flushed commit comes back). Only for what a restart recomputes anyway.
     pub fn write_unflushed<T, E: From<StoreError>>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T, E>) -> Result<T, E> {
+        self.commit_with(true, f)
+    }
+
+    fn commit_with<T, E: From<StoreError>>(
+        &self,
+        unflushed: bool,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        // A writer that panicked left nothing half-written (its batch was never committed).
         let _one_writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let tx = Tx { backend: self.backend.as_ref(), batch: RefCell::new(Batch::default()) };
         let out = f(&tx)?;
-        let mut batch = tx.batch.into_inner();
-        batch.unflushed = true;
+        let batch = Batch { unflushed, ..tx.batch.into_inner() };
         if !batch.writes.is_empty() {
             self.backend.commit(batch)?;
         }
