@@ -176,10 +176,8 @@ impl Inventory {
             }
             nodes.insert(name, NodeEntry::new(record, now));
         }
-        // One commit for the whole fleet: a commit per node would keep a large fleet waiting.
-        if !reset.is_empty() {
-            store.write(|tx| reset.iter().try_for_each(|record| tx.put_node(record)))?;
-        }
+        // Few commits for the whole fleet: a commit per node would keep a large fleet waiting.
+        store.put_nodes(&reset)?;
         let enroller = Enroller::new(store.clone(), ca, node_cert_validity);
         let cluster_ca_sha256 = Mutex::new(store.meta::<String>(K3S_CA_SHA256)?);
         let owners = match &plans.isolation {
@@ -259,11 +257,19 @@ impl Inventory {
         nodes: &mut BTreeMap<String, NodeEntry>,
         specs: Vec<(String, NodeSpec)>,
     ) -> Result<(), StoreError> {
-        for (name, spec) in specs {
-            let Some(entry) = nodes.get_mut(&name) else { continue };
-            let mut record = entry.record.clone();
-            record.spec = spec;
-            self.store.put_node(&record)?;
+        let records: Vec<NodeRecord> = specs
+            .into_iter()
+            .filter_map(|(name, spec)| {
+                let entry = nodes.get(&name)?;
+                Some(NodeRecord { spec, ..entry.record.clone() })
+            })
+            .collect();
+        // A fleet-wide change (a new node address in every node's isolation, new K3s settings)
+        // costs a few flushes, not one per node.
+        self.store.put_nodes(&records)?;
+        for record in records {
+            let Some(entry) = nodes.get_mut(&record.name) else { continue };
+            let name = &record.name;
             tracing::info!(
                 node = %name,
                 generation = record.spec.generation,
@@ -380,15 +386,24 @@ impl Inventory {
             return Err(refused);
         }
         let mut record = entry.record.clone();
-        if record.cert_serial == serial {
+        let retires_previous = record.cert_serial == serial && record.previous_cert_serial.is_some();
+        if retires_previous {
             // The node uses its renewed certificate: the old one is retired for good (and a link
             // still open with it is closed).
             record.previous_cert_serial = None;
         }
         record.address = Some(address);
         let address_changed = entry.record.address != Some(address);
-        if record != entry.record {
+        if retires_previous {
+            // A retired certificate must stay retired across a crash.
             self.store.put_node(&record)?;
+            entry.set_record(record);
+        } else if address_changed {
+            // Only where the node links from changed: a crash that loses it loses nothing, since
+            // the node's next link writes it again. Not waiting for the disk here keeps a fleet's
+            // first links (one per node, all at once) from queueing behind one flush each while
+            // the inventory is locked.
+            self.store.write_unflushed(|tx| tx.put_node(&record))?;
             entry.set_record(record);
         }
         entry.links += 1;

@@ -121,7 +121,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// conditions every commit on still leading. A backend with one writer (redb) leads at once.
     fn campaign(&self, who: &str, ttl: Duration) -> Result<Leadership, StoreError> {
         let _ = (who, ttl);
-        Ok(Leadership { key: String::new(), revision: 0, lease: 0 })
+        Ok(Leadership { key: String::new(), revision: 0, lease: 0, ended: None })
     }
     /// Where the state lives, for messages.
     fn location(&self) -> String;
@@ -129,11 +129,30 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
 /// This process's leadership: on etcd the election's leader key, its create revision (what every
 /// commit is fenced on) and the lease that keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Leadership {
     pub key: String,
     pub revision: i64,
     pub lease: i64,
+    /// Turns true (or its sender goes) once the lease is no longer kept; `None` where the one
+    /// process always leads (redb).
+    pub ended: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Leadership {
+    /// Resolves once this process no longer leads: its lease lapsed or was revoked, or etcd did not
+    /// confirm it for a whole TTL (then another coordinator may already lead, and this one's writes
+    /// are refused). Never on redb.
+    pub async fn lost(&self) {
+        match &self.ended {
+            None => std::future::pending().await,
+            Some(ended) => {
+                let mut ended = ended.clone();
+                // An error means the keeper is gone, which ends the leadership as well.
+                let _ = ended.wait_for(|ended| *ended).await;
+            }
+        }
+    }
 }
 
 /// Which backend `[store]` selects.
@@ -145,6 +164,10 @@ pub enum BackendKind {
     Redb,
     Etcd,
 }
+
+/// Records per commit in [`Store::put_nodes`]: under etcd's default transaction limit with room for
+/// the compares and the leader fence a commit carries.
+const INDEPENDENT_PUTS_PER_COMMIT: usize = 64;
 
 /// `[store]` of the coordinator's configuration.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -166,6 +189,10 @@ pub struct StoreSettings {
     /// How long one read or write may take before it fails (no quorum, a partition).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// etcd: the lease of the leader key. A leader that has not renewed it for this long (dead,
+    /// stopped, cut off) is replaced; the longest time no coordinator leads after a failure.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for StoreSettings {
@@ -179,6 +206,7 @@ impl Default for StoreSettings {
             prefix: "/hexabase/coordinator/".into(),
             dial_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -190,6 +218,18 @@ impl StoreSettings {
             return Ok(());
         }
         let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        // etcd grants no lease shorter than about 2 s with its default timing, and rounds TTLs
+        // to whole seconds.
+        let min_ttl = Duration::from_secs(2);
+        if self.lease_ttl < min_ttl || self.lease_ttl.subsec_nanos() != 0 {
+            return invalid(
+                "store.lease_ttl",
+                format!(
+                    "{} is not a whole number of seconds of at least 2s: write e.g. \"5s\"",
+                    humantime::format_duration(self.lease_ttl)
+                ),
+            );
+        }
         if self.endpoints.is_empty() {
             return invalid(
                 "store.endpoints",
@@ -559,6 +599,16 @@ impl Store {
 
     pub fn put_node(&self, node: &NodeRecord) -> Result<(), StoreError> {
         self.write::<_, StoreError>(|tx| tx.put_node(node))
+    }
+
+    /// Writes node records that need not change together, a few dozen per commit: a fleet-wide
+    /// change costs a flush per chunk instead of one per node, and no commit grows past what etcd
+    /// takes in one transaction by default (`--max-txn-ops` 128). A failure leaves the chunks before
+    /// it written.
+    pub fn put_nodes(&self, nodes: &[NodeRecord]) -> Result<(), StoreError> {
+        nodes
+            .chunks(INDEPENDENT_PUTS_PER_COMMIT)
+            .try_for_each(|chunk| self.write::<_, StoreError>(|tx| chunk.iter().try_for_each(|node| tx.put_node(node))))
     }
 
     /// Waits until this coordinator leads (an etcd election with a lease of `ttl`; at once on

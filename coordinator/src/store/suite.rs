@@ -25,6 +25,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("one_transaction_commits_every_table_at_once", one_transaction_commits_every_table_at_once),
     ("records_list_in_key_order", records_list_in_key_order),
     ("removed_records_are_gone", removed_records_are_gone),
+    ("a_fleet_of_records_is_written_in_one_call", a_fleet_of_records_is_written_in_one_call),
     ("concurrent_writers_lose_no_update", concurrent_writers_lose_no_update),
     ("a_newer_schema_is_refused", a_newer_schema_is_refused),
 ];
@@ -158,6 +159,16 @@ fn records_list_in_key_order(open: Open<'_>) {
     assert_eq!(in_tx, sorted);
     // Tables do not bleed into each other.
     assert!(store.tokens().unwrap().is_empty() && store.vms().unwrap().is_empty());
+}
+
+fn a_fleet_of_records_is_written_in_one_call(open: Open<'_>) {
+    let store = open("s").unwrap();
+    // More than etcd takes in one transaction by default (128 operations).
+    let fleet: Vec<NodeRecord> = (0..500).map(|i| node(&format!("node-{i:04}"))).collect();
+    store.put_nodes(&fleet).unwrap();
+    let listed: Vec<NodeRecord> = store.nodes().unwrap().into_values().collect();
+    assert_eq!(listed, fleet);
+    store.put_nodes(&[]).unwrap();
 }
 
 fn removed_records_are_gone(open: Open<'_>) {
