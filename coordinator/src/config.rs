@@ -54,6 +54,8 @@ pub struct CoordinatorConfig {
     pub isolation: IsolationSettings,
     /// Where the coordinator keeps its state: the redb file in `state_dir`, or etcd.
     pub store: crate::store::StoreSettings,
+    /// Bounds on connections that have not authenticated yet.
+    pub admission: crate::link::AdmissionLimits,
     /// Dedicated nodes as Proxmox VE VMs; absent: dedicated tenants wait for nodes enrolled by hand.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxmox: Option<crate::proxmox::ProxmoxSettings>,
@@ -210,6 +212,7 @@ impl Default for CoordinatorConfig {
             hostcluster: crate::hostcluster::render::RenderSettings::default(),
             isolation: IsolationSettings::default(),
             store: crate::store::StoreSettings::default(),
+            admission: crate::link::AdmissionLimits::default(),
             proxmox: None,
         }
     }
@@ -242,6 +245,7 @@ impl CoordinatorConfig {
         self.hostcluster.validate()?;
         self.isolation.validate()?;
         self.store.validate()?;
+        self.admission.validate()?;
         if let Some(proxmox) = &self.proxmox {
             proxmox.validate(&self.placement.node_classes)?;
         }
@@ -342,7 +346,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_and_its_value() {
-        let table: [(CoordinatorConfig, &str); 6] = [
+        let table: [(CoordinatorConfig, &str); 8] = [
             (
                 CoordinatorConfig { report_interval: Duration::ZERO, ..Default::default() },
                 "report_interval must be greater than zero",
@@ -375,6 +379,24 @@ mod tests {
                     ..Default::default()
                 },
                 "isolation.pids_per_pod must be greater than zero",
+            ),
+            (
+                CoordinatorConfig {
+                    admission: crate::link::AdmissionLimits { max_per_address: 0, ..Default::default() },
+                    ..Default::default()
+                },
+                "admission.max_per_address must be greater than zero",
+            ),
+            (
+                CoordinatorConfig {
+                    admission: crate::link::AdmissionLimits {
+                        max_unauthenticated: 16,
+                        max_per_address: 32,
+                        retry_above: 8,
+                    },
+                    ..Default::default()
+                },
+                "admission.max_per_address: 32 is above admission.max_unauthenticated (16)",
             ),
         ];
         for (config, expected) in table {

@@ -78,11 +78,18 @@ pub struct Running {
     /// The Proxmox provisioner and its seed server's address, when `[proxmox]` is configured.
     pub provisioner: Option<Arc<proxmox::Provisioner>>,
     pub seed_addr: Option<SocketAddr>,
+    leadership: store::Leadership,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
+    /// Resolves once this coordinator no longer leads (see [`store::Leadership::lost`]): its writes are
+    /// refused from then on, and it must stop and follow.
+    pub async fn deposed(&self) {
+        self.leadership.lost().await
+    }
+
     /// Stops accepting, closes every link with a reason, and waits for the tasks to end.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -158,6 +165,48 @@ fn k3s_secret(store: &Store, key: &str) -> Result<String, StartError> {
     Ok(secret)
 }
 
+/// Waits until this coordinator leads the ones sharing its state (at once on redb, where it is the
+/// only one), saying so in its status while another leads.
+async fn lead(
+    config: &CoordinatorConfig,
+    store: &Store,
+    service: &ServiceManager,
+) -> Result<store::Leadership, StartError> {
+    if config.store.backend != store::BackendKind::Etcd {
+        return Ok(store.campaign("", config.store.lease_ttl)?);
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    let who = serde_json::json!({
+        "host": host,
+        "pid": std::process::id(),
+        "quic_listen": config.quic_listen,
+        "admin_listen": config.admin_listen,
+    })
+    .to_string();
+    // A follower is up as what it is, a standby: READY, and alive for the watchdog while it waits
+    // (for as long as another coordinator leads).
+    service.ready(&format!("following: waiting to lead the coordinators on {}", store.location()));
+    tracing::info!(store = %store.location(), "waiting to lead: another coordinator may lead now");
+    let campaigning = store.clone();
+    let ttl = config.store.lease_ttl;
+    let mut campaign = tokio::task::spawn_blocking(move || campaigning.campaign(&who, ttl));
+    let won = loop {
+        service.ping();
+        let next_ping = service
+            .next_ping()
+            .map_or(Duration::from_secs(3600), |at| at.saturating_duration_since(std::time::Instant::now()));
+        tokio::select! {
+            won = &mut campaign => break won,
+            _ = tokio::time::sleep(next_ping) => {}
+        }
+    };
+    let leadership = won.map_err(|e| {
+        StartError::Store(store::StoreError::Etcd { endpoints: store.location(), message: e.to_string() })
+    })??;
+    tracing::info!(key = %leadership.key, revision = leadership.revision, "leading the coordinators");
+    Ok(leadership)
+}
+
 /// Spawns a task that runs `pass` every `period` (the first at once) until `shutdown` changes or
 /// its sender is gone. A pass that overruns delays the next one rather than bunching them up, and
 /// a pass under way finishes before the task ends.
@@ -211,6 +260,9 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
     }
     let ca = Arc::new(ca);
     let store = Store::open_configured(&config.store, &config.state_dir)?;
+    // Nothing is written, and nothing loaded that another coordinator may still change, before
+    // this one leads.
+    let leadership = lead(&config, &store, &service).await?;
     let admin_token_sha256 = admin_token_hash(&config, &store)?;
     let metrics = Arc::new(Metrics::default());
     let thresholds = HealthThresholds { unreachable_after: config.unreachable_after, lost_after: config.lost_after };
@@ -317,7 +369,7 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         metrics: metrics.clone(),
         report_interval: config.report_interval,
         silence_limit: config.unreachable_after,
-        limits: link::AdmissionLimits::default(),
+        limits: config.admission,
         access: access_requests.clone(),
     });
     tasks.push(tokio::spawn(link::serve(endpoint, link_ctx, shutdown_rx.clone())));
@@ -455,6 +507,7 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         metrics,
         provisioner,
         seed_addr,
+        leadership,
         shutdown,
         tasks,
     })

@@ -27,8 +27,9 @@ const ENROLL_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bounds on connections that have not authenticated yet (handshakes, enrollments, links before
 /// their certificate is checked against the inventory): what anyone on the network can make the
-/// coordinator hold.
-#[derive(Debug, Clone, Copy)]
+/// coordinator hold. `[admission]` of the coordinator's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdmissionLimits {
     /// At most this many at once, from everyone.
     pub max_unauthenticated: usize,
@@ -42,6 +43,28 @@ pub struct AdmissionLimits {
 impl Default for AdmissionLimits {
     fn default() -> Self {
         AdmissionLimits { max_unauthenticated: 256, max_per_address: 32, retry_above: 64 }
+    }
+}
+
+impl AdmissionLimits {
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        use crate::config::ConfigError;
+        if self.max_unauthenticated == 0 {
+            return Err(ConfigError::Zero { key: "admission.max_unauthenticated" });
+        }
+        if self.max_per_address == 0 {
+            return Err(ConfigError::Zero { key: "admission.max_per_address" });
+        }
+        if self.max_per_address > self.max_unauthenticated {
+            return Err(ConfigError::Invalid {
+                key: "admission.max_per_address",
+                message: format!(
+                    "{} is above admission.max_unauthenticated ({}), which bounds every address together: lower it",
+                    self.max_per_address, self.max_unauthenticated
+                ),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -44,6 +44,10 @@ enum Command {
 /// Exit status of a refused configuration: EX_CONFIG from sysexits.h.
 const EX_CONFIG: i32 = 78;
 
+/// Exit status once another coordinator leads: EX_TEMPFAIL from sysexits.h (`Restart=on-failure`
+/// starts it again, as a follower).
+const EX_DEPOSED: i32 = 75;
+
 /// Ends the process on a configuration it cannot run with, saying what to change.
 fn refuse(error: impl std::fmt::Display) -> ! {
     eprintln!("hexa-coordinator: {error}");
@@ -97,7 +101,17 @@ fn main() -> anyhow::Result<()> {
         println!("QUIC {} admin http://{}", running.quic_addr, running.admin_addr);
         // The store is open and both listeners are bound: agents and operators can be served.
         service.ready(&format!("serving agents on {}/udp, admin API on {}", running.quic_addr, running.admin_addr));
-        hexa_shared::signals::wait_for_termination().await?;
+        tokio::select! {
+            signal = hexa_shared::signals::wait_for_termination() => signal?,
+            _ = running.deposed() => {
+                // Another coordinator leads (or may): this one's writes are refused. It stops, and
+                // its service manager starts it again as a follower.
+                tracing::error!("no longer leading the coordinators: stopping, to follow");
+                service.stopping("no longer leading: stopping, to follow");
+                running.shutdown().await;
+                std::process::exit(EX_DEPOSED);
+            }
+        }
         tracing::info!("shutting down");
         service.stopping("shutting down: closing agent links");
         running.shutdown().await;

@@ -273,13 +273,16 @@ async fn steady(fleet: &Fleet, pid: u32, settings: &IngestSettings, hz: f64) -> 
     })
 }
 
+/// Every simulated agent links from 127.0.0.1, where a real fleet has an address per node: the
+/// per-address bound is raised to the total one, so only the coordinator-wide bound applies.
 fn write_config(dir: &Path, quic_port: u16, admin_port: u16, interval: Duration) -> anyhow::Result<PathBuf> {
     let path = dir.join("coordinator.toml");
     let interval_ms = interval.as_millis();
     let text = format!(
         "state_dir = \"{}\"\nquic_listen = \"127.0.0.1:{quic_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
          report_interval = \"{interval_ms}ms\"\nunreachable_after = \"{}ms\"\nlost_after = \"30s\"\n\
-         [k3s]\nmanage = false\n[hostcluster]\nmode = \"off\"\n[isolation]\nenabled = false\n",
+         [k3s]\nmanage = false\n[hostcluster]\nmode = \"off\"\n[isolation]\nenabled = false\n\
+         [admission]\nmax_per_address = 256\n",
         dir.join("state").display(),
         interval_ms * 3,
     );

@@ -56,7 +56,7 @@ enum Op {
 enum Answer {
     Get(Option<Versioned>),
     Created(Option<i64>),
-    Leader { key: Vec<u8>, rev: i64, lease: i64 },
+    Leader { key: Vec<u8>, rev: i64, lease: i64, ended: tokio::sync::watch::Receiver<bool> },
     Range(Vec<(Vec<u8>, Vec<u8>)>),
     Txn { succeeded: bool },
 }
@@ -184,24 +184,50 @@ impl Members {
         let mut client = self.full[member].clone();
         let lease = client.lease_grant(ttl, None).await.map_err(|e| e.to_string())?.id();
         let (mut keeper, mut stream) = client.lease_keep_alive(lease).await.map_err(|e| e.to_string())?;
-        let every = Duration::from_millis(u64::try_from(ttl.max(1)).unwrap_or(1) * 1000 / 3);
+        let ttl_duration = Duration::from_secs(u64::try_from(ttl.max(1)).unwrap_or(1));
+        let every = ttl_duration / 3;
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            // Ends when etcd says the lease is gone (revoked, or expired while we were away), or
-            // stops answering: from then on the leader key's revision no longer matches.
+            // Ends when etcd says the lease is gone (revoked, or expired while this process was
+            // stopped), or has not confirmed it for a whole TTL (then it may have expired): from
+            // then on the leader key's revision no longer matches, and whoever waits on `ended`
+            // learns that this process no longer leads.
             loop {
-                if keeper.keep_alive().await.is_err() {
-                    break;
-                }
-                match stream.message().await {
+                let renewed = tokio::time::timeout(ttl_duration, async {
+                    keeper.keep_alive().await.ok()?;
+                    stream.message().await.ok()?
+                })
+                .await;
+                match renewed {
                     Ok(Some(answer)) if answer.ttl() > 0 => {}
                     _ => break,
                 }
                 tokio::time::sleep(every).await;
             }
+            ended_tx.send_replace(true);
         });
-        let response = client.campaign(name, value, lease).await.map_err(|e| e.to_string())?;
+        // The campaign answers only once this process leads, which may take longer than a
+        // request may (the client's request timeout cuts it off): asked again with the same
+        // lease, etcd goes on waiting with the key it already made, for as long as the lease lives.
+        let response = loop {
+            match client.campaign(name.clone(), value.clone(), lease).await {
+                Ok(response) => break response,
+                // Cut off, or the member is down for a moment (a member's answer that is not
+                // about time or reachability is final).
+                Err(etcd_client::Error::GRpcStatus(status)) if transient(status.code() as i32) && !*ended.borrow() => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(etcd_client::Error::TransportError(_)) if !*ended.borrow() => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) if *ended.borrow() => {
+                    return Err(format!("the lease ended while waiting to lead ({e}); start again"));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
         let leader = response.leader().ok_or_else(|| "etcd answered the campaign without a leader key".to_string())?;
-        Ok(Answer::Leader { key: leader.key().to_vec(), rev: leader.rev(), lease })
+        Ok(Answer::Leader { key: leader.key().to_vec(), rev: leader.rev(), lease, ended })
     }
 
     async fn run(&self, op: Op, timeout: Duration) -> Result<Answer, String> {
@@ -434,9 +460,14 @@ impl Backend for EtcdBackend {
             .map_err(|_| fail("the etcd client thread has stopped".into()))?;
         // Waits for as long as another coordinator leads.
         match answer.recv() {
-            Ok(Ok(Answer::Leader { key, rev, lease })) => {
+            Ok(Ok(Answer::Leader { key, rev, lease, ended })) => {
                 *self.fence.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((key.clone(), rev));
-                Ok(Leadership { key: String::from_utf8_lossy(&key).into_owned(), revision: rev, lease })
+                Ok(Leadership {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    revision: rev,
+                    lease,
+                    ended: Some(ended),
+                })
             }
             Ok(Ok(_)) => Err(fail("etcd answered a campaign with something else".into())),
             Ok(Err(message)) => Err(fail(format!("campaign for leadership: {message}"))),
