@@ -14,10 +14,10 @@
 //! `connect_with`. A partition that drops packets drops them on an endpoint, so it cuts every agent
 //! behind it.
 //!
-//! Control: [`Fleet::kill`] ends an agent at once, mid-session, with no goodbye of its own (its
-//! connection handle is dropped, so QUIC closes it underneath, where a killed process's connection
-//! would be left for the coordinator to time out; either way no report comes, which is what node
-//! health goes by); [`Fleet::revive`] starts it again with its credentials and the generation it
+//! Control: [`Fleet::kill`] ends an agent at once, mid-session, as `kill -9` ends a process: not a
+//! frame more, no stream finished, no connection closed. Its connection is left open and unused
+//! until the coordinator gives up on it, so the coordinator finds out by silence alone, as it would
+//! from a dead process (whose kernel says nothing over UDP either); [`Fleet::revive`] starts it again with its credentials and the generation it
 //! applied, as a restarted agent with its state directory; [`Fleet::partition`] and
 //! [`Fleet::heal`] cut and restore its network.
 
@@ -328,13 +328,11 @@ impl Fleet {
         tasks[i] = Some(tokio::spawn(run_agent(self.shared.clone(), agent.clone())));
     }
 
-    /// Ends agent `i` at once (see the module's notes on how close this is to `kill -9`).
+    /// Ends agent `i` at once, saying nothing to the coordinator (see the module's notes). The
+    /// agent's task sees the change and leaves its connection behind untouched.
     pub fn kill(&self, i: usize) {
         let agent = &self.agents[i];
         agent.mode.send_replace(Mode::Killed);
-        if let Some(task) = self.tasks.lock().unwrap_or_else(|p| p.into_inner())[i].take() {
-            task.abort();
-        }
         agent.linked.store(false, Ordering::Relaxed);
     }
 
@@ -474,6 +472,14 @@ enum End {
     Failed,
     /// Refused for good.
     Refused(String),
+    /// Killed: the agent is gone until revived.
+    Killed,
+}
+
+/// Resolves once the agent is killed.
+async fn killed(mode: &mut watch::Receiver<Mode>) {
+    // An error means the fleet is gone, which ends the agent too.
+    let _ = mode.wait_for(|m| *m == Mode::Killed).await;
 }
 
 /// One agent's life: sessions with jittered backoff between them, as the agent's `Link::run`.
@@ -494,8 +500,12 @@ async fn run_agent(shared: Arc<Shared>, me: Arc<AgentState>) {
                 *me.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
                 return;
             }
+            End::Killed => return,
         };
-        tokio::time::sleep(backoff_delay(attempt, rng.random::<f64>())).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff_delay(attempt, rng.random::<f64>())) => {}
+            _ = killed(&mut mode) => return,
+        }
         attempt = attempt.saturating_add(1);
     }
 }
@@ -521,12 +531,16 @@ async fn session(
     };
     let hello = hello(&me.creds.name, me.applied_generation.load(Ordering::Relaxed), system);
     let endpoint = &shared.endpoints[me.endpoint];
-    let Session { conn: _conn, mut send, mut msgs, reader: _reader, welcome } =
-        match open_session(endpoint, addr, config, &hello).await {
-            Ok(session) => session,
-            Err(OpenError::Failed(_)) => return End::Failed,
-            Err(OpenError::Refused(refusal)) => return End::Refused(refusal.to_string()),
-        };
+    let opened = tokio::select! {
+        opened = open_session(endpoint, addr, config, &hello) => opened,
+        // Killed while connecting: a handshake cut short, which a dead process leaves too.
+        _ = killed(mode) => return End::Killed,
+    };
+    let Session { conn, mut send, mut msgs, reader, welcome } = match opened {
+        Ok(session) => session,
+        Err(OpenError::Failed(_)) => return End::Failed,
+        Err(OpenError::Refused(refusal)) => return End::Refused(refusal.to_string()),
+    };
     let welcomed_ns = shared.epoch.elapsed().as_nanos() as u64;
     me.welcomed_at_ns.store(welcomed_ns.max(1), Ordering::Relaxed);
     me.linked.store(true, Ordering::Relaxed);
@@ -586,8 +600,14 @@ async fn session(
             },
             changed = mode.changed() => {
                 if changed.is_err() || *mode.borrow_and_update() == Mode::Killed {
-                    // Killed: the task is being aborted; drop everything without a goodbye.
-                    std::future::pending::<()>().await;
+                    // Dropping the stream or the connection would tell the coordinator (a FIN, a
+                    // CONNECTION_CLOSE): everything is kept, unused, until the coordinator closes
+                    // the connection or it times out.
+                    tokio::spawn(async move {
+                        let _left_behind = (send, msgs, reader);
+                        conn.closed().await;
+                    });
+                    return End::Killed;
                 }
             }
         }

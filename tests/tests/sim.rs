@@ -83,6 +83,10 @@ async fn a_simulated_fleet_enrolls_reports_applies_and_goes_away_and_back() {
 
     // A killed agent goes Unreachable; revived, it links again and reports.
     fleet.kill(3);
+    // As with a process killed, nothing tells the coordinator: its link stays up until the
+    // silence ends it (after `unreachable_after`, 1 s here).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(nodes(&coordinator).await[&names[3]].connected, "the coordinator learnt of the kill from the wire");
     wait_health(&coordinator, &names[3..4], Health::Unreachable, "the killed node Unreachable").await;
     assert!(!fleet.is_linked(3));
     fleet.revive(3);
