@@ -48,6 +48,9 @@ pub enum ErrorCode {
     Unplaceable,
     /// 500: the coordinator failed; its log says why.
     Internal,
+    /// 503: the state store cannot take the request now (etcd without a quorum, or this
+    /// coordinator no longer leads); nothing was written.
+    Unavailable,
 }
 
 /// The body of every error response.
@@ -186,7 +189,22 @@ impl From<NameError> for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        ApiError::internal(&e)
+        ApiError::store(&e)
+    }
+}
+
+impl ApiError {
+    /// A failed read or write of the state: one the store cannot take now (etcd without a quorum,
+    /// a deposed leader) is 503 and says why, which an operator can act on; anything else is 500.
+    fn store(e: &crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::NotLeader { .. } | StoreError::Etcd { .. } => {
+                tracing::error!(error = %e, "admin request refused: the state store cannot take it");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string())
+            }
+            _ => ApiError::internal(e),
+        }
     }
 }
 
@@ -198,14 +216,7 @@ impl From<TokenError> for ApiError {
             TokenError::BadTtl(_) | TokenError::UnreadableTtl { .. } | TokenError::BadClass(_) => {
                 ApiError::bad_request(e.to_string())
             }
-            TokenError::Store(e) => {
-                tracing::error!(error = %e, "state database failed");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    ErrorCode::Internal,
-                    "the state database failed; see the coordinator log",
-                )
-            }
+            TokenError::Store(e) => ApiError::store(&e),
         }
     }
 }
@@ -217,7 +228,7 @@ impl From<TenantsError> for ApiError {
         match e {
             TenantsError::NotFound(_) | TenantsError::NoNode(_) => ApiError::not_found(message),
             TenantsError::StillDeleting(_) => ApiError::conflict(message),
-            TenantsError::Store(e) => ApiError::internal(&e),
+            TenantsError::Store(e) => ApiError::store(&e),
             TenantsError::Placement(p) => match p {
                 PlacementError::InvalidPlan { source: TenantError::Name(_), .. } => {
                     unprocessable(ErrorCode::InvalidName)

@@ -65,10 +65,16 @@ const SHARED: &[(&str, &str, &str)] = &[
         "the body does not match the request schema: a missing or unknown field, or a wrong type (`invalid_body`)",
     ),
     ("Internal", "500", "the coordinator failed (`internal`); its log says why"),
+    (
+        "Unavailable",
+        "503",
+        "the state store cannot take the request now (`unavailable`): etcd has no quorum, or this coordinator no \
+         longer leads; nothing was written, and the message says which",
+    ),
 ];
 
-/// Adds to every operation the statuses it shares with the others: 405 for its path; 401 and 500
-/// behind the bearer token; 400, 413, 415 and 422 when it takes a JSON body. An operation's own
+/// Adds to every operation the statuses it shares with the others: 405 for its path; 401, 500 and
+/// 503 behind the bearer token; 400, 413, 415 and 422 when it takes a JSON body. An operation's own
 /// description of a status (a 400 that also covers a bad pool, say) is kept.
 pub(super) fn common_responses(openapi: &mut OpenApi) {
     let components = openapi.components.get_or_insert_with(Default::default);
@@ -104,6 +110,7 @@ pub(super) fn common_responses(openapi: &mut OpenApi) {
             if authed {
                 add(operation, "401", "Unauthorized");
                 add(operation, "500", "Internal");
+                add(operation, "503", "Unavailable");
             }
             if with_body {
                 add(operation, "400", "BadJson");
