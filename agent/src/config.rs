@@ -13,7 +13,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/hexabase/agent.toml";
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Coordinator QUIC address, `HOST:PORT`.
+    /// Coordinator QUIC address, `HOST:PORT`; coordinators sharing an etcd store: theirs, separated
+    /// by commas (or one name with an address per coordinator). The agent links with the one that
+    /// answers, which is the leader: the others do not listen.
     pub coordinator: String,
     /// Bootstrap token for the first enrollment; ignored once the node holds a certificate.
     pub token: String,
@@ -130,7 +132,7 @@ pub enum TokenFileError {
 pub enum CheckError {
     #[error(
         "config file {file}: coordinator = {value:?} is not HOST:PORT; write the coordinator's QUIC address, \
-         e.g. coordinator = \"coord.example:7443\""
+         e.g. coordinator = \"coord.example:7443\" (several, separated by commas: \"c1:7443,c2:7443\")"
     )]
     Coordinator { file: String, value: String },
     #[error(
@@ -158,14 +160,23 @@ pub enum CheckError {
 const NODE_CERT: &str = "node.crt";
 
 impl AgentConfig {
+    /// The `HOST:PORT`s `coordinator` lists, in order.
+    pub fn coordinator_addresses(&self) -> Vec<&str> {
+        self.coordinator.split(',').map(str::trim).filter(|a| !a.is_empty()).collect()
+    }
+
     /// Checks what loading alone cannot: the coordinator address, the CA pin, and, on a node that
     /// has not enrolled yet, that a bootstrap token and the pin are there to enroll with (a token
     /// file must be readable and not empty). `file` names the configuration file in the errors.
     /// Looks at the state directory without creating it.
     pub fn check(&self, file: &str) -> Result<(), CheckError> {
         let file = file.to_string();
-        let (host, port) = self.coordinator.rsplit_once(':').unwrap_or_default();
-        if host.is_empty() || port.parse::<u16>().is_err() {
+        let host_port = |address: &str| {
+            let (host, port) = address.rsplit_once(':').unwrap_or_default();
+            !host.is_empty() && port.parse::<u16>().is_ok()
+        };
+        let addresses = self.coordinator_addresses();
+        if addresses.is_empty() || !addresses.iter().all(|a| host_port(a)) {
             return Err(CheckError::Coordinator { file, value: self.coordinator.clone() });
         }
         if !self.ca_hash.is_empty() && self.ca_hash.parse::<hexa_shared::pki::CaHash>().is_err() {
@@ -253,6 +264,25 @@ mod tests {
         let err = missing.bootstrap_token().unwrap_err().to_string();
         assert!(err.contains("nope") && err.contains("token_file"), "{err}");
         assert_eq!(AgentConfig::default().bootstrap_token().unwrap(), "");
+    }
+
+    #[test]
+    fn several_coordinator_addresses_are_taken_each_one_checked() {
+        let state = tempfile::tempdir().unwrap();
+        let enrolled_nowhere = |coordinator: &str| AgentConfig {
+            coordinator: coordinator.into(),
+            token: "abcdef.0123456789abcdef".into(),
+            ca_hash: format!("sha256:{}", "0".repeat(64)),
+            state_dir: state.path().join("agent"),
+            ..AgentConfig::default()
+        };
+        let several = enrolled_nowhere("c1.example:7443, 10.0.0.2:7443,c3:7443");
+        assert_eq!(several.coordinator_addresses(), ["c1.example:7443", "10.0.0.2:7443", "c3:7443"]);
+        assert!(several.check("agent.toml").is_ok());
+        for bad in ["c1:7443,c2", "", " , ", "c1:7443,:7443"] {
+            let err = enrolled_nowhere(bad).check("agent.toml").unwrap_err().to_string();
+            assert!(err.contains("is not HOST:PORT") && err.contains("separated by commas"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -176,18 +176,33 @@ pub async fn enforce_at_start(
     }
 }
 
-async fn resolve(address: &str) -> Result<SocketAddr, AgentError> {
-    let mut addrs = tokio::net::lookup_host(address)
-        .await
-        .map_err(|error| ConfigError::Address { address: address.to_string(), error })?;
-    addrs.next().ok_or_else(|| ConfigError::Unresolved { address: address.to_string() }.into())
+/// Every address the coordinator addresses resolve to (a name may stand for several), in order,
+/// each once.
+async fn resolve(addresses: &[&str]) -> Result<Vec<SocketAddr>, AgentError> {
+    let mut resolved: Vec<SocketAddr> = Vec::new();
+    for address in addresses {
+        let found: Vec<SocketAddr> = tokio::net::lookup_host(address)
+            .await
+            .map_err(|error| ConfigError::Address { address: address.to_string(), error })?
+            .collect();
+        if found.is_empty() {
+            return Err(ConfigError::Unresolved { address: address.to_string() }.into());
+        }
+        for addr in found {
+            if !resolved.contains(&addr) {
+                resolved.push(addr);
+            }
+        }
+    }
+    Ok(resolved)
 }
 
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let state = StateDir::open(&config.state_dir)?;
     let baseline_pod_cidr = config.isolation.baseline_pod_cidr()?;
-    let addr = resolve(&config.coordinator).await?;
+    let addrs = resolve(&config.coordinator_addresses()).await?;
+    let mut addr = addrs[0];
     let any = if addr.is_ipv6() { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
     let bind = SocketAddr::new(any, 0);
     let endpoint = quinn::Endpoint::client(bind).map_err(AgentError::Socket)?;
@@ -231,7 +246,10 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
                 Err(e @ (AgentError::Refused(_) | AgentError::State(_) | AgentError::Crypto(_))) => return Err(e),
                 Err(e) => {
                     let delay = backoff::backoff_delay(attempt, rand::rng().random::<f64>());
-                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "enrollment failed");
+                    warn!(error = %e, coordinator = %addr, retry_in_ms = delay.as_millis() as u64, "enrollment failed");
+                    // The next coordinator address, if there are several: the one that failed
+                    // may be a follower, or gone.
+                    addr = addrs[(attempt as usize + 1) % addrs.len()];
                     host.service.status(&format!("enrollment with {} failed ({e}); retrying", config.coordinator));
                     attempt += 1;
                     // This loop is the one that would hang before the supervisor runs: it feeds
@@ -278,7 +296,7 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         },
     };
     let node = node::Supervisor::spawn(parts, applied, node::Periods::default(), host.service.clone());
-    let mut link = link::Link::new(endpoint.clone(), addr, state, node)
+    let mut link = link::Link::new(endpoint.clone(), addrs, state, node)
         .notifying(host.service.clone())
         .with_k3s_root(host.root.clone());
     let result = link.run(shutdown).await;

@@ -133,11 +133,18 @@ enum SessionEnd {
     Shutdown,
 }
 
+/// How long a session may take to open when there are other coordinator addresses to try.
+const HANDSHAKE_TIMEOUT_AMONG_SEVERAL: Duration = Duration::from_secs(2);
+
 /// The session with the coordinator. The node's work is the supervisor's ([`Node`]); the link
 /// passes specs to it, reports what it answers, and tells the coordinator the apply results.
 #[derive(Debug)]
 pub struct Link {
     endpoint: quinn::Endpoint,
+    /// The coordinator addresses; `addrs[current]` is the one in use.
+    addrs: Vec<SocketAddr>,
+    current: usize,
+    /// The address of the last session that came up, where a dropped link is tried again first.
     addr: SocketAddr,
     state: StateDir,
     node: Node,
@@ -151,9 +158,14 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn new(endpoint: quinn::Endpoint, addr: SocketAddr, state: StateDir, node: Node) -> Link {
+    /// A link to the coordinator at the first of `addrs` (at least one); with several, a session
+    /// that cannot be opened moves on to the next.
+    pub fn new(endpoint: quinn::Endpoint, addrs: Vec<SocketAddr>, state: StateDir, node: Node) -> Link {
+        let addr = addrs.first().copied().unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7443)));
         Link {
             endpoint,
+            addrs,
+            current: 0,
             addr,
             state,
             node,
@@ -192,8 +204,17 @@ impl Link {
                     attempt = 0;
                 }
                 SessionEnd::Failed(reason) => {
-                    warn!(%reason, attempt, "cannot reach the coordinator");
+                    warn!(%reason, attempt, coordinator = %self.addr, "cannot reach the coordinator");
                     self.link_status(&format!("cannot reach the coordinator at {} ({reason}); retrying", self.addr));
+                    if self.addrs.len() > 1 {
+                        // Another coordinator may lead now: each address is tried in turn, the
+                        // whole round before backing off further.
+                        self.current = (self.current + 1) % self.addrs.len();
+                        self.addr = self.addrs[self.current];
+                        if self.current != 0 {
+                            continue;
+                        }
+                    }
                 }
             }
             let delay = backoff_delay(attempt, rand::rng().random::<f64>());
@@ -210,11 +231,16 @@ impl Link {
         let identity = self.state.load_identity()?;
         let config = pki::link_client_config(&identity.ca, identity.chain.clone(), identity.key_der()?)?;
         let hello = hello(&identity.node_name, self.node.applied_generation(), system_info());
+        // With one address there is nothing else to try: the handshake gets QUIC's whole idle
+        // timeout. With several, a coordinator that does not answer soon is a follower or gone.
+        let handshake_limit =
+            if self.addrs.len() > 1 { HANDSHAKE_TIMEOUT_AMONG_SEVERAL } else { pki::IDLE_TIMEOUT * 2 };
         let session = tokio::select! {
-            opened = open_session(&self.endpoint, self.addr, config, &hello) => match opened {
-                Ok(session) => session,
-                Err(OpenError::Failed(reason)) => return Ok(SessionEnd::Failed(reason)),
-                Err(OpenError::Refused(refusal)) => return Err(AgentError::Refused(refusal)),
+            opened = tokio::time::timeout(handshake_limit, open_session(&self.endpoint, self.addr, config, &hello)) => match opened {
+                Ok(Ok(session)) => session,
+                Ok(Err(OpenError::Failed(reason))) => return Ok(SessionEnd::Failed(reason)),
+                Ok(Err(OpenError::Refused(refusal))) => return Err(AgentError::Refused(refusal)),
+                Err(_) => return Ok(SessionEnd::Failed(format!("no answer within {handshake_limit:?}"))),
             },
             _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
         };

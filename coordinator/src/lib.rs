@@ -265,7 +265,12 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
     let leadership = lead(&config, &store, &service).await?;
     let admin_token_sha256 = admin_token_hash(&config, &store)?;
     let metrics = Arc::new(Metrics::default());
-    let thresholds = HealthThresholds { unreachable_after: config.unreachable_after, lost_after: config.lost_after };
+    // A leader of several coordinators may take over nodes that reported to another until a
+    // moment ago: they get `lost_after` to come over before their silence counts. A lone
+    // coordinator's nodes had no one else to report to.
+    let start_grace = if config.store.backend == store::BackendKind::Etcd { config.lost_after } else { Duration::ZERO };
+    let thresholds =
+        HealthThresholds { unreachable_after: config.unreachable_after, lost_after: config.lost_after, start_grace };
     let plans = desired::Plans {
         k3s: desired::K3sPlan {
             settings: config.k3s.clone(),

@@ -117,11 +117,16 @@ impl CoordinatorProc {
 
 /// Starts `hexa-agent` as a process that enrolls with `token` (if not enrolled yet).
 pub fn spawn_agent(dir: &Path, name: &str, coordinator: std::net::SocketAddr, token: &str, ca: &str) -> Proc {
+    spawn_agent_to(dir, name, &coordinator.to_string(), token, ca)
+}
+
+/// [`spawn_agent`] with the agent's `coordinator` setting as given (several addresses, say).
+pub fn spawn_agent_to(dir: &Path, name: &str, coordinators: &str, token: &str, ca: &str) -> Proc {
     Proc::spawn(
         &crate::bin("hexa-agent"),
         &[
             "--coordinator".into(),
-            coordinator.to_string(),
+            coordinators.to_string(),
             "--token".into(),
             token.into(),
             "--ca-hash".into(),

@@ -1,6 +1,7 @@
 //! Coordinators sharing one etcd (three real members on loopback): one leads and serves, the
 //! others wait; a leader killed is replaced once its lease runs out, with every acknowledged write
-//! there; a leader stopped is replaced too, and when it wakes up it cannot write, steps down (exit
+//! there, and agents given every coordinator's address move to the new leader with no node marked
+//! Lost; a leader stopped is replaced too, and when it wakes up it cannot write, steps down (exit
 //! status 75) and, started again, follows.
 
 use std::collections::BTreeSet;
@@ -12,9 +13,10 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
+use hexa_coordinator::store::Health;
 use hexa_tests::admin::AdminClient;
 use hexa_tests::etcd::{self, EtcdCluster};
-use hexa_tests::procs::Proc;
+use hexa_tests::procs::{Proc, spawn_agent_to};
 use hexa_tests::{eventually, free_port};
 
 /// The leader key's lease: a leader that has not renewed it for this long is replaced.
@@ -25,6 +27,7 @@ struct Coordinator {
     dir: PathBuf,
     config: PathBuf,
     admin_port: u16,
+    quic_port: u16,
 }
 
 impl Coordinator {
@@ -44,7 +47,7 @@ impl Coordinator {
         );
         let config = dir.join("coordinator.toml");
         std::fs::write(&config, text).unwrap();
-        Coordinator { dir, config, admin_port }
+        Coordinator { dir, config, admin_port, quic_port }
     }
 
     fn start(&self, log: &str) -> Proc {
@@ -104,28 +107,54 @@ async fn tenant_names(admin: &AdminClient) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_killed_in_a_burst_of_creates_is_replaced_within_its_lease_and_nothing_is_lost() {
+async fn a_leader_killed_in_a_burst_of_creates_is_replaced_and_agents_follow_with_nothing_lost() {
     hexa_tests::init();
     assert!(etcd::unavailable().is_none(), "needs a real etcd: {:?}", etcd::unavailable());
     let cluster = EtcdCluster::start(3);
     let root = tempfile::tempdir().unwrap();
-    let (a, b) = (
-        Coordinator::new(root.path(), "a", &cluster.endpoints()),
-        Coordinator::new(root.path(), "b", &cluster.endpoints()),
-    );
-    let mut leader = a.start("a-1.log");
-    eventually(Duration::from_secs(30), "the first coordinator leading", async || serves(&leader).then_some(())).await;
-    let follower = b.start("b-1.log");
-    follows(&follower, &b).await;
-    // Past a whole lease: the follower still waits while the leader keeps its lease.
+    let coordinators: Vec<Coordinator> =
+        ["a", "b", "c"].iter().map(|name| Coordinator::new(root.path(), name, &cluster.endpoints())).collect();
+    let mut first = coordinators[0].start("a-1.log");
+    eventually(Duration::from_secs(30), "the first coordinator leading", async || serves(&first).then_some(())).await;
+    // One CA for all: the standbys get a copy of the first one's, as the README says to do.
+    for standby in &coordinators[1..] {
+        let state = standby.dir.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        for file in ["ca.crt", "ca.key"] {
+            std::fs::copy(coordinators[0].dir.join("state").join(file), state.join(file)).unwrap();
+        }
+    }
+    let mut standbys: Vec<Proc> = Vec::new();
+    for (i, standby) in coordinators[1..].iter().enumerate() {
+        let proc = standby.start(&format!("{}-1.log", ["b", "c"][i]));
+        follows(&proc, standby).await;
+        standbys.push(proc);
+    }
+
+    // Agents given every coordinator's address.
+    let ca = first.stdout_text().lines().find_map(|l| l.strip_prefix("CA ").map(str::to_string)).unwrap();
+    let everyone: Vec<String> = coordinators.iter().map(|c| format!("127.0.0.1:{}", c.quic_port)).collect();
+    let admin = coordinators[0].admin();
+    let mut agents = Vec::new();
+    let names = ["n1", "n2", "n3"];
+    for name in names {
+        let token = admin.token("shared", "10m").await;
+        agents.push(spawn_agent_to(root.path(), name, &everyone.join(","), &token, &ca));
+    }
+    eventually(Duration::from_secs(30), "three nodes Ready on the first leader", async || {
+        let nodes = admin.nodes().await;
+        (nodes.len() == 3 && nodes.iter().all(|n| n.health == Health::Ready && n.connected)).then_some(())
+    })
+    .await;
+    // Past a whole lease: the standbys still wait while the leader keeps its lease.
     tokio::time::sleep(LEASE_TTL * 2).await;
-    assert!(!serves(&follower), "the follower took over from a live leader");
+    assert!(!standbys.iter().any(serves), "a standby took over from a live leader");
 
     // Four clients create tenants as fast as the leader answers; it is killed after the
     // twentieth acknowledgement, whatever is in flight.
     let acked = Arc::new(Mutex::new(BTreeSet::<String>::new()));
     let in_doubt = Arc::new(Mutex::new(BTreeSet::<String>::new()));
-    let admin = a.admin();
     let mut clients = Vec::new();
     for client in 0..4 {
         let (acked, in_doubt, admin) = (acked.clone(), in_doubt.clone(), admin.clone());
@@ -151,7 +180,7 @@ async fn a_leader_killed_in_a_burst_of_creates_is_replaced_within_its_lease_and_
         (acked.lock().unwrap().len() >= 20).then_some(())
     })
     .await;
-    leader.kill9();
+    first.kill9();
     let killed = Instant::now();
     for client in clients {
         client.await.unwrap();
@@ -159,31 +188,58 @@ async fn a_leader_killed_in_a_burst_of_creates_is_replaced_within_its_lease_and_
     let acked = acked.lock().unwrap().clone();
     let in_doubt = in_doubt.lock().unwrap().clone();
 
-    let failover = served_after(&follower, killed, LEASE_TTL + Duration::from_secs(20)).await;
+    let (leader, follower) = loop {
+        if let Some(i) = standbys.iter().position(serves) {
+            break (i, 1 - i);
+        }
+        assert!(killed.elapsed() < LEASE_TTL + Duration::from_secs(20), "no new leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let new_leader_after = killed.elapsed();
+    let admin = coordinators[1 + leader].admin();
+    let mut moved = Duration::ZERO;
+    eventually(Duration::from_secs(30), "every agent on the new leader", async || {
+        let nodes = admin.nodes().await;
+        let all = nodes.len() == 3
+            && nodes.iter().all(|n| n.connected && n.health == Health::Ready && n.last_report_seq.is_some());
+        moved = killed.elapsed();
+        all.then_some(())
+    })
+    .await;
     eprintln!(
-        "leader killed after {} acknowledged creates ({} in flight); the follower served {:.2} s later (lease TTL {} s)",
+        "leader killed after {} acknowledged creates ({} in flight): a new leader served {:.2} s later (lease TTL {} s); \
+         all {} agents on it {:.2} s after the kill",
         acked.len(),
         in_doubt.len(),
-        failover.as_secs_f64(),
-        LEASE_TTL.as_secs()
+        new_leader_after.as_secs_f64(),
+        LEASE_TTL.as_secs(),
+        names.len(),
+        moved.as_secs_f64()
     );
-    let names = tenant_names(&b.admin()).await;
-    let unique: BTreeSet<&str> = names.iter().map(String::as_str).collect();
-    assert_eq!(names.len(), unique.len(), "a tenant is listed twice: {names:?}");
+
+    // Every acknowledged create is there once; nothing exists that was not sent.
+    let listed = tenant_names(&admin).await;
+    let unique: BTreeSet<&str> = listed.iter().map(String::as_str).collect();
+    assert_eq!(listed.len(), unique.len(), "a tenant is listed twice: {listed:?}");
     for name in &acked {
         assert!(unique.contains(name.as_str()), "acknowledged tenant {name} lost in the failover");
     }
     for name in &unique {
         assert!(acked.contains(*name) || in_doubt.contains(*name), "tenant {name} exists though no create was sent");
     }
-    // The new leader writes.
+    // No node was marked Lost by the failover, and there is one leader.
+    let log = standbys[leader].log_text();
+    assert!(!log.contains("to=Lost") && !log.contains("to=Unreachable"), "the failover marked a node:\n{log}");
+    assert!(!serves(&standbys[follower]), "two leaders");
+    for agent in &agents {
+        assert!(!agent.log_text().contains("refused"), "{}", agent.log_text());
+    }
+    // The new leader writes; the old one, started again, follows.
     let (status, body) =
-        b.admin().request(reqwest::Method::POST, "/v1/tenants", Some(json!({"name": "after", "plan": plan()}))).await;
+        admin.request(reqwest::Method::POST, "/v1/tenants", Some(json!({"name": "after", "plan": plan()}))).await;
     assert_eq!(status, 201, "{body}");
-
-    // The old one, started again, follows.
-    let again = a.start("a-2.log");
-    follows(&again, &a).await;
+    let again = coordinators[0].start("a-2.log");
+    follows(&again, &coordinators[0]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

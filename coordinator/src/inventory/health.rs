@@ -9,6 +9,9 @@ use crate::store::Health;
 pub struct HealthThresholds {
     pub unreachable_after: Duration,
     pub lost_after: Duration,
+    /// How long after the nodes are loaded their silence starts to count: a new leader's nodes
+    /// reported to the old one until it died, and need the time to find the new one.
+    pub start_grace: Duration,
 }
 
 /// The next health of a node that has been silent for `silent_for`. Only a report makes a node

@@ -174,7 +174,7 @@ impl Inventory {
                 record.health_since_unix = now_unix();
                 reset.push(record.clone());
             }
-            nodes.insert(name, NodeEntry::new(record, now));
+            nodes.insert(name, NodeEntry::new(record, now + thresholds.start_grace));
         }
         // Few commits for the whole fleet: a commit per node would keep a large fleet waiting.
         store.put_nodes(&reset)?;

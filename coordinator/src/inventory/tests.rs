@@ -231,8 +231,11 @@ fn a_lost_nodes_pods_leave_the_other_nodes_sets() {
     assert_eq!(acme("n1"), 1, "n1 reports again; n2 stays Lost");
 }
 
-const T: HealthThresholds =
-    HealthThresholds { unreachable_after: Duration::from_secs(3), lost_after: Duration::from_secs(30) };
+const T: HealthThresholds = HealthThresholds {
+    unreachable_after: Duration::from_secs(3),
+    lost_after: Duration::from_secs(30),
+    start_grace: Duration::ZERO,
+};
 
 #[test]
 fn silence_turns_into_health() {
