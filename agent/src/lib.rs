@@ -194,6 +194,9 @@ async fn resolve(addresses: &[&str]) -> Result<Vec<SocketAddr>, AgentError> {
             }
         }
     }
+    if resolved.is_empty() {
+        return Err(ConfigError::Unresolved { address: addresses.join(",") }.into());
+    }
     Ok(resolved)
 }
 

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod artifacts;
+pub mod burst;
 pub mod dedicated;
 pub mod etcd;
 pub mod fake_kube;

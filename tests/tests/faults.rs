@@ -7,12 +7,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hexa_coordinator::store::Health;
 use hexa_shared::tenant::Tenant;
 use hexa_tests::admin::AdminClient;
+use hexa_tests::burst::CreateBurst;
 use hexa_tests::netns::{self, Topology};
 use hexa_tests::procs::{CoordinatorProc, Proc, spawn_agent};
 use hexa_tests::{eventually, free_port};
@@ -70,64 +71,19 @@ async fn a_coordinator_killed_in_a_burst_of_creates_loses_and_doubles_nothing() 
 
     // Four clients create tenants as fast as the coordinator answers; it is killed after the
     // twentieth acknowledgement, whatever is in flight.
-    let acked = Arc::new(Mutex::new(BTreeSet::<String>::new()));
-    let in_doubt = Arc::new(Mutex::new(BTreeSet::<String>::new()));
-    let token = std::fs::read_to_string(dir.path().join("state/admin.token")).unwrap().trim().to_string();
-    let base = format!("http://127.0.0.1:{admin_port}");
-    let mut clients = Vec::new();
-    for client in 0..4 {
-        let (acked, in_doubt, token, base) = (acked.clone(), in_doubt.clone(), token.clone(), base.clone());
-        clients.push(tokio::spawn(async move {
-            let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-            for i in 0..25 {
-                let name = format!("t{client}-{i}");
-                let sent = http
-                    .post(format!("{base}/v1/tenants"))
-                    .bearer_auth(&token)
-                    .json(&json!({"name": name, "plan": small_plan(1)}))
-                    .send()
-                    .await;
-                match sent.map(|r| r.status().as_u16()) {
-                    Ok(201) => {
-                        acked.lock().unwrap().insert(name);
-                    }
-                    Ok(status) => panic!("create {name}: HTTP {status}"),
-                    // The coordinator died with this request in flight: it may or may not exist.
-                    Err(_) => {
-                        in_doubt.lock().unwrap().insert(name);
-                        return;
-                    }
-                }
-            }
-        }));
-    }
+    let burst = CreateBurst::start(&c.admin, 4, 25, small_plan(1));
     eventually(Duration::from_secs(60), "twenty creates acknowledged", async || {
-        (acked.lock().unwrap().len() >= 20).then_some(())
+        (burst.acked_count() >= 20).then_some(())
     })
     .await;
     c.proc.kill9();
-    for client in clients {
-        client.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    let in_doubt = in_doubt.lock().unwrap().clone();
-    eprintln!("killed after {} acknowledged creates, {} in flight", acked.len(), in_doubt.len());
+    let outcome = burst.finish().await;
+    eprintln!("killed after {} acknowledged creates, {} in flight", outcome.acked.len(), outcome.in_doubt.len());
 
     let c = CoordinatorProc::start(dir.path(), quic, admin_port, "coordinator-2.log").await;
     let restarted = Instant::now();
     let after: Vec<Tenant> = tenants(&c.admin).await;
-    let names: Vec<&str> = after.iter().map(|t| t.name.as_str()).collect();
-    let unique: BTreeSet<&str> = names.iter().copied().collect();
-    assert_eq!(names.len(), unique.len(), "a tenant is listed twice: {names:?}");
-    for name in &acked {
-        assert!(unique.contains(name.as_str()), "acknowledged tenant {name} lost");
-    }
-    for name in &unique {
-        assert!(
-            acked.contains(*name) || in_doubt.contains(*name),
-            "tenant {name} exists though no create of it was sent"
-        );
-    }
+    outcome.check(&after.iter().map(|t| t.name.as_str()).collect::<Vec<_>>());
     for tenant in &after {
         assert!(tenant.placement.shares.len() <= 1, "{} has {} shares", tenant.name, tenant.placement.shares.len());
     }

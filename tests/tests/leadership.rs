@@ -4,9 +4,7 @@
 //! Lost; a leader stopped is replaced too, and when it wakes up it cannot write, steps down (exit
 //! status 75) and, started again, follows.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -15,6 +13,7 @@ use serde_json::{Value, json};
 
 use hexa_coordinator::store::Health;
 use hexa_tests::admin::AdminClient;
+use hexa_tests::burst::CreateBurst;
 use hexa_tests::etcd::{self, EtcdCluster};
 use hexa_tests::procs::{Proc, spawn_agent_to};
 use hexa_tests::{eventually, free_port};
@@ -153,40 +152,14 @@ async fn a_leader_killed_in_a_burst_of_creates_is_replaced_and_agents_follow_wit
 
     // Four clients create tenants as fast as the leader answers; it is killed after the
     // twentieth acknowledgement, whatever is in flight.
-    let acked = Arc::new(Mutex::new(BTreeSet::<String>::new()));
-    let in_doubt = Arc::new(Mutex::new(BTreeSet::<String>::new()));
-    let mut clients = Vec::new();
-    for client in 0..4 {
-        let (acked, in_doubt, admin) = (acked.clone(), in_doubt.clone(), admin.clone());
-        clients.push(tokio::spawn(async move {
-            for i in 0..50 {
-                let name = format!("t{client}-{i}");
-                let body = json!({"name": name, "plan": plan()});
-                match admin.request_raw(reqwest::Method::POST, "/v1/tenants", Some(body)).await {
-                    Ok((201, _)) => {
-                        acked.lock().unwrap().insert(name);
-                    }
-                    Ok((status, body)) => panic!("create {name}: HTTP {status} {body}"),
-                    // The leader died with this request in flight: it may or may not exist.
-                    Err(_) => {
-                        in_doubt.lock().unwrap().insert(name);
-                        return;
-                    }
-                }
-            }
-        }));
-    }
+    let burst = CreateBurst::start(&admin, 4, 50, plan());
     eventually(Duration::from_secs(60), "twenty creates acknowledged", async || {
-        (acked.lock().unwrap().len() >= 20).then_some(())
+        (burst.acked_count() >= 20).then_some(())
     })
     .await;
     first.kill9();
     let killed = Instant::now();
-    for client in clients {
-        client.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    let in_doubt = in_doubt.lock().unwrap().clone();
+    let outcome = burst.finish().await;
 
     let (leader, follower) = loop {
         if let Some(i) = standbys.iter().position(serves) {
@@ -209,8 +182,8 @@ async fn a_leader_killed_in_a_burst_of_creates_is_replaced_and_agents_follow_wit
     eprintln!(
         "leader killed after {} acknowledged creates ({} in flight): a new leader served {:.2} s later (lease TTL {} s); \
          all {} agents on it {:.2} s after the kill",
-        acked.len(),
-        in_doubt.len(),
+        outcome.acked.len(),
+        outcome.in_doubt.len(),
         new_leader_after.as_secs_f64(),
         LEASE_TTL.as_secs(),
         names.len(),
@@ -219,14 +192,7 @@ async fn a_leader_killed_in_a_burst_of_creates_is_replaced_and_agents_follow_wit
 
     // Every acknowledged create is there once; nothing exists that was not sent.
     let listed = tenant_names(&admin).await;
-    let unique: BTreeSet<&str> = listed.iter().map(String::as_str).collect();
-    assert_eq!(listed.len(), unique.len(), "a tenant is listed twice: {listed:?}");
-    for name in &acked {
-        assert!(unique.contains(name.as_str()), "acknowledged tenant {name} lost in the failover");
-    }
-    for name in &unique {
-        assert!(acked.contains(*name) || in_doubt.contains(*name), "tenant {name} exists though no create was sent");
-    }
+    outcome.check(&listed.iter().map(String::as_str).collect::<Vec<_>>());
     // No node was marked Lost by the failover, and there is one leader.
     let log = standbys[leader].log_text();
     assert!(!log.contains("to=Lost") && !log.contains("to=Unreachable"), "the failover marked a node:\n{log}");
