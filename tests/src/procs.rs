@@ -85,6 +85,28 @@ pub struct CoordinatorProc {
 }
 
 impl CoordinatorProc {
+    /// Starts an agent for each of `names`, each enrolling with a shared-pool token of its own
+    /// (state and log under `dir`).
+    pub async fn spawn_shared_agents(&self, dir: &Path, names: &[&str]) -> Vec<Proc> {
+        let ca = self.ca_hash.to_string();
+        let mut agents = Vec::new();
+        for name in names {
+            let token = self.admin.token("shared", "10m").await;
+            agents.push(spawn_agent(dir, name, self.quic_addr, &token, &ca));
+        }
+        agents
+    }
+
+    /// Waits until exactly `count` nodes are listed and every one is Ready.
+    pub async fn wait_ready(&self, count: usize) {
+        crate::eventually(std::time::Duration::from_secs(30), &format!("{count} nodes Ready"), async || {
+            let nodes = self.admin.nodes().await;
+            (nodes.len() == count && nodes.iter().all(|n| n.health == hexa_coordinator::store::Health::Ready))
+                .then_some(())
+        })
+        .await;
+    }
+
     /// Starts `hexa-coordinator --config <dir>/coordinator.toml` and waits until it serves.
     pub async fn start(dir: &Path, quic_port: u16, admin_port: u16, log_name: &str) -> CoordinatorProc {
         let config = fast_coordinator_config(dir, quic_port, admin_port);

@@ -13,18 +13,10 @@ async fn coordinator_killed_and_restarted_keeps_its_state_and_agents_return() {
     let (quic, admin_port) = (free_port(), free_port());
     let mut c = CoordinatorProc::start(dir.path(), quic, admin_port, "coordinator-1.log").await;
     let ca = c.ca_hash.to_string();
-    let mut agents = Vec::new();
-    for name in ["n1", "n2"] {
-        let token = c.admin.token("shared", "10m").await;
-        agents.push(spawn_agent(dir.path(), name, c.quic_addr, &token, &ca));
-    }
+    let agents = c.spawn_shared_agents(dir.path(), &["n1", "n2"]).await;
     let spare = c.admin.token("dedicated:acme", "10m").await;
     let spare_id = spare.split('.').next().unwrap().to_string();
-    eventually(Duration::from_secs(30), "both nodes Ready", async || {
-        let nodes = c.admin.nodes().await;
-        (nodes.len() == 2 && nodes.iter().all(|n| n.health == Health::Ready)).then_some(())
-    })
-    .await;
+    c.wait_ready(2).await;
 
     c.proc.kill9();
     let c = CoordinatorProc::start(dir.path(), quic, admin_port, "coordinator-2.log").await;

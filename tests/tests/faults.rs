@@ -15,7 +15,7 @@ use hexa_shared::tenant::Tenant;
 use hexa_tests::admin::AdminClient;
 use hexa_tests::burst::CreateBurst;
 use hexa_tests::netns::{self, Topology};
-use hexa_tests::procs::{CoordinatorProc, Proc, spawn_agent};
+use hexa_tests::procs::{CoordinatorProc, Proc};
 use hexa_tests::{eventually, free_port};
 use reqwest::Method;
 use serde_json::json;
@@ -57,17 +57,8 @@ async fn a_coordinator_killed_in_a_burst_of_creates_loses_and_doubles_nothing() 
     let dir = tempfile::tempdir().unwrap();
     let (quic, admin_port) = (free_port(), free_port());
     let mut c = CoordinatorProc::start(dir.path(), quic, admin_port, "coordinator-1.log").await;
-    let ca = c.ca_hash.to_string();
-    let mut agents = Vec::new();
-    for name in ["n1", "n2", "n3"] {
-        let token = c.admin.token("shared", "10m").await;
-        agents.push(spawn_agent(dir.path(), name, c.quic_addr, &token, &ca));
-    }
-    eventually(Duration::from_secs(30), "three nodes Ready", async || {
-        let nodes = c.admin.nodes().await;
-        (nodes.len() == 3 && nodes.iter().all(|n| n.health == Health::Ready)).then_some(())
-    })
-    .await;
+    let agents = c.spawn_shared_agents(dir.path(), &["n1", "n2", "n3"]).await;
+    c.wait_ready(3).await;
 
     // Four clients create tenants as fast as the coordinator answers; it is killed after the
     // twentieth acknowledgement, whatever is in flight.
