@@ -141,11 +141,10 @@ const HANDSHAKE_TIMEOUT_AMONG_SEVERAL: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Link {
     endpoint: quinn::Endpoint,
-    /// The coordinator addresses; `addrs[current]` is the one in use.
+    /// The coordinator addresses (at least one); `addrs[current]` is the one in use, where a
+    /// dropped link is tried again first.
     addrs: Vec<SocketAddr>,
     current: usize,
-    /// The address of the last session that came up, where a dropped link is tried again first.
-    addr: SocketAddr,
     state: StateDir,
     node: Node,
     /// Apply results the coordinator has not been told yet (the link may drop meanwhile).
@@ -158,15 +157,14 @@ pub struct Link {
 }
 
 impl Link {
-    /// A link to the coordinator at the first of `addrs` (at least one); with several, a session
-    /// that cannot be opened moves on to the next.
+    /// A link to the coordinator at the first of `addrs`, which must not be empty; with several,
+    /// a session that cannot be opened moves on to the next.
     pub fn new(endpoint: quinn::Endpoint, addrs: Vec<SocketAddr>, state: StateDir, node: Node) -> Link {
-        let addr = addrs.first().copied().unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7443)));
+        assert!(!addrs.is_empty(), "a link needs a coordinator address");
         Link {
             endpoint,
             addrs,
             current: 0,
-            addr,
             state,
             node,
             unsent: Vec::new(),
@@ -187,6 +185,11 @@ impl Link {
         self
     }
 
+    /// The coordinator address in use.
+    fn addr(&self) -> SocketAddr {
+        self.addrs[self.current]
+    }
+
     fn link_status(&self, what: &str) {
         let generation = self.node.applied_generation();
         self.service.status(&format!("{what}; applied generation {generation}"));
@@ -204,13 +207,12 @@ impl Link {
                     attempt = 0;
                 }
                 SessionEnd::Failed(reason) => {
-                    warn!(%reason, attempt, coordinator = %self.addr, "cannot reach the coordinator");
-                    self.link_status(&format!("cannot reach the coordinator at {} ({reason}); retrying", self.addr));
+                    warn!(%reason, attempt, coordinator = %self.addr(), "cannot reach the coordinator");
+                    self.link_status(&format!("cannot reach the coordinator at {} ({reason}); retrying", self.addr()));
                     if self.addrs.len() > 1 {
                         // Another coordinator may lead now: each address is tried in turn, the
                         // whole round before backing off further.
                         self.current = (self.current + 1) % self.addrs.len();
-                        self.addr = self.addrs[self.current];
                         if self.current != 0 {
                             continue;
                         }
@@ -227,7 +229,7 @@ impl Link {
     }
 
     async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<SessionEnd, AgentError> {
-        self.link_status(&format!("connecting to the coordinator at {}", self.addr));
+        self.link_status(&format!("connecting to the coordinator at {}", self.addr()));
         let identity = self.state.load_identity()?;
         let config = pki::link_client_config(&identity.ca, identity.chain.clone(), identity.key_der()?)?;
         let hello = hello(&identity.node_name, self.node.applied_generation(), system_info());
@@ -236,7 +238,7 @@ impl Link {
         let handshake_limit =
             if self.addrs.len() > 1 { HANDSHAKE_TIMEOUT_AMONG_SEVERAL } else { pki::IDLE_TIMEOUT * 2 };
         let session = tokio::select! {
-            opened = tokio::time::timeout(handshake_limit, open_session(&self.endpoint, self.addr, config, &hello)) => match opened {
+            opened = tokio::time::timeout(handshake_limit, open_session(&self.endpoint, self.addr(), config, &hello)) => match opened {
                 Ok(Ok(session)) => session,
                 Ok(Err(OpenError::Failed(reason))) => return Ok(SessionEnd::Failed(reason)),
                 Ok(Err(OpenError::Refused(refusal))) => return Err(AgentError::Refused(refusal)),
@@ -247,7 +249,7 @@ impl Link {
         let Session { conn, mut send, mut msgs, reader, welcome } = session;
         let interval = report_interval(&welcome);
         info!(node = %welcome.node_name, pool = %welcome.pool, interval_ms = welcome.report_interval_ms, "connected to the coordinator");
-        self.link_status(&format!("connected to the coordinator at {} as {}", self.addr, welcome.node_name));
+        self.link_status(&format!("connected to the coordinator at {} as {}", self.addr(), welcome.node_name));
 
         let end = self.exchange(&conn, &mut send, &mut msgs, interval, &identity, shutdown).await;
         drop(reader);
