@@ -339,6 +339,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_store_that_cannot_take_a_write_now_is_503_saying_why() {
+        use crate::store::StoreError;
+        let endpoints = "http://10.0.0.1:2379".to_string();
+        let deposed = ApiError::from(StoreError::NotLeader { endpoints: endpoints.clone() });
+        assert_eq!((deposed.status, deposed.code), (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable));
+        assert!(deposed.message.contains("no longer leads") && deposed.message.contains("nothing was written"));
+        let no_quorum = ApiError::from(TenantsError::Store(StoreError::Etcd {
+            endpoints,
+            message: "no member answered within 5s".into(),
+        }));
+        assert_eq!((no_quorum.status, no_quorum.code), (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable));
+        assert!(no_quorum.message.contains("no member answered"), "{}", no_quorum.message);
+        // A broken record is the coordinator's failure, not a wait-and-retry: 500, nothing more told.
+        let corrupt = ApiError::from(StoreError::Corrupt { key: "nodes/n1".into(), message: "eof".into() });
+        assert_eq!((corrupt.status, corrupt.code), (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal));
+    }
+
+    #[test]
     fn serde_texts_are_told_in_the_apis_terms() {
         let cases = [
             (
