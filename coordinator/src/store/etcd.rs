@@ -28,7 +28,8 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient, TlsOptions, Txn, TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KvClient, SortOrder, SortTarget,
+    TlsOptions, Txn, TxnOp,
 };
 use tokio::sync::mpsc;
 
@@ -51,6 +52,9 @@ enum Op {
     },
     Range(Vec<u8>),
     Txn(Txn),
+    /// The value of the oldest key under an election's prefix: its leader's, as etcd's election
+    /// API decides (the lowest create revision wins).
+    Leader(Vec<u8>),
 }
 
 enum Answer {
@@ -149,6 +153,16 @@ async fn run(mut kv: KvClient, op: Op) -> Result<Answer, etcd_client::Error> {
             }
         }
         Op::Txn(txn) => Ok(Answer::Txn { succeeded: kv.txn(txn).await?.succeeded() }),
+        Op::Leader(prefix) => {
+            let options =
+                GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1);
+            let response = kv.get(prefix, Some(options)).await?;
+            let found = response
+                .kvs()
+                .first()
+                .map(|kv| Versioned { value: kv.value().to_vec(), version: kv.create_revision() });
+            Ok(Answer::Get(found))
+        }
         Op::Created(key) => {
             let response = kv.get(key, None).await?;
             Ok(Answer::Created(response.kvs().first().map(|kv| kv.create_revision())))
@@ -176,52 +190,96 @@ fn transient(code: i32) -> bool {
     matches!(code, 1 | 2 | 4 | 10 | 14)
 }
 
-impl Members {
-    /// Grants a lease of `ttl` seconds, keeps it alive from this thread for as long as etcd takes
-    /// the keep-alives, and campaigns under `name` with it until elected.
-    async fn campaign(&self, name: Vec<u8>, value: Vec<u8>, ttl: i64) -> Result<Answer, String> {
-        let member = self.preferred.load(Ordering::Relaxed) % self.full.len();
-        let mut client = self.full[member].clone();
-        let lease = client.lease_grant(ttl, None).await.map_err(|e| e.to_string())?.id();
-        let (mut keeper, mut stream) = client.lease_keep_alive(lease).await.map_err(|e| e.to_string())?;
-        let ttl_duration = Duration::from_secs(u64::try_from(ttl.max(1)).unwrap_or(1));
-        let every = ttl_duration / 3;
-        let (ended_tx, ended) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            // Ends when etcd says the lease is gone (revoked, or expired while this process was
-            // stopped), or has not confirmed it for a whole TTL (then it may have expired): from
-            // then on the leader key's revision no longer matches, and whoever waits on `ended`
-            // learns that this process no longer leads.
-            loop {
-                let renewed = tokio::time::timeout(ttl_duration, async {
-                    keeper.keep_alive().await.ok()?;
-                    stream.message().await.ok()?
-                })
-                .await;
-                match renewed {
-                    Ok(Some(answer)) if answer.ttl() > 0 => {}
-                    _ => break,
-                }
+/// Keeps `lease` alive, a keep-alive every third of `ttl`, on member `member` of `clients` and,
+/// when that one does not confirm in time, on the next. Ends `ended` when etcd says the lease is
+/// gone (revoked, or expired while this process was stopped) or no member has confirmed it for a
+/// whole TTL (then it may have expired): from then on the leader key's revision no longer
+/// matches, and whoever waits on `ended` learns that this process no longer leads.
+async fn keep_lease(
+    clients: Vec<Client>,
+    mut member: usize,
+    lease: i64,
+    ttl: Duration,
+    ended: tokio::sync::watch::Sender<bool>,
+) {
+    let every = ttl / 3;
+    let mut confirmed = tokio::time::Instant::now();
+    let mut stream = None;
+    loop {
+        let left = ttl.saturating_sub(confirmed.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let attempt = tokio::time::timeout(left.min(every.max(Duration::from_millis(500))), async {
+            if stream.is_none() {
+                stream = Some(clients[member].clone().lease_keep_alive(lease).await.ok()?);
+            }
+            let (keeper, answers) = stream.as_mut()?;
+            keeper.keep_alive().await.ok()?;
+            answers.message().await.ok()?
+        })
+        .await;
+        match attempt {
+            Ok(Some(answer)) if answer.ttl() > 0 => {
+                confirmed = tokio::time::Instant::now();
                 tokio::time::sleep(every).await;
             }
-            ended_tx.send_replace(true);
-        });
+            // etcd's own word: the lease is gone.
+            Ok(Some(_)) => break,
+            // No answer from this member: the next one is asked.
+            _ => {
+                stream = None;
+                member = (member + 1) % clients.len();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    ended.send_replace(true);
+}
+
+impl Members {
+    /// Grants a lease of `ttl` seconds, keeps it alive from this thread for as long as etcd takes
+    /// the keep-alives, and campaigns under `name` with it until elected. Both go to the member
+    /// that answered last and move on to the next one that does not answer: one member lost
+    /// (killed, cut off) costs neither the lease nor the campaign.
+    async fn campaign(&self, name: Vec<u8>, value: Vec<u8>, ttl: i64) -> Result<Answer, String> {
+        let count = self.full.len();
+        let mut member = self.preferred.load(Ordering::Relaxed) % count;
+        let mut failures = Vec::new();
+        let lease = loop {
+            match self.full[member].clone().lease_grant(ttl, None).await {
+                Ok(granted) => break granted.id(),
+                Err(e) if failures.len() + 1 < count => {
+                    failures.push(format!("{}: {e}", self.urls[member]));
+                    member = (member + 1) % count;
+                }
+                Err(e) => {
+                    failures.push(format!("{}: {e}", self.urls[member]));
+                    return Err(format!("no member granted a lease ({})", failures.join("; ")));
+                }
+            }
+        };
+        let ttl_duration = Duration::from_secs(u64::try_from(ttl.max(1)).unwrap_or(1));
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
+        tokio::spawn(keep_lease(self.full.clone(), member, lease, ttl_duration, ended_tx));
         // The campaign answers only once this process leads, which may take longer than a
         // request may (the client's request timeout cuts it off): asked again with the same
         // lease, etcd goes on waiting with the key it already made, for as long as the lease lives.
         let response = loop {
-            match client.campaign(name.clone(), value.clone(), lease).await {
+            match self.full[member].clone().campaign(name.clone(), value.clone(), lease).await {
                 Ok(response) => break response,
-                // Cut off, or the member is down for a moment (a member's answer that is not
-                // about time or reachability is final).
-                Err(etcd_client::Error::GRpcStatus(status)) if transient(status.code() as i32) && !*ended.borrow() => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(etcd_client::Error::TransportError(_)) if !*ended.borrow() => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
                 Err(e) if *ended.borrow() => {
                     return Err(format!("the lease ended while waiting to lead ({e}); start again"));
+                }
+                // Cut off, or the member is down (a member's answer that is not about time or
+                // reachability is final): the next member is asked.
+                Err(etcd_client::Error::GRpcStatus(status)) if transient(status.code() as i32) => {
+                    member = (member + 1) % count;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(etcd_client::Error::TransportError(_)) => {
+                    member = (member + 1) % count;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(e.to_string()),
             }
@@ -472,6 +530,15 @@ impl Backend for EtcdBackend {
             Ok(Ok(_)) => Err(fail("etcd answered a campaign with something else".into())),
             Ok(Err(message)) => Err(fail(format!("campaign for leadership: {message}"))),
             Err(_) => Err(fail("the etcd client thread has stopped".into())),
+        }
+    }
+
+    fn leader(&self) -> Result<Option<String>, StoreError> {
+        // The election's keys are `<name>/<lease id>`.
+        let prefix = format!("{}leader/", self.prefix).into_bytes();
+        match self.ask(Op::Leader(prefix))? {
+            Answer::Get(found) => Ok(found.map(|kv| String::from_utf8_lossy(&kv.value).into_owned())),
+            _ => Err(StoreError::Db("etcd answered a leader lookup with something else".into())),
         }
     }
 

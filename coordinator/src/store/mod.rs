@@ -123,6 +123,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         let _ = (who, ttl);
         Ok(Leadership { key: String::new(), revision: 0, lease: 0, ended: None })
     }
+    /// What the leader campaigned with (its `who`), if one leads; `None` where one process
+    /// always leads (redb).
+    fn leader(&self) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
     /// Where the state lives, for messages.
     fn location(&self) -> String;
 }
@@ -616,6 +621,11 @@ impl Store {
     /// has taken over, this one's writes are refused with [`StoreError::NotLeader`].
     pub fn campaign(&self, who: &str, ttl: Duration) -> Result<Leadership, StoreError> {
         self.backend.campaign(who, ttl)
+    }
+
+    /// What the coordinator that leads now campaigned with, if one leads (always `None` on redb).
+    pub fn leader(&self) -> Result<Option<String>, StoreError> {
+        self.backend.leader()
     }
 
     /// Where the state lives: the redb file, or the etcd endpoints and prefix.
