@@ -108,6 +108,12 @@ pub async fn request_certificate(
     conn.close(close_code::DONE.into(), b"enrolled");
     match response {
         Some(EnrollResponse::Accepted(enrolled)) => Ok((key, enrolled)),
+        Some(EnrollResponse::Refused(refusal)) if refusal.code == hexa_shared::proto::RefusalCode::NotLeader => {
+            Err(AgentError::NotLeader { leader: None, message: refusal.message })
+        }
+        Some(EnrollResponse::FollowLeader { leader }) => {
+            Err(AgentError::NotLeader { message: format!("the leader is at {leader}"), leader: Some(leader) })
+        }
         Some(EnrollResponse::Refused(refusal)) => Err(AgentError::Refused(refusal)),
         None => Err(AgentError::Refused(Refusal {
             code: hexa_shared::proto::RefusalCode::Internal,

@@ -28,6 +28,10 @@ pub enum AgentError {
     Frame(FrameError),
     #[error("the coordinator refused this node: {0}")]
     Refused(Refusal),
+    /// An enrollment sent to a coordinator that follows another: it named the leader, or says why
+    /// it cannot (then the next address may lead).
+    #[error("the coordinator follows another: {message}")]
+    NotLeader { leader: Option<String>, message: String },
     #[error("key generation: {0}")]
     Crypto(rcgen::Error),
     #[error("cannot open a UDP socket: {0}")]

@@ -242,12 +242,27 @@ pub async fn run(config: AgentConfig, host: Host, mut shutdown: watch::Receiver<
         facts.provider = enroll::provider_identity(&host.sys_root, config.proxmox_vmid)?;
         host.service.status(&format!("enrolling with the coordinator at {}", config.coordinator));
         let mut attempt = 0;
+        let mut redirected = false;
         loop {
             match enroll::enroll(&endpoint, addr, &token, pin, &facts, &state).await {
                 Ok(_) => break,
                 // A refusal is final: retrying a used or wrong token cannot succeed.
                 Err(e @ (AgentError::Refused(_) | AgentError::State(_) | AgentError::Crypto(_))) => return Err(e),
+                // Sent to the leader: at once, the first time since the last failure.
+                Err(AgentError::NotLeader { leader: Some(leader), .. })
+                    if !std::mem::replace(&mut redirected, true) =>
+                {
+                    match resolve(&[leader.as_str()]).await {
+                        Ok(found) => {
+                            tracing::info!(%leader, "the coordinator follows another; enrolling with the leader");
+                            addr = found[0];
+                            continue;
+                        }
+                        Err(e) => warn!(%leader, error = %e, "cannot resolve the leader's address"),
+                    }
+                }
                 Err(e) => {
+                    redirected = false;
                     let delay = backoff::backoff_delay(attempt, rand::rng().random::<f64>());
                     warn!(error = %e, coordinator = %addr, retry_in_ms = delay.as_millis() as u64, "enrollment failed");
                     // The next coordinator address, if there are several: the one that failed

@@ -88,6 +88,8 @@ pub enum OpenError {
     Failed(String),
     /// A refusal no retry can fix: the operator must act.
     Refused(Refusal),
+    /// A coordinator that follows another named the leader (`HOST:PORT`).
+    FollowLeader(String),
 }
 
 /// Opens a session with the coordinator at `addr`: connects with `config` on the shared
@@ -117,6 +119,7 @@ pub async fn open_session(
                 _ => OpenError::Failed(refusal.to_string()),
             });
         }
+        Ok(Ok(Some(CoordinatorMessage::FollowLeader { leader }))) => return Err(OpenError::FollowLeader(leader)),
         Ok(Ok(Some(other))) => return Err(OpenError::Failed(format!("expected a welcome, got {other:?}"))),
     };
     let (msgs, reader) = wire::spawn_reader::<CoordinatorMessage, _>(recv);
@@ -129,6 +132,8 @@ enum SessionEnd {
     Dropped(String),
     /// Could not get a working session; back off.
     Failed(String),
+    /// The coordinator follows another and named the leader (`HOST:PORT`): go there.
+    FollowLeader(String),
     /// Asked to stop.
     Shutdown,
 }
@@ -190,6 +195,31 @@ impl Link {
         self.addrs[self.current]
     }
 
+    /// Makes the leader a follower named (`HOST:PORT`) the address in use, adding it to the
+    /// addresses when it is not one of them (the name resolves to one this node was not given).
+    /// False when it does not resolve: the next address is tried as after a failure.
+    async fn follow(&mut self, leader: &str) -> bool {
+        let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(leader).await {
+            Ok(found) => found.filter(|a| a.is_ipv4() == self.addr().is_ipv4()).collect(),
+            Err(e) => {
+                warn!(%leader, error = %e, "cannot resolve the leader's address");
+                Vec::new()
+            }
+        };
+        let Some(first) = resolved.first().copied() else {
+            self.current = (self.current + 1) % self.addrs.len();
+            return false;
+        };
+        self.current = match resolved.iter().find_map(|a| self.addrs.iter().position(|known| known == a)) {
+            Some(known) => known,
+            None => {
+                self.addrs.push(first);
+                self.addrs.len() - 1
+            }
+        };
+        true
+    }
+
     fn link_status(&self, what: &str) {
         let generation = self.node.applied_generation();
         self.service.status(&format!("{what}; applied generation {generation}"));
@@ -198,10 +228,22 @@ impl Link {
     /// Keeps the link up until `shutdown` turns true. Only errors no retry can fix end it early.
     pub async fn run(&mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
         let mut attempt = 0u32;
+        // Sent to the leader by a follower, and not linked since: a second such answer in a row
+        // (a leader that changed again, followers disagreeing for a moment) backs off first.
+        let mut redirected = false;
         loop {
             match self.session(&mut shutdown).await? {
                 SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::FollowLeader(leader) => {
+                    let moved = self.follow(&leader).await;
+                    info!(%leader, moved, "the coordinator follows another; linking to the leader");
+                    self.link_status(&format!("the coordinator follows another; linking to the leader at {leader}"));
+                    if moved && !std::mem::replace(&mut redirected, true) {
+                        continue;
+                    }
+                }
                 SessionEnd::Dropped(reason) => {
+                    redirected = false;
                     warn!(%reason, "link lost; reconnecting");
                     self.link_status(&format!("link to the coordinator lost ({reason}); reconnecting"));
                     attempt = 0;
@@ -242,6 +284,7 @@ impl Link {
                 Ok(Ok(session)) => session,
                 Ok(Err(OpenError::Failed(reason))) => return Ok(SessionEnd::Failed(reason)),
                 Ok(Err(OpenError::Refused(refusal))) => return Err(AgentError::Refused(refusal)),
+                Ok(Err(OpenError::FollowLeader(leader))) => return Ok(SessionEnd::FollowLeader(leader)),
                 Err(_) => return Ok(SessionEnd::Failed(format!("no answer within {handshake_limit:?}"))),
             },
             _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),

@@ -27,6 +27,10 @@ pub struct CoordinatorConfig {
     pub quic_listen: SocketAddr,
     /// TCP address of the admin HTTP API.
     pub admin_listen: SocketAddr,
+    /// With several coordinators on one etcd: the name or IP address of this machine at which
+    /// agents and the other coordinators reach its listeners, given to them while this one leads.
+    /// Empty: a listener's own address, or this machine's hostname for one on every address.
+    pub advertise_address: String,
     /// How often agents report.
     #[serde(with = "humantime_serde")]
     pub report_interval: Duration,
@@ -201,6 +205,7 @@ impl Default for CoordinatorConfig {
             state_dir: PathBuf::from("/var/lib/hexabase/coordinator"),
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            advertise_address: String::new(),
             report_interval: Duration::from_secs(1),
             unreachable_after: Duration::from_secs(3),
             lost_after: Duration::from_secs(30),
@@ -219,6 +224,24 @@ impl Default for CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
+    /// Where agents and other coordinators reach this one's listener on `listen`: `HOST:PORT` with
+    /// `advertise_address`, else the listener's own address, else (a listener on every address)
+    /// this machine's hostname.
+    pub fn advertised(&self, listen: SocketAddr) -> String {
+        let host = if !self.advertise_address.is_empty() {
+            self.advertise_address.clone()
+        } else if !listen.ip().is_unspecified() {
+            listen.ip().to_string()
+        } else {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into())
+        };
+        if host.contains(':') { format!("[{host}]:{}", listen.port()) } else { format!("{host}:{}", listen.port()) }
+    }
+
     /// Checks the relations between keys that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.report_interval.is_zero() {
@@ -246,6 +269,13 @@ impl CoordinatorConfig {
         self.isolation.validate()?;
         self.store.validate()?;
         self.admission.validate()?;
+        let advertised = &self.advertise_address;
+        if advertised.len() > 253 || advertised.chars().any(|c| c.is_whitespace() || "/@[]".contains(c)) {
+            return Err(ConfigError::Invalid {
+                key: "advertise_address",
+                message: format!("{advertised:?} is not a host name or an IP address (no port, no brackets)"),
+            });
+        }
         if let Some(proxmox) = &self.proxmox {
             proxmox.validate(&self.placement.node_classes)?;
         }

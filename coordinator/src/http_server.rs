@@ -27,8 +27,10 @@ impl Default for HttpLimits {
 }
 
 /// Serves `app` on `listener` until `shutdown` turns true, then lets requests in flight finish.
+/// The listener is shared so that, once a follower's API stops, the leader's can take it over
+/// with the connections waiting in its backlog.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: Arc<tokio::net::TcpListener>,
     app: axum::Router,
     limits: HttpLimits,
     mut shutdown: watch::Receiver<bool>,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod ctl;
 pub mod desired;
 pub mod enroll;
+pub mod follow;
 pub mod hostcluster;
 pub mod http_server;
 pub mod inventory;
@@ -99,7 +100,6 @@ impl Running {
     }
 }
 
-/// Reads the admin token file, creating it (0600) when missing, and returns the token's hash.
 /// The addresses no pod may reach whatever `[isolation] management_cidrs` says: the
 /// coordinator's own (the listeners' addresses, or every address of this machine for a listener on
 /// all of them) and its Proxmox endpoint's. Loopback is left out (no pod reaches a host's loopback).
@@ -140,14 +140,35 @@ fn own_addresses(config: &CoordinatorConfig) -> Vec<std::net::Ipv4Addr> {
     addresses.into_iter().collect()
 }
 
+/// Reads the admin token file, creating it (0600) when missing (or, on etcd, taking the shared one),
+/// records its hash in the store and returns it.
 fn admin_token_hash(config: &CoordinatorConfig, store: &Store) -> Result<String, StartError> {
     let path = config.state_dir.join(ADMIN_TOKEN_FILE);
-    let hash = match std::fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => bootstrap::sha256_hex(text.trim()),
-        _ => {
-            let hash = bootstrap::create_admin_token(&config.state_dir)?;
-            tracing::info!(path = %path.display(), "admin token created");
-            hash
+    let local = std::fs::read_to_string(&path).ok().filter(|text| !text.trim().is_empty());
+    let hash = match local {
+        Some(text) => bootstrap::sha256_hex(text.trim()),
+        None => {
+            // Coordinators sharing one etcd share one admin token: one that has none yet takes
+            // the stored one rather than making a token no client has.
+            let shared = match config.store.backend {
+                store::BackendKind::Etcd => store.meta::<String>("admin_token_sha256")?,
+                store::BackendKind::Redb => None,
+            };
+            match shared {
+                Some(hash) => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "no admin token here: the coordinators' shared one is in force; copy admin.token from \
+                         the coordinator that made it for hexactl on this machine"
+                    );
+                    return Ok(hash);
+                }
+                None => {
+                    let hash = bootstrap::create_admin_token(&config.state_dir)?;
+                    tracing::info!(path = %path.display(), "admin token created");
+                    hash
+                }
+            }
         }
     };
     store.set_meta("admin_token_sha256", &hash)?;
@@ -165,44 +186,101 @@ fn k3s_secret(store: &Store, key: &str) -> Result<String, StartError> {
     Ok(secret)
 }
 
+/// The listeners, bound before a coordinator leads, so that a follower can answer on them, and
+/// handed over to the leader's tasks once it leads.
+struct Listeners {
+    endpoint: quinn::Endpoint,
+    quic_addr: SocketAddr,
+    admin: Arc<tokio::net::TcpListener>,
+    admin_addr: SocketAddr,
+}
+
+async fn bind(config: &CoordinatorConfig, ca: &CertificateAuthority) -> Result<Listeners, StartError> {
+    let (chain, key) = ca.issue_server_cert()?;
+    let server_config = pki::server_config(ca.cert_der(), chain, key)?;
+    let quic = |error| StartError::Listen { what: "QUIC", addr: config.quic_listen, error };
+    let endpoint = quinn::Endpoint::server(server_config, config.quic_listen).map_err(quic)?;
+    let quic_addr = endpoint.local_addr().map_err(quic)?;
+    let admin = |error| StartError::Listen { what: "admin HTTP", addr: config.admin_listen, error };
+    let listener = tokio::net::TcpListener::bind(config.admin_listen).await.map_err(admin)?;
+    let admin_addr = listener.local_addr().map_err(admin)?;
+    Ok(Listeners { endpoint, quic_addr, admin: Arc::new(listener), admin_addr })
+}
+
+/// How long a follower waits before campaigning again after a campaign failed (etcd without a
+/// quorum, a lease that lapsed while it waited).
+const CAMPAIGN_RETRY: Duration = Duration::from_secs(1);
+
 /// Waits until this coordinator leads the ones sharing its state (at once on redb, where it is the
-/// only one), saying so in its status while another leads.
+/// only one). Meanwhile it follows: READY as a standby, feeding the watchdog, sending agents to the
+/// leader and serving the admin API as a follower on `listeners`; a campaign that fails (etcd
+/// without a quorum) is tried again, for as long as it takes.
 async fn lead(
     config: &CoordinatorConfig,
     store: &Store,
     service: &ServiceManager,
+    listeners: &Listeners,
 ) -> Result<store::Leadership, StartError> {
     if config.store.backend != store::BackendKind::Etcd {
         return Ok(store.campaign("", config.store.lease_ttl)?);
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
-    let who = serde_json::json!({
-        "host": host,
-        "pid": std::process::id(),
-        "quic_listen": config.quic_listen,
-        "admin_listen": config.admin_listen,
-    })
-    .to_string();
-    // A follower is up as what it is, a standby: READY, and alive for the watchdog while it waits
-    // (for as long as another coordinator leads).
+    let who = serde_json::to_string(&follow::Advertised::of(config)).unwrap_or_default();
     service.ready(&format!("following: waiting to lead the coordinators on {}", store.location()));
     tracing::info!(store = %store.location(), "waiting to lead: another coordinator may lead now");
-    let campaigning = store.clone();
+    let (stop, stopped) = watch::channel(false);
+    let leader = follow::watch_leader(store.clone(), stopped.clone());
+    let follower_api =
+        admin::FollowerContext::new(store.clone(), leader.clone(), config.placement.node_classes.clone());
+    let following = [
+        tokio::spawn(link::serve_following(
+            listeners.endpoint.clone(),
+            leader.clone(),
+            config.admission,
+            Arc::new(Metrics::default()),
+            stopped.clone(),
+        )),
+        tokio::spawn(http_server::serve(
+            listeners.admin.clone(),
+            admin::follower_router(Arc::new(follower_api)),
+            http_server::HttpLimits::default(),
+            stopped,
+        )),
+    ];
     let ttl = config.store.lease_ttl;
-    let mut campaign = tokio::task::spawn_blocking(move || campaigning.campaign(&who, ttl));
-    let won = loop {
-        service.ping();
-        let next_ping = service
-            .next_ping()
-            .map_or(Duration::from_secs(3600), |at| at.saturating_duration_since(std::time::Instant::now()));
-        tokio::select! {
-            won = &mut campaign => break won,
-            _ = tokio::time::sleep(next_ping) => {}
+    let leadership = loop {
+        let campaigning = store.clone();
+        let who = who.clone();
+        let mut campaign = tokio::task::spawn_blocking(move || campaigning.campaign(&who, ttl));
+        let won = loop {
+            service.ping();
+            let status = match &*leader.borrow() {
+                Ok(leader) => format!("following the leader at {} (admin {})", leader.quic, leader.admin),
+                Err(why) => format!("following: no leader now ({why})"),
+            };
+            service.status(&status);
+            let next_ping = service
+                .next_ping()
+                .map_or(Duration::from_secs(3600), |at| at.saturating_duration_since(std::time::Instant::now()));
+            tokio::select! {
+                won = &mut campaign => break won,
+                _ = tokio::time::sleep(next_ping.min(follow::LEADER_POLL)) => {}
+            }
+        };
+        match won {
+            Ok(Ok(leadership)) => break leadership,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot campaign to lead; trying again");
+                service.status(&format!("following: cannot campaign to lead ({e}); trying again"));
+            }
+            Err(e) => tracing::error!(error = %e, "the campaign stopped; trying again"),
         }
+        tokio::time::sleep(CAMPAIGN_RETRY).await;
     };
-    let leadership = won.map_err(|e| {
-        StartError::Store(store::StoreError::Etcd { endpoints: store.location(), message: e.to_string() })
-    })??;
+    // The follower's answers end (requests already taken finish) before the leader's start.
+    let _ = stop.send(true);
+    for task in following {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     tracing::info!(key = %leadership.key, revision = leadership.revision, "leading the coordinators");
     Ok(leadership)
 }
@@ -260,9 +338,10 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
     }
     let ca = Arc::new(ca);
     let store = Store::open_configured(&config.store, &config.state_dir)?;
+    let listeners = bind(&config, &ca).await?;
     // Nothing is written, and nothing loaded that another coordinator may still change, before
     // this one leads.
-    let leadership = lead(&config, &store, &service).await?;
+    let leadership = lead(&config, &store, &service, &listeners).await?;
     let admin_token_sha256 = admin_token_hash(&config, &store)?;
     let metrics = Arc::new(Metrics::default());
     // A leader of several coordinators may take over nodes that reported to another until a
@@ -347,25 +426,7 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
     }
     let access_requests = Arc::new(hostcluster::access::AccessRequests::default());
 
-    let (chain, key) = ca.issue_server_cert()?;
-    let server_config = pki::server_config(ca.cert_der(), chain, key)?;
-    let endpoint = quinn::Endpoint::server(server_config, config.quic_listen).map_err(|error| StartError::Listen {
-        what: "QUIC",
-        addr: config.quic_listen,
-        error,
-    })?;
-    let quic_addr =
-        endpoint.local_addr().map_err(|error| StartError::Listen { what: "QUIC", addr: config.quic_listen, error })?;
-    let listener = tokio::net::TcpListener::bind(config.admin_listen).await.map_err(|error| StartError::Listen {
-        what: "admin HTTP",
-        addr: config.admin_listen,
-        error,
-    })?;
-    let admin_addr = listener.local_addr().map_err(|error| StartError::Listen {
-        what: "admin HTTP",
-        addr: config.admin_listen,
-        error,
-    })?;
+    let Listeners { endpoint, quic_addr, admin: listener, admin_addr } = listeners;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -480,7 +541,7 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
     if let (Some(p), Some((listener, bound))) = (&provisioner, seed_listener) {
         seed_addr = Some(bound);
         tasks.push(tokio::spawn(http_server::serve(
-            listener,
+            Arc::new(listener),
             proxmox::seed::router(p.clone()),
             http_server::HttpLimits::default(),
             shutdown_rx.clone(),

@@ -129,6 +129,49 @@ pub struct LinkContext {
     pub access: Arc<crate::hostcluster::access::AccessRequests>,
 }
 
+/// Admits a connection attempt under `limits`: asks a stranger to prove its address first under
+/// load (QUIC Retry), refuses one over the bounds, and otherwise returns its pass through the gate.
+fn admit(
+    incoming: quinn::Incoming,
+    gate: &Arc<Gate>,
+    limits: AdmissionLimits,
+    metrics: &Metrics,
+) -> Option<(quinn::Incoming, Pass)> {
+    let peer = incoming.remote_address();
+    if gate.in_flight() >= limits.retry_above && !incoming.remote_address_validated() && incoming.may_retry() {
+        // Under load: no state for this peer until it shows it receives at its address.
+        metrics.refused("retry_under_load");
+        let _ = incoming.retry();
+        return None;
+    }
+    match gate.enter(peer.ip(), limits) {
+        Ok(pass) => Some((incoming, pass)),
+        Err(reason) => {
+            metrics.refused(reason);
+            debug!(%peer, reason, "connection refused before the handshake");
+            incoming.refuse();
+            None
+        }
+    }
+}
+
+/// Finishes the handshake of an admitted connection within [`FIRST_MESSAGE_TIMEOUT`].
+async fn handshake(incoming: quinn::Incoming, metrics: &Metrics) -> Option<quinn::Connection> {
+    match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, incoming).await {
+        Ok(Ok(conn)) => Some(conn),
+        Ok(Err(e)) => {
+            metrics.handshake_failures.inc();
+            warn!(error = %e, "handshake refused");
+            None
+        }
+        Err(_) => {
+            metrics.handshake_failures.inc();
+            warn!("handshake timed out");
+            None
+        }
+    }
+}
+
 /// Accepts connections until `shutdown` turns true.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<LinkContext>, mut shutdown: watch::Receiver<bool>) {
     let gate = Arc::new(Gate::default());
@@ -139,38 +182,12 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<LinkContext>, mut shutdow
         };
         let Some(incoming) = incoming else { break };
         let peer = incoming.remote_address();
-        if gate.in_flight() >= ctx.limits.retry_above && !incoming.remote_address_validated() && incoming.may_retry() {
-            // Under load: no state for this peer until it shows it receives at its address.
-            ctx.metrics.refused("retry_under_load");
-            let _ = incoming.retry();
-            continue;
-        }
-        let pass = match gate.enter(peer.ip(), ctx.limits) {
-            Ok(pass) => pass,
-            Err(reason) => {
-                ctx.metrics.refused(reason);
-                debug!(%peer, reason, "connection refused before the handshake");
-                incoming.refuse();
-                continue;
-            }
-        };
+        let Some((incoming, pass)) = admit(incoming, &gate, ctx.limits, &ctx.metrics) else { continue };
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(
             async move {
-                let conn = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, incoming).await {
-                    Ok(Ok(conn)) => conn,
-                    Ok(Err(e)) => {
-                        ctx.metrics.handshake_failures.inc();
-                        warn!(error = %e, "handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        ctx.metrics.handshake_failures.inc();
-                        warn!("handshake timed out");
-                        return;
-                    }
-                };
+                let Some(conn) = handshake(incoming, &ctx.metrics).await else { return };
                 match pki::negotiated_alpn(&conn).as_deref() {
                     Some(ALPN_ENROLL) => serve_enrollment(conn, &ctx, pass).await,
                     Some(ALPN_LINK) => serve_link(conn, &ctx, pass, shutdown).await,
@@ -182,6 +199,79 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<LinkContext>, mut shutdow
         );
     }
     endpoint.close(close_code::SHUTDOWN.into(), b"coordinator shutting down");
+}
+
+/// While another coordinator leads: every node's hello is answered with the leader's address, and
+/// every enrollment is refused naming it (the node tries its next address), under the same bounds
+/// as the leader's, until `stop` changes. The endpoint stays open, for when this one leads.
+pub async fn serve_following(
+    endpoint: quinn::Endpoint,
+    leader: watch::Receiver<crate::follow::LeaderView>,
+    limits: AdmissionLimits,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let gate = Arc::new(Gate::default());
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            _ = stop.changed() => None,
+        };
+        let Some(incoming) = incoming else { break };
+        let peer = incoming.remote_address();
+        let Some((incoming, pass)) = admit(incoming, &gate, limits, &metrics) else { continue };
+        let (metrics, leader) = (metrics.clone(), leader.borrow().clone());
+        tokio::spawn(
+            async move {
+                let Some(conn) = handshake(incoming, &metrics).await else { return };
+                let _pass = pass;
+                let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(ENROLL_READ_TIMEOUT, conn.accept_bi()).await
+                else {
+                    return refuse(&conn, &metrics, close_code::PROTOCOL, "no stream opened", "timeout");
+                };
+                let why = match &leader {
+                    Ok(leader) => format!("this coordinator follows; the leader is at {}", leader.quic),
+                    Err(why) => format!("this coordinator follows, and no leader is known: {why}"),
+                };
+                let refusal = Refusal { code: RefusalCode::NotLeader, message: why.clone() };
+                match pki::negotiated_alpn(&conn).as_deref() {
+                    Some(ALPN_ENROLL) => {
+                        let answer = match &leader {
+                            Ok(leader) => EnrollResponse::FollowLeader { leader: leader.quic.clone() },
+                            Err(_) => EnrollResponse::Refused(refusal),
+                        };
+                        let _ = wire::write_frame(&mut send, &answer).await;
+                    }
+                    Some(ALPN_LINK) if pki::peer_certificates(&conn).is_some() => {
+                        // The hello is read (bounded, as on the leader) so that the answer is
+                        // the answer to it.
+                        if let Err((code, refusal, label)) =
+                            read_opening::<Hello, MAX_FRAME_LEN>(&mut recv, FIRST_MESSAGE_TIMEOUT).await
+                        {
+                            let _ = wire::write_frame(&mut send, &CoordinatorMessage::Refused(refusal.clone())).await;
+                            return refuse_after_answer(&conn, send, &metrics, code, &refusal.message, label).await;
+                        }
+                        let answer = match leader {
+                            Ok(leader) => CoordinatorMessage::FollowLeader { leader: leader.quic },
+                            Err(_) => CoordinatorMessage::Refused(refusal),
+                        };
+                        let _ = wire::write_frame(&mut send, &answer).await;
+                    }
+                    _ => {
+                        return refuse(
+                            &conn,
+                            &metrics,
+                            close_code::UNAUTHORIZED,
+                            "a client certificate is required on hexa/1: enroll the node first",
+                            "certificate_required",
+                        );
+                    }
+                }
+                refuse_after_answer(&conn, send, &metrics, close_code::DONE, &why, "not_leader").await;
+            }
+            .instrument(info_span!("connection", %peer)),
+        );
+    }
 }
 
 fn refuse(conn: &quinn::Connection, metrics: &Metrics, code: u32, reason: &str, label: &str) {
@@ -201,7 +291,12 @@ async fn refuse_after_answer(
     label: &str,
 ) {
     metrics.refused(label);
-    warn!(reason, "refused");
+    if label == "not_leader" {
+        // Every agent of a fleet meets a follower in turn: not worth a warning each.
+        debug!(reason, "sent to the leader");
+    } else {
+        warn!(reason, "refused");
+    }
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     conn.close(code.into(), reason.as_bytes());

@@ -77,6 +77,10 @@ pub struct EnrollRequest {
 pub enum EnrollResponse {
     Accepted(Enrolled),
     Refused(Refusal),
+    /// Sent by a coordinator that follows another: enroll with `leader` (`HOST:PORT`) instead.
+    FollowLeader {
+        leader: String,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -120,6 +124,9 @@ pub enum RefusalCode {
     IdentityMismatch,
     /// The node's certificate was revoked by an operator.
     CertificateRevoked,
+    /// This coordinator follows another (several share one etcd): the message names the leader
+    /// when it is known. Retrying, there or at the next address, helps.
+    NotLeader,
 }
 
 /// Opening message of the link.
@@ -177,6 +184,11 @@ pub enum CoordinatorMessage {
     /// mint the coordinator's ServiceAccount ([`crate::host_access`]) and answer
     /// [`AgentMessage::HostAccess`].
     HostAccessRequest,
+    /// The answer to a hello sent to a coordinator that follows another: link to `leader`
+    /// (`HOST:PORT`) instead. Only a coordinator whose certificate the node's CA signed can say it.
+    FollowLeader {
+        leader: String,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -201,6 +213,7 @@ pub(crate) mod strategies {
                 Just(RefusalCode::TokenUsed),
                 Just(RefusalCode::CertificateRequired),
                 Just(RefusalCode::Internal),
+                Just(RefusalCode::NotLeader),
             ],
             ".*",
         )
@@ -275,6 +288,7 @@ pub(crate) mod strategies {
                 .prop_map(|cert_chain_der| CoordinatorMessage::CertificateRenewed { cert_chain_der }),
             refusal().prop_map(CoordinatorMessage::RenewalRefused),
             Just(CoordinatorMessage::HostAccessRequest),
+            "[a-z0-9.:-]{1,40}".prop_map(|leader| CoordinatorMessage::FollowLeader { leader }),
         ]
     }
 }

@@ -538,7 +538,8 @@ async fn session(
     };
     let Session { conn, mut send, mut msgs, reader, welcome } = match opened {
         Ok(session) => session,
-        Err(OpenError::Failed(_)) => return End::Failed,
+        // A simulated agent links to one coordinator: a follower's answer is a failure to link.
+        Err(OpenError::Failed(_) | OpenError::FollowLeader(_)) => return End::Failed,
         Err(OpenError::Refused(refusal)) => return End::Refused(refusal.to_string()),
     };
     let welcomed_ns = shared.epoch.elapsed().as_nanos() as u64;

@@ -57,10 +57,13 @@ impl Coordinator {
         )
     }
 
-    /// Its admin API (the token exists once it has led).
+    /// Its admin API (the token exists once it has led, or was shared with it).
     fn admin(&self) -> AdminClient {
-        let token = std::fs::read_to_string(self.dir.join("state/admin.token")).unwrap().trim().to_string();
-        AdminClient::new(self.base(), token)
+        AdminClient::new(self.base(), self.token())
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("state/admin.token")).unwrap().trim().to_string()
     }
 
     fn base(&self) -> String {
@@ -73,15 +76,28 @@ fn serves(proc: &Proc) -> bool {
     proc.stdout_text().contains(" admin http://")
 }
 
-/// Waits until `proc` says it waits to lead, and checks that it serves nothing meanwhile.
+/// Waits until `proc` says it waits to lead, and checks that it answers as a follower meanwhile.
 async fn follows(proc: &Proc, coordinator: &Coordinator) {
     eventually(Duration::from_secs(20), "a coordinator waiting to lead", async || {
         proc.log_text().contains("waiting to lead").then_some(())
     })
     .await;
-    assert!(!serves(proc), "a follower serves:\n{}", proc.stdout_text());
-    let admin = tokio::net::TcpStream::connect(("127.0.0.1", coordinator.admin_port)).await;
-    assert!(admin.is_err(), "a follower's admin port answers");
+    assert!(!serves(proc), "a follower leads:\n{}", proc.stdout_text());
+    let health = eventually(Duration::from_secs(10), "a follower's admin API", async || {
+        reqwest::get(format!("{}/healthz", coordinator.base())).await.ok()
+    })
+    .await;
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.headers()["x-hexa-coordinator"], "follower", "{:?}", health.headers());
+}
+
+/// Gives `standby` the first coordinator's admin token: coordinators on one etcd share one.
+fn share_admin_token(first: &Coordinator, standby: &Coordinator) {
+    let state = standby.dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let token = first.dir.join("state/admin.token");
+    std::fs::copy(&token, state.join("admin.token")).unwrap();
 }
 
 /// How long after `since` the process first served (polled every 50 ms).
@@ -123,6 +139,7 @@ async fn a_leader_killed_in_a_burst_of_creates_is_replaced_and_agents_follow_wit
         for file in ["ca.crt", "ca.key"] {
             std::fs::copy(coordinators[0].dir.join("state").join(file), state.join(file)).unwrap();
         }
+        share_admin_token(&coordinators[0], standby);
     }
     let mut standbys: Vec<Proc> = Vec::new();
     for (i, standby) in coordinators[1..].iter().enumerate() {
@@ -131,7 +148,8 @@ async fn a_leader_killed_in_a_burst_of_creates_is_replaced_and_agents_follow_wit
         standbys.push(proc);
     }
 
-    // Agents given every coordinator's address.
+    // Agents given every coordinator's address, but the last one only a follower's: the follower
+    // sends it to the leader.
     let ca = first.stdout_text().lines().find_map(|l| l.strip_prefix("CA ").map(str::to_string)).unwrap();
     let everyone: Vec<String> = coordinators.iter().map(|c| format!("127.0.0.1:{}", c.quic_port)).collect();
     let admin = coordinators[0].admin();
@@ -139,13 +157,27 @@ async fn a_leader_killed_in_a_burst_of_creates_is_replaced_and_agents_follow_wit
     let names = ["n1", "n2", "n3"];
     for name in names {
         let token = admin.token("shared", "10m").await;
-        agents.push(spawn_agent_to(root.path(), name, &everyone.join(","), &token, &ca));
+        let given = if name == "n3" { everyone[1].clone() } else { everyone.join(",") };
+        agents.push(spawn_agent_to(root.path(), name, &given, &token, &ca));
     }
     eventually(Duration::from_secs(30), "three nodes Ready on the first leader", async || {
         let nodes = admin.nodes().await;
         (nodes.len() == 3 && nodes.iter().all(|n| n.health == Health::Ready && n.connected)).then_some(())
     })
     .await;
+    assert!(agents[2].log_text().contains("linking to the leader"), "{}", agents[2].log_text());
+    // A follower's admin API: tenants from the store, the rest (a write, the nodes' live state)
+    // forwarded to the leader.
+    let via_follower = AdminClient::new(coordinators[1].base(), coordinators[0].token());
+    let (status, body) = via_follower
+        .request(reqwest::Method::POST, "/v1/tenants", Some(json!({"name": "via-follower", "plan": plan()})))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(tenant_names(&via_follower).await.contains(&"via-follower".to_string()));
+    assert_eq!(via_follower.nodes().await.len(), 3);
+    let (status, body) = via_follower.with_token("wrong").request(reqwest::Method::GET, "/v1/tenants", None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")), "{body}");
+
     // Past a whole lease: the standbys still wait while the leader keeps its lease.
     tokio::time::sleep(LEASE_TTL * 2).await;
     assert!(!standbys.iter().any(serves), "a standby took over from a live leader");
@@ -192,7 +224,7 @@ async fn a_leader_killed_in_a_burst_of_creates_is_replaced_and_agents_follow_wit
 
     // Every acknowledged create is there once; nothing exists that was not sent.
     let listed = tenant_names(&admin).await;
-    outcome.check(&listed.iter().map(String::as_str).collect::<Vec<_>>());
+    outcome.check(&listed.iter().map(String::as_str).filter(|name| *name != "via-follower").collect::<Vec<_>>());
     // No node was marked Lost by the failover, and there is one leader.
     let log = standbys[leader].log_text();
     assert!(!log.contains("to=Lost") && !log.contains("to=Unreachable"), "the failover marked a node:\n{log}");
@@ -220,6 +252,7 @@ async fn a_stopped_leader_is_replaced_and_once_resumed_cannot_write_and_steps_do
     );
     let mut leader = a.start("a-1.log");
     eventually(Duration::from_secs(30), "the first coordinator leading", async || serves(&leader).then_some(())).await;
+    share_admin_token(&a, &b);
     let follower = b.start("b-1.log");
     follows(&follower, &b).await;
     let (status, body) =
@@ -266,4 +299,116 @@ async fn a_stopped_leader_is_replaced_and_once_resumed_cannot_write_and_steps_do
 
     let again = a.start("a-2.log");
     follows(&again, &a).await;
+}
+
+/// Waits until one of `procs` leads and serves; returns its index.
+async fn a_leader(procs: &[&Proc], within: Duration) -> usize {
+    eventually(within, "a coordinator leading", async || procs.iter().position(|p| serves(p))).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_member_lost_changes_nothing_and_a_lost_quorum_refuses_writes_until_it_is_back() {
+    hexa_tests::init();
+    assert!(etcd::unavailable().is_none(), "needs a real etcd: {:?}", etcd::unavailable());
+    let mut cluster = EtcdCluster::start(3);
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        Coordinator::new(root.path(), "a", &cluster.endpoints()),
+        Coordinator::new(root.path(), "b", &cluster.endpoints()),
+    );
+    let mut leader = a.start("a-1.log");
+    eventually(Duration::from_secs(30), "the first coordinator leading", async || serves(&leader).then_some(())).await;
+    for file in ["ca.crt", "ca.key"] {
+        let state = b.dir.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        std::fs::copy(a.dir.join("state").join(file), state.join(file)).unwrap();
+    }
+    share_admin_token(&a, &b);
+    let mut follower = b.start("b-1.log");
+    follows(&follower, &b).await;
+    let ca = leader.stdout_text().lines().find_map(|l| l.strip_prefix("CA ").map(str::to_string)).unwrap();
+    let token = a.admin().token("shared", "10m").await;
+    let both = format!("127.0.0.1:{},127.0.0.1:{}", a.quic_port, b.quic_port);
+    let mut agent = spawn_agent_to(root.path(), "n1", &both, &token, &ca);
+    let ready = async |admin: &AdminClient| {
+        let nodes = admin.nodes().await;
+        (nodes.len() == 1 && nodes[0].connected && nodes[0].health == Health::Ready).then_some(())
+    };
+    eventually(Duration::from_secs(30), "the node Ready", async || ready(&a.admin()).await).await;
+    let create = async |admin: &AdminClient, name: &str| {
+        admin.request(reqwest::Method::POST, "/v1/tenants", Some(json!({"name": name, "plan": plan()}))).await
+    };
+    let (status, body) = create(&a.admin(), "t1").await;
+    assert_eq!(status, 201, "{body}");
+
+    // One member of three killed: the same leader writes on, the node stays Ready, and a
+    // coordinator started meanwhile follows.
+    cluster.kill(0);
+    let (status, body) = create(&a.admin(), "t2").await;
+    assert_eq!(status, 201, "with a member killed: {body}");
+    follower.kill9();
+    follower = b.start("b-2.log");
+    follows(&follower, &b).await;
+    tokio::time::sleep(LEASE_TTL * 2).await;
+    assert!(serves(&leader) && leader.child.try_wait().unwrap().is_none(), "{}", leader.log_text());
+    ready(&a.admin()).await.expect("the node Ready with a member killed");
+
+    // A second member killed: no quorum. The leader cannot keep its lease and steps down; the
+    // follower refuses writes, saying why; the agent keeps what it applied.
+    let spec_before = std::fs::read(root.path().join("n1/spec.json")).unwrap();
+    cluster.kill(1);
+    let lost = Instant::now();
+    let exited = eventually(LEASE_TTL + Duration::from_secs(20), "the leader stepping down", async || {
+        leader.child.try_wait().unwrap()
+    })
+    .await;
+    assert_eq!(exited.code(), Some(75), "{}", leader.log_text());
+    eprintln!("quorum lost: the leader stepped down {:.2} s later", lost.elapsed().as_secs_f64());
+    let via_follower = b.admin();
+    // Until the follower learns that the leader is gone, it says the leader does not answer;
+    // then, why there is none.
+    let refused = eventually(Duration::from_secs(20), "the follower refusing a write, saying why", async || {
+        let (status, body) = create(&via_follower, "during").await;
+        assert_eq!(status, 503, "{body}");
+        body["error"]["message"].as_str().unwrap().contains("no leader").then_some(body)
+    })
+    .await;
+    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no leader") && message.contains("etcd"), "{message}");
+    eprintln!("a write during the outage: 503 {message}");
+    let (status, body) = via_follower.request(reqwest::Method::GET, "/v1/tenants", None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("unavailable")), "{body}");
+    // Started again by its service manager while there is no quorum, the old leader fails its
+    // start, saying why, until etcd answers.
+    let mut restarted = a.start("a-2.log");
+    let failed = eventually(Duration::from_secs(30), "a start without a quorum failing", async || {
+        restarted.child.try_wait().unwrap()
+    })
+    .await;
+    let said = restarted.log_text();
+    assert!(!failed.success() && said.contains("quorum"), "{failed:?}: {said}");
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent stopped:\n{}", agent.log_text());
+    assert_eq!(std::fs::read(root.path().join("n1/spec.json")).unwrap(), spec_before, "the agent's spec changed");
+
+    // Quorum back: a coordinator leads again, the node links to it, nothing was lost, writes work.
+    cluster.restart(0);
+    cluster.restart(1);
+    let back = Instant::now();
+    leader = a.start("a-3.log");
+    let procs = [&leader, &follower];
+    let i = a_leader(&procs, Duration::from_secs(60)).await;
+    let admin = [&a, &b][i].admin();
+    eventually(Duration::from_secs(60), "the node Ready on the leader", async || ready(&admin).await).await;
+    eprintln!(
+        "quorum back: coordinator {} leads, the node Ready on it {:.2} s later",
+        ["a", "b"][i],
+        back.elapsed().as_secs_f64()
+    );
+    assert_eq!(tenant_names(&admin).await, ["t1", "t2"]);
+    let (status, body) = create(&admin, "t3").await;
+    assert_eq!(status, 201, "{body}");
+    assert!(agent.child.try_wait().unwrap().is_none());
+    agent.kill9();
 }

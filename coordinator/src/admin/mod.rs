@@ -18,6 +18,7 @@
 //! for a JSON body) are added to each operation by `openapi::common_responses`.
 
 mod error;
+mod follower;
 mod nodes;
 mod openapi;
 mod tenants;
@@ -43,6 +44,7 @@ use crate::tenants::Tenants;
 use hexa_shared::tenant::NodeClass;
 
 pub use error::{ApiError, ErrorBody, ErrorCode, ErrorDetail, MAX_MESSAGE, api_terms};
+pub use follower::{FollowerContext, router as follower_router};
 
 /// Largest request body accepted; every request here is a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
