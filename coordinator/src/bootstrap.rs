@@ -38,9 +38,15 @@ pub enum BootstrapError {
     Rcgen(#[from] rcgen::Error),
     #[error("the CSR is invalid: {0}")]
     BadCsr(String),
+    /// The CA shared through the store (see [`crate::ca_seal`]).
+    #[error(transparent)]
+    Seal(#[from] crate::ca_seal::SealError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
-/// The coordinator's certificate authority. Its key never leaves `<state-dir>/ca.key` (0600).
+/// The coordinator's certificate authority. Its key lives in `<state-dir>/ca.key` (0600) and, when
+/// coordinators share an etcd store, sealed in the store as well (see [`crate::ca_seal`]).
 pub struct CertificateAuthority {
     cert_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
@@ -72,18 +78,34 @@ fn random_serial() -> SerialNumber {
 impl CertificateAuthority {
     /// Loads the CA from `state_dir`, creating it on first start. Returns whether it was created.
     pub fn load_or_create(state_dir: &Path) -> Result<(CertificateAuthority, bool), BootstrapError> {
+        if let Some(ca) = Self::load_local(state_dir)? {
+            return Ok((ca, false));
+        }
+        let ca = Self::generate()?;
+        ca.write_local(state_dir)?;
+        Ok((ca, true))
+    }
+
+    /// The CA in `state_dir`, or `None` when neither of its files is there. One file without the
+    /// other is an error, not a reason to make a second CA.
+    pub(crate) fn load_local(state_dir: &Path) -> Result<Option<CertificateAuthority>, BootstrapError> {
         let cert_path = state_dir.join(CA_CERT_FILE);
         let key_path = state_dir.join(CA_KEY_FILE);
-        if cert_path.exists() || key_path.exists() {
-            let bad = |path: &Path, message: String| BootstrapError::BadFile { path: path.to_path_buf(), message };
-            let key_pem = fsutil::read_to_string(&key_path)?;
-            let cert_pem = fsutil::read_to_string(&cert_path)?;
-            let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&key_path, e.to_string()))?;
-            let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-                .map_err(|e| bad(&cert_path, format!("not a PEM certificate: {e}")))?;
-            let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| bad(&cert_path, e.to_string()))?;
-            return Ok((CertificateAuthority { cert_der, issuer }, false));
+        if !cert_path.exists() && !key_path.exists() {
+            return Ok(None);
         }
+        let bad = |path: &Path, message: String| BootstrapError::BadFile { path: path.to_path_buf(), message };
+        let key_pem = fsutil::read_to_string(&key_path)?;
+        let cert_pem = fsutil::read_to_string(&cert_path)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&key_path, e.to_string()))?;
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| bad(&cert_path, format!("not a PEM certificate: {e}")))?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| bad(&cert_path, e.to_string()))?;
+        Ok(Some(CertificateAuthority { cert_der, issuer }))
+    }
+
+    /// A new CA, valid for ten years, kept nowhere yet.
+    pub(crate) fn generate() -> Result<CertificateAuthority, BootstrapError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -97,12 +119,42 @@ impl CertificateAuthority {
         params.not_after = now + CA_VALIDITY;
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
+        let cert_der = cert.der().clone();
+        Ok(CertificateAuthority { cert_der, issuer: Issuer::new(params, key) })
+    }
+
+    /// Writes `ca.key` (0600) and `ca.crt` into `state_dir`, each atomically.
+    pub(crate) fn write_local(&self, state_dir: &Path) -> Result<(), BootstrapError> {
         // Key first: a crash between the two writes leaves a key without a cert, which the next
         // start reports instead of silently creating a second CA that agents would not trust.
-        fsutil::write_atomic(&key_path, key.serialize_pem().as_bytes(), SECRET_MODE)?;
-        fsutil::write_atomic(&cert_path, cert.pem().as_bytes(), PUBLIC_MODE)?;
-        let cert_der = cert.der().clone();
-        Ok((CertificateAuthority { cert_der, issuer: Issuer::new(params, key) }, true))
+        fsutil::write_atomic(&state_dir.join(CA_KEY_FILE), self.key_pem().as_bytes(), SECRET_MODE)?;
+        fsutil::write_atomic(&state_dir.join(CA_CERT_FILE), self.cert_pem().as_bytes(), PUBLIC_MODE)?;
+        Ok(())
+    }
+
+    /// A CA from its certificate and key as PEM, once the key is shown to be the certificate's.
+    pub(crate) fn from_pem(cert_pem: &str, key_pem: &str) -> Result<CertificateAuthority, String> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| format!("the CA key is not a PEM private key: {e}"))?;
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| format!("the CA certificate is not a PEM certificate: {e}"))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
+            .map_err(|e| format!("the CA certificate cannot be parsed: {e}"))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != rcgen::PublicKeyData::der_bytes(&key) {
+            return Err("the CA key is not the key of the CA certificate".into());
+        }
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| e.to_string())?;
+        Ok(CertificateAuthority { cert_der, issuer })
+    }
+
+    /// The certificate as PEM.
+    pub(crate) fn cert_pem(&self) -> String {
+        let pem = pem::Pem::new("CERTIFICATE", self.cert_der.to_vec());
+        pem::encode_config(&pem, pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
+    }
+
+    /// The private key as PEM (PKCS#8): the one secret of the CA.
+    pub(crate) fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     pub fn cert_der(&self) -> &CertificateDer<'static> {

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod bootstrap;
+pub mod ca_seal;
 pub mod config;
 pub mod ctl;
 pub mod desired;

@@ -1,12 +1,14 @@
 //! The coordinator's store on both backends: the same suite on a redb file and on a real
 //! three-member etcd cluster on loopback, and what etcd adds: a member lost changes nothing, a
 //! quorum lost fails writes with a clear error (no hang) until it is back, and a transaction whose
-//! reads another coordinator changed commits nothing.
+//! reads another coordinator changed commits nothing; and the coordinators' one CA, sealed in it.
 
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use hexa_coordinator::bootstrap::CertificateAuthority;
+use hexa_coordinator::ca_seal::{CA_META_KEY, SEAL_KEY_FILE, SealKey, SealKeys, SealedCa};
 use hexa_coordinator::store::{BackendKind, Store, StoreError, StoreSettings, suite};
 use hexa_tests::etcd::{self, EtcdCluster};
 
@@ -167,4 +169,132 @@ fn a_deposed_leaders_writes_are_refused() {
     second.set_meta("by", &"second").unwrap();
     assert_eq!(second.meta::<String>("by").unwrap().as_deref(), Some("second"));
     assert!(second.tokens().unwrap().is_empty());
+}
+
+/// A coordinator's state directory, private as the coordinator makes it.
+fn state_dir(root: &Path, name: &str) -> std::path::PathBuf {
+    let dir = root.join(name);
+    hexa_shared::fsutil::ensure_private_dir(&dir).unwrap();
+    dir
+}
+
+fn seal_keys(dir: &Path, previous: Option<&Path>) -> SealKeys {
+    SealKeys::from_files(&dir.join(SEAL_KEY_FILE), previous).unwrap()
+}
+
+fn stored_seal_key_id(store: &Store) -> String {
+    store.meta::<SealedCa>(CA_META_KEY).unwrap().expect("the store holds the CA").seal_key_id
+}
+
+#[test]
+fn coordinators_on_one_etcd_share_one_ca_sealed_with_a_key_they_copy() {
+    let cluster = cluster("coordinators_on_one_etcd_share_one_ca_sealed_with_a_key_they_copy");
+    let endpoints = cluster.endpoints();
+    let root = tempfile::tempdir().unwrap();
+    let (one, two, three) =
+        (state_dir(root.path(), "one"), state_dir(root.path(), "two"), state_dir(root.path(), "three"));
+    let store_one = open_etcd(&endpoints, "/ca/").unwrap();
+    let store_two = open_etcd(&endpoints, "/ca/").unwrap();
+
+    // The first coordinator makes the seal key and the CA.
+    let (first, created) =
+        CertificateAuthority::load_or_create_shared(&one, &store_one, &seal_keys(&one, None), true).unwrap();
+    assert!(created);
+    let record = store_two.meta::<SealedCa>(CA_META_KEY).unwrap().unwrap();
+    assert!(!record.sealed_key.contains("PRIVATE KEY"));
+    // What etcd holds is sealed: the key's PEM is nowhere in it.
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &endpoints.join(","), "get", "/ca/meta/ca", "--print-value-only"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let raw = String::from_utf8_lossy(&out.stdout);
+    assert!(raw.contains("BEGIN CERTIFICATE") && !raw.contains("PRIVATE KEY"), "{raw}");
+
+    // The second without the seal key: refused, saying what to copy where; nothing written.
+    let err = CertificateAuthority::load_or_create_shared(&two, &store_two, &seal_keys(&two, None), true)
+        .unwrap_err()
+        .to_string();
+    println!("without the seal key: {err}");
+    let two_key = two.join(SEAL_KEY_FILE);
+    assert!(err.contains("copy the seal key file") && err.contains(&two_key.display().to_string()), "{err}");
+    assert!(err.contains(&record.seal_key_id), "{err}");
+    assert!(!two_key.exists() && !two.join("ca.key").exists() && !two.join("ca.crt").exists());
+
+    // With a copy of it: the same CA, also in its state directory.
+    std::fs::copy(one.join(SEAL_KEY_FILE), &two_key).unwrap();
+    let (second, created) =
+        CertificateAuthority::load_or_create_shared(&two, &store_two, &seal_keys(&two, None), true).unwrap();
+    assert!(!created);
+    assert_eq!(second.hash(), first.hash());
+    assert_eq!(CertificateAuthority::load_or_create(&two).unwrap().0.hash(), first.hash());
+
+    // Rotation: the leader has the new key as current and the old one as previous.
+    let old_key = root.path().join("old-seal.key");
+    std::fs::copy(&two_key, &old_key).unwrap();
+    std::fs::remove_file(&two_key).unwrap();
+    let new_key = SealKey::create(&two_key).unwrap();
+    let rotating = seal_keys(&two, Some(&old_key));
+    let (rotated, _) = CertificateAuthority::load_or_create_shared(&two, &store_two, &rotating, true).unwrap();
+    assert_eq!(rotated.hash(), first.hash());
+    assert_eq!(stored_seal_key_id(&store_one), new_key.id());
+    assert_ne!(new_key.id(), record.seal_key_id);
+
+    // A third coordinator with only the new key opens it.
+    std::fs::copy(&two_key, three.join(SEAL_KEY_FILE)).unwrap();
+    let store_three = open_etcd(&endpoints, "/ca/").unwrap();
+    let (third, created) =
+        CertificateAuthority::load_or_create_shared(&three, &store_three, &seal_keys(&three, None), true).unwrap();
+    assert!(!created);
+    assert_eq!(third.hash(), first.hash());
+
+    // The first, still with only the old key, no longer opens it, and is told which key it needs.
+    std::fs::remove_file(one.join("ca.key")).unwrap();
+    std::fs::remove_file(one.join("ca.crt")).unwrap();
+    let err = CertificateAuthority::load_or_create_shared(&one, &store_one, &seal_keys(&one, None), true)
+        .unwrap_err()
+        .to_string();
+    println!("with the old seal key only: {err}");
+    assert!(err.contains(&new_key.id()) && err.contains(&record.seal_key_id), "{err}");
+    assert!(err.contains("copy the seal key file"), "{err}");
+}
+
+#[test]
+fn coordinators_starting_at_once_on_an_empty_etcd_end_with_one_ca() {
+    let cluster = cluster("coordinators_starting_at_once_on_an_empty_etcd_end_with_one_ca");
+    let endpoints = cluster.endpoints();
+    let root = tempfile::tempdir().unwrap();
+    // The operator gave them all the same seal key before their first start.
+    let key = root.path().join("seal.key");
+    SealKey::create(&key).unwrap();
+    let coordinators: Vec<_> = (0..4)
+        .map(|i| {
+            let dir = state_dir(root.path(), &format!("c{i}"));
+            std::fs::copy(&key, dir.join(SEAL_KEY_FILE)).unwrap();
+            (dir, open_etcd(&endpoints, "/race/").unwrap())
+        })
+        .collect();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(coordinators.len()));
+    let started: Vec<_> = coordinators
+        .into_iter()
+        .map(|(dir, store)| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                let (ca, created) =
+                    CertificateAuthority::load_or_create_shared(&dir, &store, &seal_keys(&dir, None), true).unwrap();
+                (ca.hash(), created, CertificateAuthority::load_or_create(&dir).unwrap().0.hash())
+            })
+        })
+        .collect();
+    let results: Vec<_> = started.into_iter().map(|t| t.join().unwrap()).collect();
+    println!("{results:?}");
+    let stored = open_etcd(&endpoints, "/race/").unwrap().meta::<SealedCa>(CA_META_KEY).unwrap().unwrap();
+    let stored = stored.ca_hash("etcd").unwrap();
+    for (hash, _, local) in &results {
+        assert_eq!((*hash, *local), (stored, stored));
+    }
+    // Each may have made a CA, but one was stored, and every other took it.
+    assert_eq!(results.iter().filter(|(_, created, _)| *created).count(), 1, "{results:?}");
 }

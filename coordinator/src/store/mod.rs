@@ -198,6 +198,11 @@ pub struct StoreSettings {
     /// stopped, cut off) is replaced; the longest time no coordinator leads after a failure.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// etcd: the file of the key the shared CA's key is sealed with in the store (see
+    /// [`crate::ca_seal`]); empty: `<state_dir>/ca-seal.key`.
+    pub ca_seal_key_file: String,
+    /// etcd, while rotating the seal key: the key the CA was sealed with before; empty: none.
+    pub ca_seal_previous_key_file: String,
 }
 
 impl Default for StoreSettings {
@@ -212,6 +217,8 @@ impl Default for StoreSettings {
             dial_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(5),
+            ca_seal_key_file: String::new(),
+            ca_seal_previous_key_file: String::new(),
         }
     }
 }
@@ -268,7 +275,27 @@ impl StoreSettings {
         if self.request_timeout.is_zero() {
             return Err(ConfigError::Zero { key: "store.request_timeout" });
         }
+        if !self.ca_seal_previous_key_file.is_empty() && self.ca_seal_previous_key_file == self.ca_seal_key_file {
+            return invalid(
+                "store.ca_seal_previous_key_file",
+                format!(
+                    "{:?} is also store.ca_seal_key_file: while rotating the seal key, the new key is \
+                     ca_seal_key_file and the old one ca_seal_previous_key_file; otherwise leave \
+                     ca_seal_previous_key_file empty",
+                    self.ca_seal_previous_key_file
+                ),
+            );
+        }
         Ok(())
+    }
+
+    /// The current CA seal key's file: `ca_seal_key_file`, or `<state_dir>/ca-seal.key`.
+    pub fn current_seal_key_path(&self, state_dir: &Path) -> PathBuf {
+        if self.ca_seal_key_file.is_empty() {
+            state_dir.join(crate::ca_seal::SEAL_KEY_FILE)
+        } else {
+            PathBuf::from(&self.ca_seal_key_file)
+        }
     }
 
     /// [`validate`](Self::validate), and that the TLS files can be read.
@@ -286,6 +313,30 @@ impl StoreSettings {
                         path: path.clone(),
                         error: error.to_string(),
                     })?;
+                }
+            }
+            // The default seal key file is in the state directory, which the coordinator makes its
+            // own; a file named here is checked as a start reads it (a missing current key is made
+            // by the first coordinator, a missing previous key is an error).
+            let invalid =
+                |key, error: crate::ca_seal::SealError| ConfigError::Invalid { key, message: error.to_string() };
+            if !self.ca_seal_key_file.is_empty() {
+                crate::ca_seal::SealKey::read(Path::new(&self.ca_seal_key_file))
+                    .map_err(|e| invalid("store.ca_seal_key_file", e))?;
+            }
+            if !self.ca_seal_previous_key_file.is_empty() {
+                let path = Path::new(&self.ca_seal_previous_key_file);
+                let found =
+                    crate::ca_seal::SealKey::read(path).map_err(|e| invalid("store.ca_seal_previous_key_file", e))?;
+                if found.is_none() {
+                    return Err(ConfigError::Invalid {
+                        key: "store.ca_seal_previous_key_file",
+                        message: format!(
+                            "{:?} does not exist: point it at the seal key the CA was sealed with before, or \
+                             leave it empty",
+                            self.ca_seal_previous_key_file
+                        ),
+                    });
                 }
             }
         }
@@ -705,6 +756,34 @@ mod tests {
     }
 
     #[test]
+    fn seal_key_files_named_in_the_config_are_checked_as_a_start_reads_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let check = |current: String, previous: String| {
+            let settings = StoreSettings {
+                backend: BackendKind::Etcd,
+                ca_seal_key_file: current,
+                ca_seal_previous_key_file: previous,
+                ..Default::default()
+            };
+            settings.check().map_err(|e| e.to_string())
+        };
+        // The first coordinator makes the current key: a missing one is fine.
+        assert_eq!(check(path("new.key"), String::new()), Ok(()));
+        crate::ca_seal::SealKey::create(dir.path().join("old.key").as_path()).unwrap();
+        assert_eq!(check(path("new.key"), path("old.key")), Ok(()));
+        let err = check(path("new.key"), path("gone.key")).unwrap_err();
+        assert!(err.starts_with("store.ca_seal_previous_key_file: ") && err.contains("does not exist"), "{err}");
+        std::fs::set_permissions(dir.path().join("old.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = check(path("old.key"), String::new()).unwrap_err();
+        assert!(err.starts_with("store.ca_seal_key_file: ") && err.contains("mode 0644"), "{err}");
+        // Not read at all on redb.
+        let redb = StoreSettings { ca_seal_key_file: path("old.key"), ..Default::default() };
+        assert_eq!(redb.check(), Ok(()));
+    }
+
+    #[test]
     fn etcd_settings_are_checked_only_when_chosen() {
         let etcd = |f: fn(&mut StoreSettings)| {
             let mut settings = StoreSettings { backend: BackendKind::Etcd, ..Default::default() };
@@ -715,7 +794,7 @@ mod tests {
         let off = StoreSettings { endpoints: Vec::new(), prefix: String::new(), ..Default::default() };
         assert_eq!(off.validate(), Ok(()));
         type Change = fn(&mut StoreSettings);
-        let cases: [(Change, &str); 6] = [
+        let cases: [(Change, &str); 7] = [
             (|s| s.endpoints.clear(), "store.endpoints: is empty"),
             (
                 |s| s.endpoints = vec!["127.0.0.1:2379".into()],
@@ -725,6 +804,13 @@ mod tests {
             (|s| s.key_file = "/k.pem".into(), "store.cert_file: and store.key_file go together"),
             (|s| s.prefix = "hexa".into(), "store.prefix: \"hexa\" must start and end with /"),
             (|s| s.request_timeout = Duration::ZERO, "store.request_timeout must be greater than zero"),
+            (
+                |s| {
+                    s.ca_seal_key_file = "/etc/hexabase/seal.key".into();
+                    s.ca_seal_previous_key_file = "/etc/hexabase/seal.key".into();
+                },
+                "store.ca_seal_previous_key_file: \"/etc/hexabase/seal.key\" is also store.ca_seal_key_file",
+            ),
         ];
         for (change, expected) in cases {
             let err = etcd(change).unwrap_err();
