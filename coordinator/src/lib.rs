@@ -333,12 +333,22 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
     config.validate().map_err(StartError::Config)?;
     service.status(&format!("opening the state in {}", config.state_dir.display()));
     fsutil::ensure_private_dir(&config.state_dir)?;
-    let (ca, created_ca) = CertificateAuthority::load_or_create(&config.state_dir)?;
+    let store = Store::open_configured(&config.store, &config.state_dir)?;
+    let (ca, created_ca) = match config.store.backend {
+        store::BackendKind::Redb => CertificateAuthority::load_or_create(&config.state_dir)?,
+        // One CA for every coordinator of the store, kept there sealed (see `ca_seal`). Its record
+        // is the one written before leading: only ever created if absent, or sealed again over the
+        // very record read, so that coordinators starting together still end with one CA.
+        store::BackendKind::Etcd => {
+            let seal =
+                ca_seal::SealKeys::load(&config.store, &config.state_dir).map_err(bootstrap::BootstrapError::from)?;
+            CertificateAuthority::load_or_create_shared(&config.state_dir, &store, &seal, true)?
+        }
+    };
     if created_ca {
         tracing::info!(ca_hash = %ca.hash(), "certificate authority created");
     }
     let ca = Arc::new(ca);
-    let store = Store::open_configured(&config.store, &config.state_dir)?;
     let listeners = bind(&config, &ca).await?;
     // Nothing is written, and nothing loaded that another coordinator may still change, before
     // this one leads.

@@ -1,8 +1,10 @@
-//! Coordinators sharing one etcd (three real members on loopback): one leads and serves, the
-//! others wait; a leader killed is replaced once its lease runs out, with every acknowledged write
-//! there, and agents given every coordinator's address move to the new leader with no node marked
-//! Lost; a leader stopped is replaced too, and when it wakes up it cannot write, steps down (exit
-//! status 75) and, started again, follows.
+//! Coordinators sharing one etcd (three real members on loopback) and one CA sealed in it: one
+//! leads and serves, the others follow (agents sent to the leader, the admin API read from the
+//! store or forwarded); a leader killed is replaced once its lease runs out, with every acknowledged
+//! write there, and agents move to the new leader with no node marked Lost; a leader stopped is
+//! replaced too, and when it wakes up it cannot write, steps down (exit status 75) and, started
+//! again, follows; one etcd member lost changes nothing, and without a quorum writes are refused,
+//! saying why, until it is back.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -91,13 +93,15 @@ async fn follows(proc: &Proc, coordinator: &Coordinator) {
     assert_eq!(health.headers()["x-hexa-coordinator"], "follower", "{:?}", health.headers());
 }
 
-/// Gives `standby` the first coordinator's admin token: coordinators on one etcd share one.
-fn share_admin_token(first: &Coordinator, standby: &Coordinator) {
+/// Gives `standby` what the README says to copy from the first coordinator: the seal key of the
+/// CA they share in etcd, and the admin token they share.
+fn share_secrets(first: &Coordinator, standby: &Coordinator) {
     let state = standby.dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let token = first.dir.join("state/admin.token");
-    std::fs::copy(&token, state.join("admin.token")).unwrap();
+    for file in ["ca-seal.key", "admin.token"] {
+        std::fs::copy(first.dir.join("state").join(file), state.join(file)).unwrap();
+    }
 }
 
 /// How long after `since` the process first served (polled every 50 ms).
@@ -131,15 +135,8 @@ async fn a_leader_killed_in_a_burst_of_creates_is_replaced_and_agents_follow_wit
         ["a", "b", "c"].iter().map(|name| Coordinator::new(root.path(), name, &cluster.endpoints())).collect();
     let mut first = coordinators[0].start("a-1.log");
     eventually(Duration::from_secs(30), "the first coordinator leading", async || serves(&first).then_some(())).await;
-    // One CA for all: the standbys get a copy of the first one's, as the README says to do.
     for standby in &coordinators[1..] {
-        let state = standby.dir.join("state");
-        std::fs::create_dir_all(&state).unwrap();
-        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-        for file in ["ca.crt", "ca.key"] {
-            std::fs::copy(coordinators[0].dir.join("state").join(file), state.join(file)).unwrap();
-        }
-        share_admin_token(&coordinators[0], standby);
+        share_secrets(&coordinators[0], standby);
     }
     let mut standbys: Vec<Proc> = Vec::new();
     for (i, standby) in coordinators[1..].iter().enumerate() {
@@ -252,7 +249,7 @@ async fn a_stopped_leader_is_replaced_and_once_resumed_cannot_write_and_steps_do
     );
     let mut leader = a.start("a-1.log");
     eventually(Duration::from_secs(30), "the first coordinator leading", async || serves(&leader).then_some(())).await;
-    share_admin_token(&a, &b);
+    share_secrets(&a, &b);
     let follower = b.start("b-1.log");
     follows(&follower, &b).await;
     let (status, body) =
@@ -318,13 +315,7 @@ async fn an_etcd_member_lost_changes_nothing_and_a_lost_quorum_refuses_writes_un
     );
     let mut leader = a.start("a-1.log");
     eventually(Duration::from_secs(30), "the first coordinator leading", async || serves(&leader).then_some(())).await;
-    for file in ["ca.crt", "ca.key"] {
-        let state = b.dir.join("state");
-        std::fs::create_dir_all(&state).unwrap();
-        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-        std::fs::copy(a.dir.join("state").join(file), state.join(file)).unwrap();
-    }
-    share_admin_token(&a, &b);
+    share_secrets(&a, &b);
     let mut follower = b.start("b-1.log");
     follows(&follower, &b).await;
     let ca = leader.stdout_text().lines().find_map(|l| l.strip_prefix("CA ").map(str::to_string)).unwrap();
