@@ -188,24 +188,56 @@ fn k3s_secret(store: &Store, key: &str) -> Result<String, StartError> {
 }
 
 /// The listeners, bound before a coordinator leads, so that a follower can answer on them, and
-/// handed over to the leader's tasks once it leads.
+/// handed over to the leader's tasks once it leads. The QUIC endpoint takes no connection until
+/// it is given `server_config`: while a coordinator loads its state, a fleet coming back costs it
+/// a stateless answer per packet, not handshakes it could not serve yet.
 struct Listeners {
     endpoint: quinn::Endpoint,
+    server_config: quinn::ServerConfig,
     quic_addr: SocketAddr,
     admin: Arc<tokio::net::TcpListener>,
     admin_addr: SocketAddr,
+}
+
+/// The receive buffer the QUIC socket asks for. Every agent's packets arrive on this one socket:
+/// with the kernel's default (208 KiB) a burst (a fleet reconnecting, thousands of reports in
+/// the same millisecond) overflows it and the kernel drops packets, which QUIC then resends late,
+/// links fall silent and agents reconnect, making the next burst. 8 MiB holds a few hundred
+/// milliseconds of 10,000 agents' reports. The kernel caps it at `net.core.rmem_max`, which the
+/// package raises (`packaging/sysctl`).
+const QUIC_RECEIVE_BUFFER: usize = 8 << 20;
+
+fn quic_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = socket.set_recv_buffer_size(QUIC_RECEIVE_BUFFER) {
+        tracing::warn!(error = %e, "cannot enlarge the QUIC socket's receive buffer");
+    }
+    // Linux reports twice what it grants (the other half is its bookkeeping).
+    let granted = socket.recv_buffer_size()? / 2;
+    if granted < QUIC_RECEIVE_BUFFER {
+        tracing::info!(
+            granted_kib = granted >> 10,
+            wanted_kib = QUIC_RECEIVE_BUFFER >> 10,
+            "the QUIC receive buffer is smaller than wanted: with many agents, raise net.core.rmem_max"
+        );
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 async fn bind(config: &CoordinatorConfig, ca: &CertificateAuthority) -> Result<Listeners, StartError> {
     let (chain, key) = ca.issue_server_cert()?;
     let server_config = pki::server_config(ca.cert_der(), chain, key)?;
     let quic = |error| StartError::Listen { what: "QUIC", addr: config.quic_listen, error };
-    let endpoint = quinn::Endpoint::server(server_config, config.quic_listen).map_err(quic)?;
+    let socket = quic_socket(config.quic_listen).map_err(quic)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| quic(std::io::Error::other("no async runtime")))?;
+    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime).map_err(quic)?;
     let quic_addr = endpoint.local_addr().map_err(quic)?;
     let admin = |error| StartError::Listen { what: "admin HTTP", addr: config.admin_listen, error };
     let listener = tokio::net::TcpListener::bind(config.admin_listen).await.map_err(admin)?;
     let admin_addr = listener.local_addr().map_err(admin)?;
-    Ok(Listeners { endpoint, quic_addr, admin: Arc::new(listener), admin_addr })
+    Ok(Listeners { endpoint, server_config, quic_addr, admin: Arc::new(listener), admin_addr })
 }
 
 /// How long a follower waits before campaigning again after a campaign failed (etcd without a
@@ -230,6 +262,7 @@ async fn lead(
     tracing::info!(store = %store.location(), "waiting to lead: another coordinator may lead now");
     let (stop, stopped) = watch::channel(false);
     let leader = follow::watch_leader(store.clone(), stopped.clone());
+    listeners.endpoint.set_server_config(Some(listeners.server_config.clone()));
     let follower_api =
         admin::FollowerContext::new(store.clone(), leader.clone(), config.placement.node_classes.clone());
     let following = [
@@ -278,6 +311,7 @@ async fn lead(
         tokio::time::sleep(CAMPAIGN_RETRY).await;
     };
     // The follower's answers end (requests already taken finish) before the leader's start.
+    listeners.endpoint.set_server_config(None);
     let _ = stop.send(true);
     for task in following {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -437,7 +471,7 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
     }
     let access_requests = Arc::new(hostcluster::access::AccessRequests::default());
 
-    let Listeners { endpoint, quic_addr, admin: listener, admin_addr } = listeners;
+    let Listeners { endpoint, server_config, quic_addr, admin: listener, admin_addr } = listeners;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -449,6 +483,7 @@ pub async fn start_notifying(config: CoordinatorConfig, service: Arc<ServiceMana
         limits: config.admission,
         access: access_requests.clone(),
     });
+    endpoint.set_server_config(Some(server_config));
     tasks.push(tokio::spawn(link::serve(endpoint, link_ctx, shutdown_rx.clone())));
 
     let admin_ctx = Arc::new(admin::AdminContext {

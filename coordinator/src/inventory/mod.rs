@@ -235,9 +235,11 @@ impl Inventory {
             node_addresses: &addresses,
         };
         let mut tenants = tenants;
+        // A set, not the slice: a recompute of most of a large fleet stays linear.
+        let names: Option<std::collections::HashSet<&str>> = names.map(|names| names.iter().copied().collect());
         nodes
             .values()
-            .filter(|e| names.is_none_or(|names| names.contains(&e.record.name.as_str())))
+            .filter(|e| names.as_ref().is_none_or(|names| names.contains(e.record.name.as_str())))
             .filter_map(|entry| {
                 let current = &entry.record.spec;
                 let allocations = match tenants.take_if(|(name, _)| *name == entry.record.name) {
