@@ -23,7 +23,9 @@ use hexa_tests::{eventually, free_port};
 /// The leader key's lease: a leader that has not renewed it for this long is replaced.
 const LEASE_TTL: Duration = Duration::from_secs(2);
 
-/// One coordinator's configuration and state directory, on its own loopback ports.
+/// One coordinator's configuration and state directory, on its own loopback ports. A new leader
+/// gives nodes `lost_after` to come over before their silence counts; agents may take several
+/// seconds (a dead coordinator's address tried first, then their backoff), so it is 8 s here.
 struct Coordinator {
     dir: PathBuf,
     config: PathBuf,
@@ -39,7 +41,7 @@ impl Coordinator {
         let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
         let text = format!(
             "state_dir = \"{}\"\nquic_listen = \"127.0.0.1:{quic_port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
-             report_interval = \"300ms\"\nunreachable_after = \"1s\"\nlost_after = \"3s\"\n\
+             report_interval = \"300ms\"\nunreachable_after = \"1s\"\nlost_after = \"8s\"\n\
              [k3s]\nmanage = false\n[hostcluster]\nmode = \"off\"\n[isolation]\nenabled = false\n\
              [store]\nbackend = \"etcd\"\nendpoints = [{}]\nprefix = \"/ha/\"\nlease_ttl = \"{}s\"\n",
             dir.join("state").display(),

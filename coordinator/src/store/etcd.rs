@@ -288,37 +288,48 @@ impl Members {
         Ok(Answer::Leader { key: leader.key().to_vec(), rev: leader.rev(), lease, ended })
     }
 
+    /// Sends `op` to the preferred member, then to the next one that does not answer, round after
+    /// round until `timeout`: members without a leader answer at once, and an election (the etcd
+    /// leader killed) takes a second or two, which a request waits out instead of failing.
     async fn run(&self, op: Op, timeout: Duration) -> Result<Answer, String> {
         let deadline = tokio::time::Instant::now() + timeout;
         let count = self.clients.len();
-        let first = self.preferred.load(Ordering::Relaxed);
         let mut failures = Vec::new();
-        for attempt in 0..count {
-            let member = (first + attempt) % count;
-            // What is left of the request's time, shared among the members still to try.
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let this_try = left / u32::try_from(count - attempt).unwrap_or(1);
-            match tokio::time::timeout(this_try, run(self.clients[member].clone(), op.clone())).await {
-                Ok(Ok(answer)) => {
-                    self.preferred.store(member, Ordering::Relaxed);
-                    return Ok(answer);
+        loop {
+            failures.clear();
+            let first = self.preferred.load(Ordering::Relaxed);
+            for attempt in 0..count {
+                let member = (first + attempt) % count;
+                // What is left of the request's time, shared among the members still to try.
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let this_try = left / u32::try_from(count - attempt).unwrap_or(1);
+                match tokio::time::timeout(this_try, run(self.clients[member].clone(), op.clone())).await {
+                    Ok(Ok(answer)) => {
+                        self.preferred.store(member, Ordering::Relaxed);
+                        return Ok(answer);
+                    }
+                    // etcd's own refusal (too many operations, a request too large, no
+                    // permission): every member would say the same.
+                    Ok(Err(etcd_client::Error::GRpcStatus(status))) if !transient(status.code() as i32) => {
+                        return Err(explain(&format!("{}: {}", self.urls[member], status.message())));
+                    }
+                    Ok(Err(etcd_client::Error::GRpcStatus(status))) => {
+                        failures.push(format!("{}: {}", self.urls[member], status.message()))
+                    }
+                    Ok(Err(e)) => failures.push(format!("{}: {e}", self.urls[member])),
+                    Err(_) => failures.push(format!(
+                        "{}: no answer within {}",
+                        self.urls[member],
+                        humantime::format_duration(Duration::from_millis(this_try.as_millis() as u64))
+                    )),
                 }
-                // etcd's own refusal (too many operations, a request too large, no permission):
-                // every member would say the same.
-                Ok(Err(etcd_client::Error::GRpcStatus(status))) if !transient(status.code() as i32) => {
-                    return Err(explain(&format!("{}: {}", self.urls[member], status.message())));
-                }
-                Ok(Err(etcd_client::Error::GRpcStatus(status))) => {
-                    failures.push(format!("{}: {}", self.urls[member], status.message()))
-                }
-                Ok(Err(e)) => failures.push(format!("{}: {e}", self.urls[member])),
-                Err(_) => failures.push(format!(
-                    "{}: no answer within {}",
-                    self.urls[member],
-                    humantime::format_duration(Duration::from_millis(this_try.as_millis() as u64))
-                )),
+                self.preferred.store((member + 1) % count, Ordering::Relaxed);
             }
-            self.preferred.store((member + 1) % count, Ordering::Relaxed);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left < ROUND_PAUSE * 2 {
+                break;
+            }
+            tokio::time::sleep(ROUND_PAUSE).await;
         }
         Err(format!(
             "no member answered within {} ({}): is a quorum of the etcd members up and reachable? (a write \
@@ -328,6 +339,9 @@ impl Members {
         ))
     }
 }
+
+/// The pause between two rounds of a request over every member.
+const ROUND_PAUSE: Duration = Duration::from_millis(100);
 
 impl EtcdBackend {
     /// Starts the client thread and waits (at most `dial_timeout`) until etcd answers a read.
