@@ -115,6 +115,18 @@ async fn served_after(proc: &Proc, since: Instant, within: Duration) -> Duration
     since.elapsed()
 }
 
+/// Coordinators `a` and `b` on `cluster`: `a` started first and leading, `b` given its secrets and
+/// following.
+async fn leader_and_follower(root: &Path, cluster: &EtcdCluster) -> (Coordinator, Coordinator, Proc, Proc) {
+    let (a, b) = (Coordinator::new(root, "a", &cluster.endpoints()), Coordinator::new(root, "b", &cluster.endpoints()));
+    let leader = a.start("a-1.log");
+    eventually(Duration::from_secs(30), "the first coordinator leading", async || serves(&leader).then_some(())).await;
+    share_secrets(&a, &b);
+    let follower = b.start("b-1.log");
+    follows(&follower, &b).await;
+    (a, b, leader, follower)
+}
+
 /// A plan that needs no node to be accepted: a dedicated node of class S, which (without a
 /// provisioner) waits for a node enrolled for it.
 fn plan() -> Value {
@@ -245,15 +257,7 @@ async fn a_stopped_leader_is_replaced_and_once_resumed_cannot_write_and_steps_do
     assert!(etcd::unavailable().is_none(), "needs a real etcd: {:?}", etcd::unavailable());
     let cluster = EtcdCluster::start(3);
     let root = tempfile::tempdir().unwrap();
-    let (a, b) = (
-        Coordinator::new(root.path(), "a", &cluster.endpoints()),
-        Coordinator::new(root.path(), "b", &cluster.endpoints()),
-    );
-    let mut leader = a.start("a-1.log");
-    eventually(Duration::from_secs(30), "the first coordinator leading", async || serves(&leader).then_some(())).await;
-    share_secrets(&a, &b);
-    let follower = b.start("b-1.log");
-    follows(&follower, &b).await;
+    let (a, b, mut leader, follower) = leader_and_follower(root.path(), &cluster).await;
     let (status, body) =
         a.admin().request(reqwest::Method::POST, "/v1/tenants", Some(json!({"name": "before", "plan": plan()}))).await;
     assert_eq!(status, 201, "{body}");
@@ -311,15 +315,7 @@ async fn an_etcd_member_lost_changes_nothing_and_a_lost_quorum_refuses_writes_un
     assert!(etcd::unavailable().is_none(), "needs a real etcd: {:?}", etcd::unavailable());
     let mut cluster = EtcdCluster::start(3);
     let root = tempfile::tempdir().unwrap();
-    let (a, b) = (
-        Coordinator::new(root.path(), "a", &cluster.endpoints()),
-        Coordinator::new(root.path(), "b", &cluster.endpoints()),
-    );
-    let mut leader = a.start("a-1.log");
-    eventually(Duration::from_secs(30), "the first coordinator leading", async || serves(&leader).then_some(())).await;
-    share_secrets(&a, &b);
-    let mut follower = b.start("b-1.log");
-    follows(&follower, &b).await;
+    let (a, b, mut leader, mut follower) = leader_and_follower(root.path(), &cluster).await;
     let ca = leader.stdout_text().lines().find_map(|l| l.strip_prefix("CA ").map(str::to_string)).unwrap();
     let token = a.admin().token("shared", "10m").await;
     let both = format!("127.0.0.1:{},127.0.0.1:{}", a.quic_port, b.quic_port);

@@ -17,7 +17,6 @@ use axum::{Json, Router};
 use tokio::sync::watch;
 
 use super::{ApiError, ErrorCode, MAX_BODY};
-use crate::bootstrap::{hashes_equal, sha256_hex};
 use crate::follow::LeaderView;
 use crate::store::Store;
 use hexa_shared::tenant::NodeClass;
@@ -73,22 +72,8 @@ fn unavailable(message: String) -> ApiError {
 /// The bearer token checked against the admin token's hash in the store (the one every
 /// coordinator of the store accepts), as the leader checks it.
 fn authorize(ctx: &FollowerContext, headers: &HeaderMap) -> Result<(), ApiError> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    let Some(token) = presented else {
-        return Err(ApiError::unauthorized(
-            "missing `Authorization: Bearer <token>`; the admin token is in <state-dir>/admin.token",
-        ));
-    };
     let stored: Option<String> = ctx.store.meta("admin_token_sha256")?;
-    match stored {
-        Some(hash) if hashes_equal(&sha256_hex(token), &hash) => Ok(()),
-        _ => Err(ApiError::unauthorized("the bearer token is not valid")),
-    }
+    super::check_bearer(headers, stored.as_deref())
 }
 
 async fn openapi_json(State(ctx): State<Ctx>) -> impl IntoResponse {

@@ -107,6 +107,14 @@ pub fn openapi_document() -> serde_json::Value {
 }
 
 async fn require_bearer(State(ctx): State<Ctx>, headers: HeaderMap, request: Request, next: Next) -> Response {
+    match check_bearer(&headers, Some(&ctx.admin_token_sha256)) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The request's bearer token against the admin token's hash (`None`: no token is valid).
+fn check_bearer(headers: &HeaderMap, admin_token_sha256: Option<&str>) -> Result<(), ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -114,13 +122,12 @@ async fn require_bearer(State(ctx): State<Ctx>, headers: HeaderMap, request: Req
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
-    match presented {
-        Some(token) if hashes_equal(&sha256_hex(token), &ctx.admin_token_sha256) => next.run(request).await,
-        Some(_) => ApiError::unauthorized("the bearer token is not valid").into_response(),
-        None => ApiError::unauthorized(
+    match (presented, admin_token_sha256) {
+        (Some(token), Some(hash)) if hashes_equal(&sha256_hex(token), hash) => Ok(()),
+        (Some(_), _) => Err(ApiError::unauthorized("the bearer token is not valid")),
+        (None, _) => Err(ApiError::unauthorized(
             "missing `Authorization: Bearer <token>`; the admin token is in <state-dir>/admin.token",
-        )
-        .into_response(),
+        )),
     }
 }
 
